@@ -1,0 +1,36 @@
+# Tessera: `make test` sets up .venv on a fresh machine and runs lint + the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of PyTorch, installed first on machines without an NVIDIA GPU so that nothing
+# pulls a multi-GB CUDA build. Elsewhere: TORCH_CPU="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install test lint format clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "GPU machine: keeping pip's default (CUDA) PyTorch"; \
+	else \
+		$(BIN)/pip install -q $(TORCH_CPU); \
+	fi
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
