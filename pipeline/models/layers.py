@@ -1,0 +1,205 @@
+"""Transformer building blocks shared by ViT and ImageGPT.
+
+Single-device code: nothing here knows about DeepSpeed or Ray. Activation checkpointing is a
+switch on the backbone (`set_grad_checkpointing`), applied per block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection; x: (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, dim: int, heads: int, causal: bool = False) -> None:
+        super().__init__()
+        self.heads = heads
+        self.causal = causal
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]  # each (B, H, N, D/H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities (B, H, N, N), computed explicitly; for maps, not training."""
+        q, k, _ = self._qkv(x)
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        if self.causal:
+            n = x.shape[1]
+            future = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        return scores.softmax(dim=-1)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability `p`."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(
+        self, dim: int, heads: int, mlp_dim: int, causal: bool = False, drop_path: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, causal=causal)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, mlp_dim)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Backbone(nn.Module):
+    """What ViT and ImageGPT share: a stack of blocks, per-block checkpointing, the head API.
+
+    Subclasses define `embed(x) -> (B, N, D)`, `pool(tokens) -> (B, D)`, `blocks`, `norm` (the
+    final LayerNorm on tokens, Identity where pooling normalises) and `head`.
+    """
+
+    blocks: nn.ModuleList
+    norm: nn.Module
+    head: nn.Module
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them."""
+        self.grad_checkpointing = enable
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def resolve_layers(self, layers: Sequence[int]) -> list[int]:
+        """Block indices, negative ones counted from the end; out of range is an error."""
+        resolved = []
+        for i in layers:
+            j = i + self.depth if i < 0 else i
+            if not 0 <= j < self.depth:
+                raise IndexError(
+                    f"layer {i} is out of range for a model with {self.depth} blocks "
+                    f"(allowed: 0..{self.depth - 1} or -{self.depth}..-1)"
+                )
+            resolved.append(j)
+        return resolved
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward_features(
+        self, x: torch.Tensor, layers: Sequence[int] | None = None
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Token states.
+
+        layers=None: the final, normalised tokens (B, N, D).
+        layers=[i, ...]: the raw outputs of those blocks, in the order asked, as a list of
+        (B, N, D); blocks after the deepest one asked for are not computed.
+        """
+        wanted = None if layers is None else self.resolve_layers(layers)
+        x = self.embed(x)
+        last = self.depth - 1 if wanted is None else max(wanted)
+        states: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks[: last + 1]):
+            x = self._run_block(block, x)
+            if wanted is not None and i in wanted:
+                states[i] = x
+        if wanted is None:
+            return self.norm(x)
+        return [states[i] for i in wanted]
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (B, N, D) -> pooled (B, D) if pre_logits, else class logits (B, classes)."""
+        pooled = self.pool(features)
+        return pooled if pre_logits else self.head(pooled)
+
+    def reset_head(self, num_classes: int, bias: float = 0.0) -> None:
+        """Replace the classifier: zero weights and a constant bias (ViT finetuning, big_vision
+        uses a negative bias for sigmoid losses); num_classes=0 makes it the identity."""
+        param = next(self.parameters())
+        if num_classes == 0:
+            self.head = nn.Identity()
+            return
+        self.head = nn.Linear(self.width, num_classes, device=param.device, dtype=param.dtype)
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, bias)
+
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Attention probabilities of every block, each (B, H, N, N), in eval mode."""
+        maps = []
+        h = self.embed(x)
+        for block in self.blocks:
+            maps.append(block.attn.weights(block.norm1(h)))
+            h = block(h)
+        return maps
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Truncated-normal linear weights, zero biases, unit LayerNorms (ViT / GPT-2 style)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def blocks_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> int:
+    """Forward FLOPs of `depth` blocks over `tokens` tokens, per sample (2 FLOPs per MAC).
+
+    Per block: qkv (3ND^2), scores QK^T (N^2 D), weighted sum AV (N^2 D), output projection
+    (ND^2), MLP (2NDM). Causal attention is counted in full, as is the convention for MFU.
+    """
+    n, d = tokens, width
+    macs = 3 * n * d * d + 2 * n * n * d + n * d * d + 2 * n * d * mlp_dim
+    return 2 * depth * macs

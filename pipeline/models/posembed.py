@@ -1,0 +1,32 @@
+"""Resample learned position embeddings to a new patch grid (resolution change)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def resample_pos_embed(
+    pos_embed: torch.Tensor, new_grid: tuple[int, int], prefix_tokens: int = 1
+) -> torch.Tensor:
+    """(1, prefix + gh*gw, D) -> (1, prefix + nh*nw, D).
+
+    The prefix ([class] or start token) is kept as is; the grid part is treated as a 2D field
+    and resampled bicubically (as the ViT paper does when finetuning at a higher resolution).
+    The old grid must be square; the new one may be any shape.
+    """
+    prefix, grid = pos_embed[:, :prefix_tokens], pos_embed[:, prefix_tokens:]
+    n = grid.shape[1]
+    side = round(n**0.5)
+    if side * side != n:
+        raise ValueError(
+            f"position embedding has {n} grid tokens after {prefix_tokens} prefix tokens, "
+            "which is not a square grid"
+        )
+    if (side, side) == tuple(new_grid):
+        return pos_embed.clone()
+    dim = grid.shape[-1]
+    field = grid.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
+    field = F.interpolate(field, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid = field.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)

@@ -1,0 +1,102 @@
+"""Named model sizes: `vit-h14`, `igpt-xl`, `vit-tiny-p4` are names, not copied constructors."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+from pipeline.models.igpt import IGPTConfig, ImageGPT
+from pipeline.models.layers import Backbone
+from pipeline.models.vit import VisionTransformer, ViTConfig
+
+ModelConfig = ViTConfig | IGPTConfig
+
+FAMILIES: dict[str, tuple[type, type[Backbone]]] = {
+    "vit": (ViTConfig, VisionTransformer),
+    "igpt": (IGPTConfig, ImageGPT),
+}
+
+_REGISTRY: dict[str, ModelConfig] = {}
+
+
+def register(cfg: ModelConfig) -> None:
+    if cfg.name in _REGISTRY:
+        raise ValueError(f"model name {cfg.name!r} is registered twice")
+    _REGISTRY[cfg.name] = cfg
+
+
+def _vit(name: str, width: int, depth: int, heads: int, patch: int, **kw: Any) -> None:
+    register(
+        ViTConfig(
+            name, patch_size=patch, width=width, depth=depth, heads=heads, mlp_dim=4 * width, **kw
+        )
+    )
+
+
+def _igpt(name: str, width: int, depth: int, heads: int, **kw: Any) -> None:
+    register(IGPTConfig(name, width=width, depth=depth, heads=heads, mlp_dim=4 * width, **kw))
+
+
+# ViT paper sizes (Table 1) plus DeiT's Ti/S; 224 px, 1000 classes, as the parameter counts assume.
+_vit("vit-ti16", 192, 12, 3, 16)
+_vit("vit-s16", 384, 12, 6, 16)
+_vit("vit-b16", 768, 12, 12, 16)
+_vit("vit-b32", 768, 12, 12, 32)
+_vit("vit-l16", 1024, 24, 16, 16)
+_vit("vit-l32", 1024, 24, 16, 32)
+_vit("vit-h14", 1280, 32, 16, 14)
+# Small-image variants (28x28 Fashion-MNIST, 32x32 CIFAR-like) for tests and the quickstart.
+_vit("vit-micro-p4", 48, 2, 3, 4, image_size=32, num_classes=10)
+_vit("vit-tiny-p4", 192, 6, 3, 4, image_size=32, num_classes=10)
+_vit("vit-small-p4", 384, 12, 6, 4, image_size=32, num_classes=10)
+
+# ImageGPT paper sizes (S/M/L/XL), 32x32 inputs and a 512-colour palette.
+_igpt("igpt-s", 512, 24, 8)
+_igpt("igpt-m", 1024, 36, 16)
+_igpt("igpt-l", 1536, 48, 16)
+_igpt("igpt-xl", 3072, 60, 24)
+# Tiny variants for tests and the quickstart (16x16 tokens).
+_igpt("igpt-micro", 64, 2, 2, image_size=16)
+_igpt("igpt-tiny", 128, 4, 4, image_size=16)
+_igpt("igpt-mini", 256, 8, 8, image_size=16)
+
+
+def list_models() -> list[str]:
+    return list(_REGISTRY)
+
+
+def model_config(name: str, **overrides: Any) -> ModelConfig:
+    """The named size, with any fields replaced (validated by the config's own checks)."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise KeyError(f"unknown model {name!r}{hint}; known: {', '.join(_REGISTRY)}")
+    return dataclasses.replace(_REGISTRY[name], **overrides)
+
+
+def create_model(cfg: ModelConfig | str, **overrides: Any) -> Backbone:
+    """Build a model from a config or a registry name. Works under `torch.device("meta")`."""
+    if isinstance(cfg, str):
+        cfg = model_config(cfg, **overrides)
+    elif overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    return FAMILIES[cfg.family][1](cfg)
+
+
+def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    return {"family": cfg.family, **dataclasses.asdict(cfg)}
+
+
+def config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """Inverse of `config_to_dict`; unknown fields are an error, not dropped."""
+    data = dict(data)
+    family = data.pop("family", None)
+    if family not in FAMILIES:
+        raise ValueError(f"model config has family {family!r}; allowed: {', '.join(FAMILIES)}")
+    cls = FAMILIES[family][0]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"model config has unknown fields {unknown} for family {family!r}")
+    return cls(**data)

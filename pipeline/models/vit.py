@@ -1,0 +1,128 @@
+"""Vision Transformer, as in "An Image is Worth 16x16 Words" (Dosovitskiy et al., 2021).
+
+Image (B, C, H, W) -> P x P patches, linearly embedded -> [class] token prepended -> learnable 1D
+position embeddings added -> pre-norm blocks -> final LayerNorm -> head on the [class] token, or
+on the average of the patch tokens (`pool="avg"`, then with its own LayerNorm, as timm does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from pipeline.errors import require
+from pipeline.models.layers import Backbone, Block, blocks_forward_flops, init_weights
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Architecture of one ViT; a registry name fills it, a run config may override fields."""
+
+    family: ClassVar[str] = "vit"
+
+    name: str = "vit"
+    image_size: int = 224  # pixels per side (square images)
+    patch_size: int = 16  # pixels per patch side
+    channels: int = 3
+    width: int = 768  # hidden size D
+    depth: int = 12  # number of blocks L
+    heads: int = 12
+    mlp_dim: int = 3072
+    num_classes: int = 1000  # 0: no head, forward returns pooled features
+    pool: Literal["cls", "avg"] = "cls"
+    drop_path: float = 0.0  # stochastic depth rate of the last block (linear from 0)
+    grad_checkpointing: bool = False  # recompute block activations in backward
+
+    def __post_init__(self) -> None:
+        for key in ("image_size", "patch_size", "channels", "width", "depth", "heads", "mlp_dim"):
+            require(getattr(self, key) > 0, key, getattr(self, key), "must be positive")
+        require(
+            self.image_size % self.patch_size == 0,
+            "image_size",
+            self.image_size,
+            f"must be a multiple of patch_size={self.patch_size}",
+        )
+        require(
+            self.width % self.heads == 0,
+            "heads",
+            self.heads,
+            f"must divide width={self.width}",
+        )
+        require(self.num_classes >= 0, "num_classes", self.num_classes, "must be >= 0")
+        require(0.0 <= self.drop_path < 1.0, "drop_path", self.drop_path, "must be in [0, 1)")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length: patches plus the [class] token."""
+        return self.grid**2 + 1
+
+    def forward_flops(self) -> int:
+        """FLOPs of one forward pass per image."""
+        patches = self.grid**2
+        embed = 2 * patches * self.patch_size**2 * self.channels * self.width
+        head = 2 * self.width * self.num_classes
+        return (
+            embed
+            + blocks_forward_flops(self.num_tokens, self.width, self.depth, self.mlp_dim)
+            + head
+        )
+
+    def train_flops(self) -> int:
+        """Model FLOPs of one training step per image: forward + backward (2x forward)."""
+        return 3 * self.forward_flops()
+
+
+class VisionTransformer(Backbone):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__(cfg.width)
+        self.cfg = cfg
+        d = cfg.width
+        self.patch_embed = nn.Conv2d(cfg.channels, d, cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, d))
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_dim, drop_path=r) for r in rates)
+        # timm's layout: LayerNorm on the tokens for [class] pooling, after pooling for "avg".
+        self.norm = nn.LayerNorm(d, eps=1e-6) if cfg.pool == "cls" else nn.Identity()
+        self.fc_norm = nn.LayerNorm(d, eps=1e-6) if cfg.pool == "avg" else nn.Identity()
+        self.head: nn.Module = nn.Linear(d, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self._init_weights()
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    def _init_weights(self) -> None:
+        init_weights(self)
+        w = self.patch_embed.weight
+        nn.init.trunc_normal_(w.view(w.shape[0], -1), std=0.02)  # as a linear map of the patch
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if isinstance(self.head, nn.Linear):  # zero head, as in the ViT paper
+            nn.init.zeros_(self.head.weight)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens (B, 1 + H*W/P^2, D)."""
+        b, c, h, w = x.shape
+        if (c, h, w) != (self.cfg.channels, self.cfg.image_size, self.cfg.image_size):
+            raise ValueError(
+                f"{self.cfg.name} expects images of shape (B, {self.cfg.channels}, "
+                f"{self.cfg.image_size}, {self.cfg.image_size}); got {tuple(x.shape)}"
+            )
+        patches = self.patch_embed(x).flatten(2).transpose(1, 2)
+        cls = self.cls_token.expand(b, -1, -1)
+        return torch.cat([cls, patches], dim=1) + self.pos_embed
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cfg.pool == "cls":
+            return tokens[:, 0]
+        return self.fc_norm(tokens[:, 1:].mean(dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> logits (B, num_classes), or pooled (B, D) with no head."""
+        return self.forward_head(self.forward_features(x))

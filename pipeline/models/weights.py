@@ -1,0 +1,154 @@
+"""Model weights as safetensors + a JSON model config, over any fsspec URL; timm interop.
+
+A saved model is a folder: `model.safetensors` then `model.json` (written last, so a folder with
+a JSON file holds complete weights). Loading needs only torch and safetensors, not DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import fsspec
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from pipeline.models.layers import Backbone
+from pipeline.models.posembed import resample_pos_embed
+from pipeline.models.registry import config_from_dict, config_to_dict, create_model
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model.json"
+
+
+def _join(url: str, name: str) -> str:
+    return url.rstrip("/") + "/" + name
+
+
+def _write_atomic(url: str, data: bytes) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    tmp = path + ".tmp"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def save_model(model: Backbone, url: str) -> None:
+    """Write `url/model.safetensors` and then `url/model.json`."""
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(path, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _write_atomic(_join(url, WEIGHTS_FILE), save_safetensors(state))
+    meta = {"format": "tessera-model/1", "config": config_to_dict(model.cfg)}
+    _write_atomic(_join(url, CONFIG_FILE), json.dumps(meta, indent=2).encode())
+
+
+def read_model_config(url: str) -> dict[str, Any]:
+    try:
+        with fsspec.open(_join(url, CONFIG_FILE), "r") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no saved model at {url}: {CONFIG_FILE} is missing (it is written last, so the "
+            "folder is absent or its save did not finish)"
+        ) from None
+    return meta["config"]
+
+
+def load_state(url: str) -> dict[str, torch.Tensor]:
+    with fsspec.open(_join(url, WEIGHTS_FILE), "rb") as f:
+        return load_safetensors(f.read())
+
+
+def load_model(url: str, **overrides: Any) -> Backbone:
+    """Rebuild a saved model; overrides (image_size, num_classes, ...) adapt it on load: the
+    position embeddings are resampled and a head of another shape starts afresh."""
+    cfg = config_from_dict(read_model_config(url))
+    model = create_model(cfg, **overrides)
+    load_pretrained(model, load_state(url), source=url)
+    return model
+
+
+def load_pretrained(
+    model: Backbone, state: dict[str, torch.Tensor], source: str = "state dict"
+) -> list[str]:
+    """Load `state` into `model`, adapting what a resolution or task change alters.
+
+    Position embeddings of another grid are resampled; a classifier head of another shape is
+    left at the model's fresh initialisation. Returns the keys that were not loaded. Any other
+    mismatch is an error naming the key, both shapes and `source`.
+    """
+    own = model.state_dict()
+    state = dict(state)
+    if "pos_embed" in state and state["pos_embed"].shape[1] != own["pos_embed"].shape[1]:
+        n = own["pos_embed"].shape[1] - 1
+        side = round(n**0.5)
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], (side, side))
+    fresh = [
+        k
+        for k in own
+        if k.startswith("head.") and (k not in state or state[k].shape != own[k].shape)
+    ]
+    for key in fresh:
+        state.pop(key, None)
+    state = {k: v for k, v in state.items() if not (k.startswith("head.") and k not in own)}
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state) - set(fresh))
+    if unexpected or missing:
+        raise ValueError(
+            f"{source} does not fit {model.cfg.name}: missing {missing[:8]}, unexpected "
+            f"{unexpected[:8]} (a checkpoint of another model family or depth?)"
+        )
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise ValueError(
+                f"{source} does not fit {model.cfg.name}: {key} has shape {tuple(value.shape)}, "
+                f"the model has {tuple(own[key].shape)} (a checkpoint of another model size?)"
+            )
+    model.load_state_dict(state, strict=False)
+    return fresh
+
+
+# timm's VisionTransformer names everything as we do except the patch projection.
+_TIMM_RENAMES = {"patch_embed.proj.": "patch_embed."}
+_TIMM_UNSUPPORTED = (
+    "reg_token",
+    ".ls1.",
+    ".ls2.",
+    ".q_norm.",
+    ".k_norm.",
+    "attn_pool.",
+    "norm_pre.",
+)
+
+
+def from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm `VisionTransformer` state dict (class token, learned 1D position embeddings, no
+    register tokens or layer scale) -> Tessera's ViT layout."""
+    for key in state:
+        if any(tag in key for tag in _TIMM_UNSUPPORTED):
+            raise ValueError(f"timm weights use a feature Tessera's ViT does not have: {key}")
+    if "cls_token" not in state:
+        raise ValueError("timm weights have no cls_token; only class-token ViTs are supported")
+    n = state["pos_embed"].shape[1]
+    if round(n**0.5) ** 2 == n:  # a square grid alone: no slot for the class token
+        raise ValueError("timm weights have no class-token position embedding (no_embed_class)")
+    out = {}
+    for key, value in state.items():
+        for old, new in _TIMM_RENAMES.items():
+            if key.startswith(old):
+                key = new + key[len(old) :]
+        out[key] = value
+    return out
+
+
+def to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tessera's ViT layout -> timm `VisionTransformer` keys (load with timm's `load_state_dict`)."""
+    out = {}
+    for key, value in state.items():
+        for timm_key, ours in _TIMM_RENAMES.items():
+            if key.startswith(ours):
+                key = timm_key + key[len(ours) :]
+        out[key] = value
+    return out

@@ -1,0 +1,129 @@
+"""Weights in and out: safetensors round trips, resolution change, timm interop."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from pipeline.models import (
+    ViTConfig,
+    create_model,
+    from_timm,
+    load_model,
+    load_pretrained,
+    resample_pos_embed,
+    save_model,
+    to_timm,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "timm_vit.safetensors"
+
+
+def test_resample_is_identity_at_the_same_grid():
+    pos = torch.randn(1, 1 + 8 * 8, 16)
+    torch.testing.assert_close(resample_pos_embed(pos, (8, 8)), pos, rtol=0, atol=0)
+
+
+def test_resample_keeps_the_class_token_and_a_smooth_field():
+    # A smooth field over the image plane, sampled at cell centres of a 8x8 and a 12x12 grid.
+    def field(n):
+        c = (torch.arange(n) + 0.5) / n
+        y, x = torch.meshgrid(c, c, indexing="ij")
+        f = torch.stack([torch.sin(2 * x) + y, x * y, torch.cos(3 * y)], dim=-1)
+        return f.reshape(1, n * n, 3)
+
+    cls = torch.randn(1, 1, 3)
+    out = resample_pos_embed(torch.cat([cls, field(8)], 1), (12, 12))
+    assert out.shape == (1, 1 + 144, 3)
+    torch.testing.assert_close(out[:, :1], cls)
+    err = (out[:, 1:] - field(12)).abs()  # the field spans about 2 units
+    assert err.mean() < 0.01 and err.max() < 0.05  # the largest errors sit at the border
+
+
+def test_resample_rejects_a_non_square_grid():
+    with pytest.raises(ValueError, match="not a square grid"):
+        resample_pos_embed(torch.randn(1, 1 + 10, 4), (4, 4))
+
+
+@pytest.mark.parametrize("name", ["vit-micro-p4", "igpt-micro"])
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_save_load_round_trip_reproduces_outputs(name, where, tmp_path):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=4).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    url = str(tmp_path / "export") if where == "local" else f"memory://weights-test/{name}"
+    save_model(model, url)
+    loaded = load_model(url).eval()
+    assert loaded.cfg == model.cfg
+    x = torch.randn(2, 3, 32, 32) if name.startswith("vit") else torch.randint(0, 512, (2, 256))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+        feats = model.forward_head(model.forward_features(x))
+        torch.testing.assert_close(loaded.forward_head(loaded.forward_features(x)), feats)
+
+
+def test_load_missing_model_names_the_url(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
+        load_model(str(tmp_path / "nothing"))
+
+
+def test_load_at_a_new_resolution_and_class_count(tmp_path):
+    model = create_model("vit-micro-p4", image_size=32)
+    save_model(model, str(tmp_path))
+    bigger = load_model(str(tmp_path), image_size=48, num_classes=3)
+    assert bigger.pos_embed.shape == (1, 1 + 12 * 12, 48)
+    torch.testing.assert_close(bigger.cls_token, model.cls_token)
+    torch.testing.assert_close(bigger.pos_embed[:, :1], model.pos_embed[:, :1])
+    assert bigger(torch.randn(1, 3, 48, 48)).shape == (1, 3)
+
+
+def test_loading_another_model_size_is_a_clear_error():
+    small = create_model("vit-micro-p4")
+    other = create_model("vit-micro-p4", width=96, heads=3, mlp_dim=192)
+    with pytest.raises(
+        ValueError, match=r"ckpt-x does not fit vit-micro-p4: cls_token has shape \(1, 1, 96\)"
+    ):
+        load_pretrained(small, other.state_dict(), source="ckpt-x")
+
+
+def _timm_fixture(pool):
+    with safe_open(FIXTURE, "pt") as f:
+        prefix = f"{pool}/state/"
+        state = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118 (not a dict)
+        return state, f.get_tensor(f"{pool}/input"), f.get_tensor(f"{pool}/logits")
+
+
+@pytest.mark.parametrize(("timm_pool", "pool"), [("token", "cls"), ("avg", "avg")])
+def test_timm_weights_reproduce_timm_logits(timm_pool, pool):
+    """The fixture holds a real timm 1.0.31 ViT's weights and logits (see make_timm_fixture.py)."""
+    state, x, timm_logits = _timm_fixture(timm_pool)
+    cfg = ViTConfig(
+        "from-timm",
+        image_size=32,
+        patch_size=8,
+        width=48,
+        depth=2,
+        heads=3,
+        mlp_dim=192,
+        num_classes=5,
+        pool=pool,
+    )
+    model = create_model(cfg).eval()
+    assert load_pretrained(model, from_timm(state)) == []
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), timm_logits, rtol=1e-4, atol=1e-4)
+    # ... and back: our weights in timm's layout are exactly timm's state dict.
+    back = to_timm(model.state_dict())
+    assert set(back) == set(state)
+    for key, value in state.items():
+        torch.testing.assert_close(back[key], value, rtol=0, atol=0)
+
+
+def test_timm_features_we_lack_are_refused():
+    state, _, _ = _timm_fixture("token")
+    state["blocks.0.ls1.gamma"] = torch.ones(48)
+    with pytest.raises(ValueError, match="ls1"):
+        from_timm(state)
