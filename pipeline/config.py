@@ -1,0 +1,442 @@
+"""Typed run configuration: one YAML file -> dataclasses that check themselves.
+
+A run is one YAML file with the sections below. `--set a.b=value` overrides any field (the value
+is read as YAML). Unknown keys, wrong types and impossible values are `ConfigError`s that name the
+file (or the `--set` option), the key, the value and what is allowed.
+
+The `model` section names a registered size and may override any of its architecture fields:
+
+    model: {name: vit-tiny-p4, image_size: 28, channels: 1, num_classes: 10}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import ConfigError, FieldError, require
+from pipeline.models.registry import ModelConfig, config_to_dict, list_models, model_config
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the shards are and how samples become batches."""
+
+    url: str = (
+        ""  # dataset URL written by `tessera prepare` (local path, file://, s3://, memory://)
+    )
+    train_split: str = "train"
+    val_split: str = "val"
+    workers: int = 2  # DataLoader worker processes per rank
+    shuffle_buffer: int = 1000  # samples held for shuffling within the seeded shard order
+    augment: Literal["vit", "none"] = "vit"  # random resized crop + flip, or resize only
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # area fraction range of the random crop
+    palette: str = "kmeans"  # ImageGPT tokens: kmeans (fitted at prepare), uniform, grey, or a URL
+    palette_size: int = 512  # colours (kmeans, grey) ; uniform uses 2**(3*channels)
+    max_error_rate: float = 0.01  # stop when more than this fraction of samples is unreadable
+
+    def __post_init__(self) -> None:
+        require(self.workers >= 0, "workers", self.workers, "must be >= 0")
+        require(self.shuffle_buffer >= 1, "shuffle_buffer", self.shuffle_buffer, "must be >= 1")
+        lo, hi = self.crop_scale
+        require(
+            0 < lo <= hi <= 1, "crop_scale", self.crop_scale, "must satisfy 0 < min <= max <= 1"
+        )
+        require(self.palette_size >= 2, "palette_size", self.palette_size, "must be >= 2")
+        require(
+            0 <= self.max_error_rate <= 1,
+            "max_error_rate",
+            self.max_error_rate,
+            "must be in [0, 1]",
+        )
+
+
+Objective = Literal["supervised", "supervised-sigmoid", "igpt-ar", "igpt-bert"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What is optimised, for how long, and where the run writes."""
+
+    objective: Objective = "supervised"
+    steps: int = 1000  # optimizer steps
+    global_batch_size: int = 256  # images per optimizer step, over all ranks and accumulation
+    seed: int = 0
+    output: str = "runs/default"  # run URL: checkpoints/, tensorboard/, results
+    mask_prob: float = 0.15  # igpt-bert: fraction of pixels masked
+    head_bias: float = -10.0  # supervised-sigmoid: initial head bias (big_vision)
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        require(
+            self.global_batch_size >= 1, "global_batch_size", self.global_batch_size, "must be >= 1"
+        )
+        require(0 < self.mask_prob < 1, "mask_prob", self.mask_prob, "must be in (0, 1)")
+        require(bool(self.output), "output", self.output, "must name a run URL")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup and decay; no weight decay on norms, biases, position embeddings, tokens."""
+
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
+    min_lr_ratio: float = 0.0  # final lr as a fraction of the peak
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    layer_decay: float = 1.0  # finetuning: lr scale per block from the top (1 = none)
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        require(all(0 <= b < 1 for b in self.betas), "betas", self.betas, "each must be in [0, 1)")
+        require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
+        require(0 < self.layer_decay <= 1, "layer_decay", self.layer_decay, "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    """How the DeepSpeed engine shards and casts; `config_file` takes a user's own JSON."""
+
+    zero_stage: int = 2  # 0 (DDP), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)
+    offload_optimizer: bool = False  # optimizer states and step on the CPU
+    offload_params: bool = False  # parameters on the CPU between uses (ZeRO-3 only)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    micro_batch_size: int = (
+        0  # per rank per forward; 0: global batch / world size (no accumulation)
+    )
+    config_file: str = ""  # a DeepSpeed JSON to use instead, checked against this config
+
+    def __post_init__(self) -> None:
+        require(
+            self.zero_stage in (0, 1, 2, 3), "zero_stage", self.zero_stage, "allowed: 0, 1, 2, 3"
+        )
+        require(
+            not self.offload_optimizer or self.zero_stage >= 1,
+            "offload_optimizer",
+            self.offload_optimizer,
+            "needs zero_stage >= 1",
+        )
+        require(
+            not self.offload_params or self.zero_stage == 3,
+            "offload_params",
+            self.offload_params,
+            "needs zero_stage 3",
+        )
+        require(
+            self.micro_batch_size >= 0, "micro_batch_size", self.micro_batch_size, "must be >= 0"
+        )
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 1000  # also saved on SIGTERM and at the end
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted
+    resume: str = "auto"  # auto: newest complete checkpoint; never; or a checkpoint URL
+
+    def __post_init__(self) -> None:
+        require(self.every_steps >= 1, "every_steps", self.every_steps, "must be >= 1")
+        require(self.keep_last >= 1, "keep_last", self.keep_last, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    every_steps: int = 10  # console line and TensorBoard scalars
+    tensorboard: bool = True
+    images_every_steps: int = 0  # attention maps / completions; 0: only at the end
+    peak_tflops: float = 0.0  # device peak for MFU; 0: measure the matmul roof at start
+
+    def __post_init__(self) -> None:
+        require(self.every_steps >= 1, "every_steps", self.every_steps, "must be >= 1")
+        require(
+            self.images_every_steps >= 0,
+            "images_every_steps",
+            self.images_every_steps,
+            "must be >= 0",
+        )
+        require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0")
+
+
+Evaluator = Literal["linear_probe", "fewshot", "knn", "finetune", "pixels"]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    evaluators: list[Evaluator] = field(default_factory=list)
+    target: str = ""  # dataset URL of the transfer target; empty: the pretraining data
+    layers: list[int] = field(default_factory=list)  # probe these blocks; empty: the last one
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])  # few-shot examples per class
+    seeds: int = 3  # few-shot repetitions
+    knn_k: int = 20
+
+    def __post_init__(self) -> None:
+        require(all(s >= 1 for s in self.shots), "shots", self.shots, "each must be >= 1")
+        require(self.seeds >= 1, "seeds", self.seeds, "must be >= 1")
+        require(self.knn_k >= 1, "knn_k", self.knn_k, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run: a model, its data and how it is trained, checkpointed, logged and evaluated."""
+
+    model: ModelConfig
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        objective, family = self.train.objective, self.model.family
+        if objective.startswith("igpt"):
+            require(
+                family == "igpt",
+                "train.objective",
+                objective,
+                f"needs an igpt model, not {self.model.name}",
+            )
+            causal = objective == "igpt-ar"
+            require(
+                self.model.causal == causal,
+                "model.causal",
+                self.model.causal,
+                f"must be {causal} for {objective} (causal attention is for the autoregressive objective)",
+            )
+        else:
+            require(
+                self.model.num_classes > 0,
+                "model.num_classes",
+                self.model.num_classes,
+                f"must be > 0 for the {objective} objective",
+            )
+        require(
+            self.train.steps > self.optim.warmup_steps,
+            "optim.warmup_steps",
+            self.optim.warmup_steps,
+            f"must be below train.steps={self.train.steps}",
+        )
+        micro = self.deepspeed.micro_batch_size
+        require(
+            micro == 0 or self.train.global_batch_size % micro == 0,
+            "deepspeed.micro_batch_size",
+            micro,
+            f"must divide train.global_batch_size={self.train.global_batch_size}",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+class _Source:
+    """Says where a key came from: the file, or the --set option that last wrote it."""
+
+    def __init__(self, path: str, overrides: dict[str, str]) -> None:
+        self.path, self.overrides = path, overrides
+
+    def of(self, key: str) -> str:
+        parts = key.split(".")
+        for i in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in self.overrides:
+                return f"--set {prefix}={self.overrides[prefix]}"
+        return self.path
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.of(key)}: {key}: {message}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple, dict):
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, key: str, src: _Source) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def bad(expected: str) -> ConfigError:
+        return src.error(key, f"got {value!r} ({type(value).__name__}); expected {expected}")
+
+    if tp is ModelConfig:
+        return _build_model(value, key, src)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, src)
+    if origin is Literal:
+        if value not in args:
+            raise bad(_type_name(tp))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key, src)
+            except ConfigError:
+                continue
+        raise bad(" or ".join(_type_name(a) for a in args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        # PyYAML reads `1e-3` (no dot) as a string; accept any string that is a number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad(f"a list ({_type_name(tp)})")
+        return [_coerce(args[0], v, f"{key}[{i}]", src) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad(f"a list of {len(args)} values")
+        return tuple(
+            _coerce(a, v, f"{key}[{i}]", src)
+            for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return {k: _coerce(args[1], v, f"{key}.{k}", src) for k, v in value.items()}
+    raise TypeError(f"config field {key} has a type the loader does not know: {tp}")
+
+
+def _check_keys(cls: type, data: Any, key: str, src: _Source, extra: Sequence[str] = ()) -> None:
+    allowed = [f.name for f in dataclasses.fields(cls)] + list(extra)
+    where = key or "top level"
+    if not isinstance(data, dict):
+        raise src.error(where, f"expected a mapping with keys {allowed}; got {data!r}")
+    for k in data:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            full = f"{key}.{k}" if key else str(k)
+            raise src.error(full, f"unknown key{hint}; allowed keys: {', '.join(allowed)}")
+
+
+def _wrap_field_error(e: FieldError, section: str, src: _Source) -> ConfigError:
+    key = e.field if "." in e.field or not section else f"{section}.{e.field}"
+    return src.error(key, f"got {e.value!r}; {e.allowed}")
+
+
+def _build(cls: type, data: Any, key: str, src: _Source) -> Any:
+    _check_keys(cls, data, key, src)
+    hints = typing.get_type_hints(cls)
+    kwargs = {
+        name: _coerce(hints[name], value, f"{key}.{name}" if key else name, src)
+        for name, value in data.items()
+    }
+    try:
+        return cls(**kwargs)
+    except FieldError as e:
+        raise _wrap_field_error(e, key, src) from None
+    except TypeError as e:  # a required field is missing
+        raise src.error(key or "top level", str(e)) from None
+
+
+def _build_model(data: Any, key: str, src: _Source) -> ModelConfig:
+    if not isinstance(data, dict) or "name" not in data:
+        raise src.error(key, f"needs a 'name', one of: {', '.join(list_models())}")
+    name = data["name"]
+    try:
+        base = model_config(name)
+    except KeyError as e:
+        raise src.error(f"{key}.name", e.args[0]) from None
+    _check_keys(type(base), data, key, src)
+    hints = typing.get_type_hints(type(base))
+    overrides = {k: _coerce(hints[k], v, f"{key}.{k}", src) for k, v in data.items() if k != "name"}
+    try:
+        return dataclasses.replace(base, **overrides)
+    except FieldError as e:
+        raise _wrap_field_error(e, key, src) from None
+
+
+def _apply_override(raw: dict, item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    return ".".join(parts), text
+
+
+def parse_config(raw: Any, source: str = "<config>", overrides: Sequence[str] = ()) -> RunConfig:
+    """A mapping (as read from YAML) plus KEY=VALUE overrides -> a checked RunConfig."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level; got {raw!r}")
+    applied = dict(_apply_override(raw, item) for item in overrides)
+    src = _Source(source, applied)
+    if "model" not in raw:
+        raise src.error(
+            "model", f"is required: a mapping with a 'name', one of: {', '.join(list_models())}"
+        )
+    return _build(RunConfig, raw, "", src)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config and apply `--set` overrides."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(raw, str(path), overrides)
+
+
+def config_to_raw(cfg: RunConfig) -> dict[str, Any]:
+    """A RunConfig as plain data that `parse_config` reads back to an equal config."""
+    raw = dataclasses.asdict(cfg)
+    model = config_to_dict(cfg.model)
+    model.pop("family")
+    raw["model"] = model
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(raw)

@@ -1,0 +1,44 @@
+"""The `tessera` command: as installed, and in-process."""
+
+import subprocess
+
+import torch
+import yaml
+
+from pipeline.cli import main
+from pipeline.models import create_model, list_models
+
+
+def test_tessera_models_lists_every_size_with_its_figures():
+    out = subprocess.run(["tessera", "models"], check=True, capture_output=True, text=True).stdout
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert list(rows) == list_models()
+    for name, (_, params, image, tokens, gflops) in rows.items():
+        with torch.device("meta"):
+            model = create_model(name)
+        assert int(params.replace(",", "")) == sum(p.numel() for p in model.parameters())
+        assert int(image) == model.cfg.image_size and int(tokens) == model.cfg.num_tokens
+        assert float(gflops) == round(model.cfg.train_flops() / 1e9, 2)
+    assert rows["igpt-xl"][1] == "6,803,475,456"
+
+
+def test_tessera_models_filters_by_family(capsys):
+    assert main(["models", "--family", "igpt"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert names and all(n.startswith("igpt") for n in names)
+
+
+def test_tessera_config_prints_the_resolved_config(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {name: vit-micro-p4}\n")
+    assert main(["config", str(path), "--set", "train.steps=7"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["steps"] == 7 and printed["model"]["width"] == 48
+
+
+def test_tessera_config_error_exits_2_and_names_the_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {name: vit-micro-p4, heads: 5}\n")
+    proc = subprocess.run(["tessera", "config", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert f"{path}: model.heads: got 5; must divide width=48" in proc.stderr
