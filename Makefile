@@ -10,7 +10,7 @@ TORCH_CPU ?= torch==2.13.0
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 		$(BIN)/pip install -q $(TORCH_CPU); \
 	fi
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
 lint: install
