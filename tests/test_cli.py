@@ -4,13 +4,14 @@ import subprocess
 
 import torch
 import yaml
+from conftest import TESSERA
 
 from pipeline.cli import main
 from pipeline.models import create_model, list_models
 
 
 def test_tessera_models_lists_every_size_with_its_figures():
-    out = subprocess.run(["tessera", "models"], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([TESSERA, "models"], check=True, capture_output=True, text=True).stdout
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
     assert list(rows) == list_models()
     for name, (_, params, image, tokens, gflops) in rows.items():
@@ -39,6 +40,6 @@ def test_tessera_config_prints_the_resolved_config(tmp_path, capsys):
 def test_tessera_config_error_exits_2_and_names_the_key(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: {name: vit-micro-p4, heads: 5}\n")
-    proc = subprocess.run(["tessera", "config", str(path)], capture_output=True, text=True)
+    proc = subprocess.run([TESSERA, "config", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert f"{path}: model.heads: got 5; must divide width=48" in proc.stderr
