@@ -1,0 +1,1 @@
+"""Training: objectives (pure torch), and later the DeepSpeed engine and the trainer."""

@@ -1,0 +1,101 @@
+"""Training objectives. One trainer calls `OBJECTIVES[name](model, batch, ...)`.
+
+Each objective takes the model and a batch dict and returns (loss, metrics): `loss` is the scalar
+to minimise, `metrics` holds detached scalars for logging. Batches:
+  supervised, supervised-sigmoid: {"image": (B, C, H, W) float, "label": (B,) int64 or (B, K) multi-hot}
+  igpt-ar, igpt-bert:             {"tokens": (B, T) int64 palette ids}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LN2 = math.log(2.0)
+
+Metrics = dict[str, torch.Tensor]
+
+
+def _multi_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if labels.ndim == 2:
+        return labels.float()
+    return F.one_hot(labels, num_classes).float()
+
+
+def supervised(model: nn.Module, batch: dict, **_: object) -> tuple[torch.Tensor, Metrics]:
+    """Softmax cross-entropy; multi-hot labels become a uniform target over their classes."""
+    logits = model(batch["image"]).float()
+    labels = batch["label"]
+    if labels.ndim == 2:
+        target = labels.float() / labels.float().sum(1, keepdim=True).clamp_min(1)
+        loss = -(target * logits.log_softmax(-1)).sum(-1).mean()
+        correct = labels.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1) > 0
+    else:
+        loss = F.cross_entropy(logits, labels)
+        correct = logits.argmax(-1) == labels
+    return loss, {"loss": loss.detach(), "accuracy": correct.float().mean()}
+
+
+def supervised_sigmoid(model: nn.Module, batch: dict, **_: object) -> tuple[torch.Tensor, Metrics]:
+    """JFT-style multi-label: per-class sigmoid cross-entropy, summed over classes, mean over
+    the batch (big_vision's sigmoid_xent). Pair with a negative head-bias initialisation."""
+    logits = model(batch["image"]).float()
+    target = _multi_hot(batch["label"], logits.shape[-1])
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1).mean()
+    top1 = target.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
+    return loss, {"loss": loss.detach(), "precision_at_1": top1.mean()}
+
+
+def igpt_ar(model: nn.Module, batch: dict, **_: object) -> tuple[torch.Tensor, Metrics]:
+    """Next-pixel prediction: mean negative log-likelihood over every pixel of the raster."""
+    tokens = batch["tokens"]
+    logits = model(tokens).float()
+    nll = F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+    return nll, {"loss": nll.detach(), "bits_per_dim": nll.detach() / LN2}
+
+
+def mask_pixels(
+    tokens: torch.Tensor, mask_prob: float, mask_id: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking as in iGPT: each pixel independently replaced by [mask] with `mask_prob`.
+
+    Returns (inputs, mask) with mask (B, T) bool; every row has at least one masked pixel so the
+    loss is always defined.
+    """
+    mask = torch.rand(tokens.shape, generator=generator, device=tokens.device) < mask_prob
+    empty = ~mask.any(1)
+    if empty.any():
+        first = torch.randint(
+            tokens.shape[1], (int(empty.sum()),), generator=generator, device=tokens.device
+        )
+        mask[empty.nonzero().squeeze(1), first] = True
+    return tokens.masked_fill(mask, mask_id), mask
+
+
+def igpt_bert(
+    model: nn.Module,
+    batch: dict,
+    mask_prob: float = 0.15,
+    generator: torch.Generator | None = None,
+    **_: object,
+) -> tuple[torch.Tensor, Metrics]:
+    """Masked-pixel prediction: NLL of the original pixels at the masked positions only."""
+    tokens = batch["tokens"]
+    inputs, mask = mask_pixels(tokens, mask_prob, model.cfg.mask_id, generator)
+    logits = model(inputs).float()
+    nll = F.cross_entropy(logits[mask], tokens[mask])
+    return nll, {"loss": nll.detach(), "bits_per_dim": nll.detach() / LN2}
+
+
+Objective = Callable[..., tuple[torch.Tensor, Metrics]]
+
+OBJECTIVES: dict[str, Objective] = {
+    "supervised": supervised,
+    "supervised-sigmoid": supervised_sigmoid,
+    "igpt-ar": igpt_ar,
+    "igpt-bert": igpt_bert,
+}
