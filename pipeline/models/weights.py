@@ -17,36 +17,25 @@ from safetensors.torch import save as save_safetensors
 from pipeline.models.layers import Backbone
 from pipeline.models.posembed import resample_pos_embed
 from pipeline.models.registry import config_from_dict, config_to_dict, create_model
+from pipeline.storage import filesystem, join, write_atomic
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
 
 
-def _join(url: str, name: str) -> str:
-    return url.rstrip("/") + "/" + name
-
-
-def _write_atomic(url: str, data: bytes) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    tmp = path + ".tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
-
-
 def save_model(model: Backbone, url: str) -> None:
     """Write `url/model.safetensors` and then `url/model.json`."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = filesystem(url)
     fs.makedirs(path, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(_join(url, WEIGHTS_FILE), save_safetensors(state))
+    write_atomic(fs, join(path, WEIGHTS_FILE), save_safetensors(state))
     meta = {"format": "tessera-model/1", "config": config_to_dict(model.cfg)}
-    _write_atomic(_join(url, CONFIG_FILE), json.dumps(meta, indent=2).encode())
+    write_atomic(fs, join(path, CONFIG_FILE), json.dumps(meta, indent=2).encode())
 
 
 def read_model_config(url: str) -> dict[str, Any]:
     try:
-        with fsspec.open(_join(url, CONFIG_FILE), "r") as f:
+        with fsspec.open(join(url, CONFIG_FILE), "r") as f:
             meta = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(
@@ -57,7 +46,7 @@ def read_model_config(url: str) -> dict[str, Any]:
 
 
 def load_state(url: str) -> dict[str, torch.Tensor]:
-    with fsspec.open(_join(url, WEIGHTS_FILE), "rb") as f:
+    with fsspec.open(join(url, WEIGHTS_FILE), "rb") as f:
         return load_safetensors(f.read())
 
 
