@@ -10,6 +10,8 @@ import torch
 import yaml
 
 from pipeline.config import config_to_raw, load_config
+from pipeline.data.shards import DatasetError
+from pipeline.data.sources import SourceError
 from pipeline.errors import ConfigError
 from pipeline.models import create_model, list_models
 
@@ -51,6 +53,42 @@ def cmd_config(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(config_to_raw(cfg), sort_keys=False), end="")
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from pipeline.data.prepare import PrepareOptions, parse_size, prepare
+    from pipeline.data.sources import open_source
+
+    try:
+        shard_bytes = parse_size(args.shard_size)
+    except ValueError as e:
+        raise SourceError(f"--shard-size: {e}") from None
+    source = open_source(args.source, args.format, args.endpoint_url)
+    opts = PrepareOptions(
+        seed=args.seed,
+        shard_bytes=shard_bytes,
+        samples_per_shard=args.samples_per_shard,
+        val_fraction=args.val_fraction,
+        palette_size=args.palette,
+        executor="local" if args.local else "ray",
+        ray_address=args.ray_address,
+        endpoint_url=args.endpoint_url,
+    )
+    manifest = prepare(source, args.output, opts)
+    for name, split in manifest.splits.items():
+        print(f"{args.output}: {name}: {split.samples:,} samples in {len(split.shards)} shards")
+    if manifest.skipped:
+        print(f"{len(manifest.skipped)} source items left out (listed in dataset.json 'skipped'):")
+        for item in manifest.skipped[:10]:
+            print(f"  {item['key']}: {item['reason']}")
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from pipeline.data.prepare import index_shards
+
+    manifest = index_shards(args.url, args.split, args.endpoint_url)
+    split = manifest.splits[args.split]
+    print(f"{args.url}: {args.split}: {split.samples:,} samples in {len(split.shards)} shards")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +102,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("prepare", help="write a source as WebDataset shards + manifest")
+    p.add_argument(
+        "source", help="IDX folder, image folder, `digits`, or a JSONL file (path or URL)"
+    )
+    p.add_argument("output", help="dataset URL: a path, file://, s3://bucket/prefix, memory://")
+    p.add_argument("--format", default="auto", choices=["auto", "idx", "folder", "digits", "jsonl"])
+    p.add_argument("--seed", type=int, default=0, help="sample order; same seed, same bytes")
+    p.add_argument("--shard-size", default="64MB", help="target tar size (default 64MB)")
+    p.add_argument("--samples-per-shard", type=int, default=0, help="fixed count instead of a size")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.0, help="carve a 'val' split out of 'train'"
+    )
+    p.add_argument(
+        "--palette", type=int, default=0, metavar="K", help="fit a K-colour palette (iGPT)"
+    )
+    p.add_argument(
+        "--local", action="store_true", help="write shards in this process, not Ray tasks"
+    )
+    p.add_argument(
+        "--ray-address", default="", help="Ray cluster (default: RAY_ADDRESS, else local)"
+    )
+    p.add_argument("--endpoint-url", default="", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("index", help="make a manifest for WebDataset tars written by another tool")
+    p.add_argument("url", help="folder of .tar shards")
+    p.add_argument("--split", default="train")
+    p.add_argument("--endpoint-url", default="")
+    p.set_defaults(func=cmd_index)
     return parser
 
 
@@ -73,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
     except ConfigError as e:
         print(f"tessera: config error: {e}", file=sys.stderr)
+        return 2
+    except (DatasetError, SourceError) as e:
+        print(f"tessera: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,8 +1,90 @@
-"""Shared test helpers."""
+"""Shared fixtures: a real S3-compatible server on loopback, tiny prepared datasets."""
 
+import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
+import uuid
 from pathlib import Path
 
+import pytest
+
+BIN = Path(sys.executable).parent
 # The installed `tessera` console script of the environment running the tests (which need not be
 # on PATH: `make test` calls .venv/bin/python directly).
-TESSERA = str(Path(sys.executable).parent / "tessera")
+TESSERA = str(BIN / "tessera")
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto_server on 127.0.0.1; the standard AWS_* variables point s3fs at it."""
+    port = free_port()
+    log = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the server)
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": url,
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        wait_for_http(url)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket: returns "s3://NAME"."""
+    import fsspec
+
+    name = f"tessera-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def digits_url(tmp_path_factory):
+    """scikit-learn digits as a dataset: train 1438 / val 359 samples, 100 per shard."""
+    from pipeline.data.prepare import PrepareOptions, prepare
+    from pipeline.data.sources import open_source
+
+    url = str(tmp_path_factory.mktemp("digits") / "ds")
+    opts = PrepareOptions(samples_per_shard=100, val_fraction=0.2, executor="local", progress=False)
+    prepare(open_source("digits"), url, opts)
+    return url

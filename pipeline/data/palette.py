@@ -70,10 +70,12 @@ class Palette:
 
     def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 images (..., H, W, C) -> token ids (..., H, W) int64."""
-        images = torch.as_tensor(np.asarray(images))
+        if isinstance(images, torch.Tensor):
+            images = images.float()
+        else:  # np.array copies, so a read-only buffer (e.g. a decoded PIL image) is fine
+            images = torch.from_numpy(np.array(images, dtype=np.float32))
         self._check(images)
-        flat = images.reshape(-1, self.channels).float()
-        return self.nearest(flat).reshape(images.shape[:-1])
+        return self.nearest(images.reshape(-1, self.channels)).reshape(images.shape[:-1])
 
     def decode(self, tokens: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Token ids (..., H, W) -> uint8 images (..., H, W, C)."""

@@ -1,0 +1,577 @@
+"""The training input: shards -> batches on every rank, resumable exactly once mid-epoch.
+
+What happens to a sample, top to bottom:
+
+  1. order      One global order per (seed, epoch): shards in a seeded permutation, their samples
+                concatenated: global positions 0..N-1. It does not depend on ranks or workers.
+  2. split      R = ranks x workers readers; reader j takes the j-th contiguous chunk of the
+                positions (training drops the last N mod (R x batch) of them, chosen anew each
+                epoch by the permutation, so every reader has the same number of batches).
+  3. shuffle    A reader splits its chunk into `shuffle_shards` lanes read side by side,
+                interleaves them, and permutes each window of `shuffle_buffer` positions
+                (seeded): the buffer holds one window, a batch mixes several shards.
+  4. read       Positions -> (shard, sample) -> byte ranges from the shard's .idx; runs of
+                samples come in one ranged read through fsspec, retried on transient errors.
+  5. decode     PIL decode, labels from .cls / .json; unreadable samples are quarantined
+                (counted, key and reason recorded), never retried, never slept on.
+  6. transform  ViT augmentation (random resized crop, flip, [-1, 1]) or palette tokens.
+  7. batch      Every `batch` consecutive positions of a reader make one batch, minus the
+                quarantined ones; every rank yields the same number of batches per epoch.
+
+Resume: a batch carries (reader, index). The stream's state is the phase (epoch, which
+positions, how many readers) and how many batches each reader has delivered: restoring with
+the same layout continues every reader where it stopped, in the same order; with another
+layout the undelivered positions of the epoch are dealt out afresh to the new readers: none
+missing, none twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data.palette import Palette
+from pipeline.data.shards import (
+    DatasetError,
+    Manifest,
+    check_shards,
+    load_manifest,
+    read_index,
+    read_samples,
+)
+from pipeline.data.transforms import ImageTransform
+from pipeline.storage import filesystem, join, with_retries
+
+STATE_FORMAT = "tessera-stream/1"
+RUN_GAP = 8  # coalesce reads of two runs in one shard when fewer samples than this lie between
+
+
+class DataError(RuntimeError):
+    """The data went bad beyond the error budget; names the worst shards."""
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    url: str  # dataset URL (holds dataset.json)
+    split: str = "train"
+    batch_size: int = 32  # per rank per step
+    train: bool = True  # shuffle + augment + drop the ragged tail; False: every sample, in order
+    seed: int = 0
+    image_size: int = 0  # output side; 0: the dataset's
+    channels: int = 0  # 1 or 3; 0: the dataset's
+    augment: bool = True  # random resized crop + flip (train only)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    palette: Palette | None = None  # set: batches hold "tokens" instead of "image"
+    labels: bool = True  # a sample without a label is quarantined
+    shuffle_shards: int = 4
+    shuffle_buffer: int = 1024
+    workers: int = 0  # DataLoader worker processes per rank
+    max_error_rate: float = 0.01
+    endpoint_url: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# 1-3: the order
+
+
+def _ranges_slice(ranges: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Positions [a, b) of the concatenation of half-open ranges (n, 2)."""
+    lengths = ranges[:, 1] - ranges[:, 0]
+    ends = np.cumsum(lengths)
+    out = []
+    first = int(np.searchsorted(ends, a, side="right"))
+    pos = a
+    for i in range(first, len(ranges)):
+        if pos >= b:
+            break
+        start_in = pos - (ends[i] - lengths[i])
+        take = min(b - pos, lengths[i] - start_in)
+        out.append(np.arange(ranges[i, 0] + start_in, ranges[i, 0] + start_in + take))
+        pos += take
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _compress(positions: np.ndarray) -> np.ndarray:
+    """Sorted unique positions -> half-open ranges (n, 2)."""
+    if len(positions) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    breaks = np.nonzero(np.diff(positions) != 1)[0]
+    starts = np.concatenate([[positions[0]], positions[breaks + 1]])
+    ends = np.concatenate([positions[breaks] + 1, [positions[-1] + 1]])
+    return np.stack([starts, ends], axis=1).astype(np.int64)
+
+
+@dataclass
+class Phase:
+    """A pass over some positions of one epoch by `readers` readers.
+
+    generation 0 is a whole epoch; generation g > 0 is what was left of it when a run resumed
+    with a different layout, dealt out to the new readers (no tail dropped).
+    """
+
+    epoch: int
+    readers: int
+    batch: int
+    work: np.ndarray  # (n, 2) ranges of global positions, in order
+    generation: int = 0
+    drop_last: bool = True
+    shuffle: bool = True
+    lanes: int = 4
+    window: int = 1024
+
+    @property
+    def total(self) -> int:
+        return int((self.work[:, 1] - self.work[:, 0]).sum())
+
+    @property
+    def used(self) -> int:
+        """Positions served: all of them, or a multiple of readers x batch when dropping the tail."""
+        if self.drop_last and self.generation == 0:
+            return self.total // (self.readers * self.batch) * self.readers * self.batch
+        return self.total
+
+    def chunk(self, j: int) -> tuple[int, int]:
+        return j * self.used // self.readers, (j + 1) * self.used // self.readers
+
+    @property
+    def batches_per_reader(self) -> int:
+        longest = max(b - a for a, b in (self.chunk(j) for j in range(self.readers)))
+        return math.ceil(longest / self.batch)
+
+    def plan(self, j: int, seed: int) -> np.ndarray:
+        """Reader j's positions in the order it delivers them."""
+        a, b = self.chunk(j)
+        positions = _ranges_slice(self.work, a, b)
+        if not self.shuffle or len(positions) == 0:
+            return positions
+        lanes = np.array_split(positions, min(self.lanes, len(positions)))
+        step = np.concatenate([np.arange(len(lane)) for lane in lanes])
+        lane_id = np.concatenate([np.full(len(lane), k) for k, lane in enumerate(lanes)])
+        merged = np.concatenate(lanes)[np.lexsort((lane_id, step))]
+        for w in range(0, len(merged), self.window):
+            rng = np.random.default_rng([seed, self.epoch, self.generation, j, w])
+            merged[w : w + self.window] = rng.permutation(merged[w : w + self.window])
+        return merged
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["work"] = self.work.tolist()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Phase:
+        d = dict(d)
+        d["work"] = np.asarray(d["work"], dtype=np.int64).reshape(-1, 2)
+        return cls(**d)
+
+
+def shard_order(
+    counts: np.ndarray, seed: int, epoch: int, shuffle: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(shard permutation, cumulative sample counts in that order) of one epoch."""
+    perm = (
+        np.random.default_rng([seed, epoch, 7919]).permutation(len(counts))
+        if shuffle
+        else np.arange(len(counts))
+    )
+    return perm, np.cumsum(counts[perm])
+
+
+def locate(
+    positions: np.ndarray, perm: np.ndarray, cum: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Global positions -> (shard index in the manifest, sample index in the shard)."""
+    slot = np.searchsorted(cum, positions, side="right")
+    before = np.where(slot > 0, cum[np.maximum(slot - 1, 0)], 0)
+    return perm[slot], positions - before
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-7: a reader, in a DataLoader worker (or the main process)
+
+
+class _Reader:
+    def __init__(self, cfg: StreamConfig, manifest: Manifest, transform: ImageTransform) -> None:
+        self.cfg, self.manifest, self.transform = cfg, manifest, transform
+        self.shards = manifest.split(cfg.split).shards
+        self.fs, self.root = filesystem(manifest.url, cfg.endpoint_url)
+        self.index: dict[int, np.ndarray] = {}
+        self.retries = 0
+        self.num_classes = len(manifest.classes)
+
+    def _count_retry(self, _: BaseException) -> None:
+        self.retries += 1
+
+    def _offsets(self, shard: int) -> np.ndarray:
+        if shard not in self.index:
+            path = join(self.root, self.shards[shard].index)
+            self.index[shard] = with_retries(
+                f"reading {path}", lambda: read_index(self.fs, path), on_retry=self._count_retry
+            )
+        return self.index[shard]
+
+    def fetch(self, shards: np.ndarray, members: np.ndarray) -> dict[tuple[int, int], tuple]:
+        """(shard, member) pairs -> {(shard, member): (key, sample, reason)}, reading each run
+        of nearby samples in one ranged request."""
+        out: dict[tuple[int, int], tuple] = {}
+        for shard in np.unique(shards):
+            wanted = np.unique(members[shards == shard])
+            name = self.shards[shard].name
+            breaks = np.nonzero(np.diff(wanted) > RUN_GAP)[0]
+            for run in np.split(wanted, breaks + 1):
+                first, last = int(run[0]), int(run[-1])
+                try:
+                    offsets = self._offsets(int(shard))
+                    got = read_samples(
+                        self.fs,
+                        join(self.root, name),
+                        offsets,
+                        first,
+                        last,
+                        on_retry=self._count_retry,
+                    )
+                    for i, key, sample, reason in got:
+                        out[(int(shard), i)] = (key, sample, reason)
+                except Exception as e:  # the shard cannot be read at all
+                    for i in run:
+                        out[(int(shard), int(i))] = (None, None, f"shard unreadable: {e}")
+        return out
+
+    def labels(self, sample: dict[str, bytes]) -> list[int] | None:
+        if "cls" in sample:
+            return [int(sample["cls"].decode().strip())]
+        if "json" in sample:
+            import json
+
+            labels = json.loads(sample["json"]).get("labels")
+            return [int(x) for x in labels] if isinstance(labels, list) else None
+        return None
+
+    def decode(
+        self, key: str, sample: dict[str, bytes], rng: random.Random
+    ) -> tuple[np.ndarray, list[int]]:
+        image = next(
+            (sample[e] for e in ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm") if e in sample),
+            None,
+        )
+        if image is None:
+            raise ValueError(f"no image member (has: {', '.join(sample) or 'nothing'})")
+        labels = self.labels(sample) if self.cfg.labels else []
+        if self.cfg.labels:
+            if not labels:
+                raise ValueError("no label (.cls or .json)")
+            if self.num_classes and not all(0 <= lab < self.num_classes for lab in labels):
+                raise ValueError(f"label {labels} outside the {self.num_classes} classes")
+        return self.transform(image, rng), labels
+
+
+class _ReaderDataset(IterableDataset):
+    """Worker i reads for reader `readers[i]`, starting at batch `starts[i]`."""
+
+    def __init__(
+        self, cfg: StreamConfig, manifest: Manifest, transform: ImageTransform, phase: Phase,
+        readers: list[int], starts: list[int],
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.cfg, self.manifest, self.transform = cfg, manifest, transform
+        self.phase, self.readers, self.starts = phase, readers, starts
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        slot = info.id if info is not None else 0
+        if info is None and len(self.readers) > 1:
+            raise RuntimeError("several readers need DataLoader workers")
+        yield from self._batches(self.readers[slot], self.starts[slot])
+
+    def _batches(self, j: int, start: int) -> Iterator[dict[str, Any]]:
+        cfg, phase = self.cfg, self.phase
+        reader = _Reader(cfg, self.manifest, self.transform)
+        counts = np.array([s.samples for s in reader.shards])
+        perm, cum = shard_order(counts, cfg.seed, phase.epoch, phase.shuffle)
+        plan = phase.plan(j, cfg.seed)
+        names = [s.name for s in reader.shards]
+        fetched: dict[tuple[int, int], tuple] = {}
+        for b in range(start, phase.batches_per_reader):
+            positions = plan[b * phase.batch : (b + 1) * phase.batch]
+            shards, members = locate(positions, perm, cum)
+            if any((int(s), int(m)) not in fetched for s, m in zip(shards, members, strict=True)):
+                # Fetch the rest of this window in one go: a window's samples are read together.
+                w_end = min(len(plan), (b * phase.batch // phase.window + 1) * phase.window)
+                w_end = max(w_end, (b + 1) * phase.batch)
+                ahead = plan[b * phase.batch : w_end]
+                fetched = reader.fetch(*locate(ahead, perm, cum))
+            xs, labels, keys, errors = [], [], [], []
+            for g, s, m in zip(positions, shards, members, strict=True):
+                key, sample, reason = fetched.pop((int(s), int(m)))
+                if sample is not None:
+                    rng = random.Random(((cfg.seed * 1_000_003 + phase.epoch) << 40) + int(g))
+                    try:
+                        x, lab = reader.decode(key, sample, rng)
+                        xs.append(x)
+                        labels.append(lab)
+                        keys.append(key)
+                        continue
+                    except Exception as e:
+                        reason = f"undecodable: {e}"
+                errors.append(
+                    {"key": key or f"{names[s]}#{m}", "shard": names[s], "reason": reason}
+                )
+            yield self._collate(xs, labels, keys) | {
+                "_reader": j, "_batch": b, "_errors": errors, "_retries": reader.retries,
+            }  # fmt: skip
+            reader.retries = 0
+
+    def _collate(
+        self, xs: list[np.ndarray], labels: list[list[int]], keys: list[str]
+    ) -> dict[str, Any]:
+        cfg = self.cfg
+        tokens = cfg.palette is not None
+        if xs:
+            data = torch.from_numpy(np.stack(xs))
+        else:
+            side = self.transform.size
+            shape = (0, side * side) if tokens else (0, self.transform.channels, side, side)
+            data = torch.zeros(shape, dtype=torch.int64 if tokens else torch.float32)
+        batch: dict[str, Any] = {"tokens" if tokens else "image": data, "key": keys}
+        if cfg.labels:
+            if self.manifest.multi_label:
+                hot = torch.zeros(len(labels), len(self.manifest.classes))
+                for i, lab in enumerate(labels):
+                    hot[i, lab] = 1.0
+                batch["label"] = hot
+            else:
+                batch["label"] = torch.tensor([lab[0] for lab in labels], dtype=torch.int64)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The stream and its cursor
+
+
+def dataset_fingerprint(manifest: Manifest, split: str) -> str:
+    h = hashlib.sha256()
+    for s in manifest.split(split).shards:
+        h.update(f"{s.name}:{s.samples};".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class _Cursor:
+    phase: Phase
+    consumed: dict[int, int] = field(default_factory=dict)  # reader -> batches delivered
+    quarantine: list[dict[str, str]] = field(default_factory=list)
+    seen: int = 0  # positions delivered this epoch (good + quarantined), for the error budget
+    errors: int = 0
+    retries: int = 0
+
+
+class Stream:
+    """Batches for one rank. Iterating goes on epoch after epoch; `state_dict()` at any point
+    (between batches) is a cursor that `load_state_dict` restores exactly.
+
+    rank/world default to torch.distributed's when it is initialised, else 0/1.
+    """
+
+    def __init__(
+        self, cfg: StreamConfig, rank: int | None = None, world: int | None = None
+    ) -> None:
+        if rank is None or world is None:
+            dist = torch.distributed
+            ready = dist.is_available() and dist.is_initialized()
+            rank, world = (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in a world of {world}")
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.manifest = load_manifest(cfg.url, cfg.endpoint_url)
+        self.split = self.manifest.split(cfg.split)
+        self.warnings = check_shards(self.manifest, cfg.split, cfg.endpoint_url)
+        if self.split.samples == 0:
+            raise DatasetError(f"{cfg.url}: split {cfg.split!r} has no samples")
+        channels = cfg.channels or self.manifest.channels
+        size = cfg.image_size or (self.manifest.image_size[0] if self.manifest.image_size else 0)
+        if not size:
+            raise DatasetError(f"{cfg.url}: images vary in size; set an image_size for the stream")
+        if cfg.palette is not None and cfg.palette.channels != channels:
+            raise DatasetError(
+                f"the palette has {cfg.palette.channels} channels but the stream makes {channels}-channel images"
+            )
+        self.transform = ImageTransform(
+            size, channels, cfg.train and cfg.augment, cfg.crop_scale, palette=cfg.palette
+        )
+        self.fingerprint = dataset_fingerprint(self.manifest, cfg.split)
+        self.cursor = _Cursor(self._epoch_phase(0))
+
+    @property
+    def workers_per_rank(self) -> int:
+        return max(1, self.cfg.workers)
+
+    @property
+    def readers(self) -> int:
+        return self.world * self.workers_per_rank
+
+    def _epoch_phase(self, epoch: int) -> Phase:
+        n = self.split.samples
+        return Phase(
+            epoch, self.readers, self.cfg.batch_size, np.array([[0, n]], dtype=np.int64),
+            drop_last=self.cfg.train, shuffle=self.cfg.train,
+            lanes=self.cfg.shuffle_shards, window=self.cfg.shuffle_buffer,
+        )  # fmt: skip
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches this rank yields in a whole epoch (the same on every rank)."""
+        return self._epoch_phase(0).batches_per_reader * self.workers_per_rank
+
+    @property
+    def epoch(self) -> int:
+        return self.cursor.phase.epoch
+
+    # -- iteration -------------------------------------------------------------------------
+
+    def _local_readers(self) -> list[int]:
+        w = self.workers_per_rank
+        return [self.rank * w + k for k in range(w)]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield from self._run_phase()
+            self._check_budget(final=True)
+            c = self.cursor
+            self.cursor = _Cursor(
+                self._epoch_phase(c.phase.epoch + 1), quarantine=c.quarantine, retries=c.retries
+            )
+
+    def iter_epoch(self) -> Iterator[dict[str, Any]]:
+        """The rest of the current epoch only (e.g. one pass for feature extraction)."""
+        yield from self._run_phase()
+        self._check_budget(final=True)
+
+    def _run_phase(self) -> Iterator[dict[str, Any]]:
+        c = self.cursor
+        local = self._local_readers()
+        done = [c.consumed.get(j, 0) for j in local]
+        # Resume the round-robin where it stopped: the DataLoader always starts at worker 0, so
+        # worker i takes the reader that was due i-th.
+        offset = sum(done) % len(local)
+        order = [(k + offset) % len(local) for k in range(len(local))]
+        readers = [local[k] for k in order]
+        starts = [done[k] for k in order]
+        if all(s >= c.phase.batches_per_reader for s in starts):
+            return
+        dataset = _ReaderDataset(self.cfg, self.manifest, self.transform, c.phase, readers, starts)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers)
+        for batch in loader:
+            c.consumed[batch.pop("_reader")] = batch.pop("_batch") + 1
+            errors = batch.pop("_errors")
+            c.retries += batch.pop("_retries")
+            for e in errors:
+                c.quarantine.append({**e, "epoch": c.phase.epoch})
+            c.errors += len(errors)
+            c.seen += len(batch["key"]) + len(errors)
+            self._check_budget()
+            yield batch
+
+    def _check_budget(self, final: bool = False) -> None:
+        c, rate = self.cursor, self.cfg.max_error_rate
+        enough = c.seen >= max(100, math.ceil(10 / rate)) if rate > 0 else True
+        if c.errors and (enough or final) and c.errors > rate * c.seen:
+            worst = Counter(
+                e["shard"] for e in c.quarantine if e["epoch"] == c.phase.epoch
+            ).most_common(5)
+            latest = c.quarantine[-1]
+            raise DataError(
+                f"{self.cfg.url} ({self.cfg.split}): {c.errors} of {c.seen} samples unreadable this "
+                f"epoch ({100 * c.errors / c.seen:.1f}%), over the {100 * rate:g}% budget; worst "
+                f"shards: {', '.join(f'{s} ({n})' for s, n in worst)}; latest: {latest['key']}: "
+                f"{latest['reason']}"
+            )
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's cursor (JSON-serialisable). Merge all ranks' with `merge_states`."""
+        c = self.cursor
+        return {
+            "format": STATE_FORMAT,
+            "dataset": self.fingerprint,
+            "seed": self.cfg.seed,
+            "phase": c.phase.to_dict(),
+            "consumed": {str(j): n for j, n in c.consumed.items()},
+            "quarantine": list(c.quarantine),
+            "seen": c.seen,
+            "errors": c.errors,
+            "retries": c.retries,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a cursor: exactly where each reader stopped if the layout (ranks x
+        workers, batch size, shuffle settings) is the same, else the undelivered positions of
+        the epoch dealt out afresh to this layout's readers."""
+        if state.get("format") != STATE_FORMAT:
+            raise DataError(f"not a stream cursor (format {state.get('format')!r})")
+        if state["dataset"] != self.fingerprint or state["seed"] != self.cfg.seed:
+            raise DataError(
+                f"the cursor is for another dataset or seed (dataset {state['dataset']}, seed "
+                f"{state['seed']}); this stream reads {self.fingerprint} with seed {self.cfg.seed}"
+            )
+        phase = Phase.from_dict(state["phase"])
+        consumed = {int(j): n for j, n in state["consumed"].items()}
+        keep = {k: state[k] for k in ("quarantine", "seen", "errors", "retries")}
+        same = (
+            phase.readers == self.readers
+            and phase.batch == self.cfg.batch_size
+            and (phase.lanes, phase.window) == (self.cfg.shuffle_shards, self.cfg.shuffle_buffer)
+        )
+        if all(consumed.get(j, 0) >= phase.batches_per_reader for j in range(phase.readers)):
+            self.cursor = _Cursor(
+                self._epoch_phase(phase.epoch + 1),
+                quarantine=keep["quarantine"],
+                retries=keep["retries"],
+            )
+        elif same:
+            self.cursor = _Cursor(phase, consumed, **keep)
+        else:
+            left = [
+                phase.plan(j, self.cfg.seed)[consumed.get(j, 0) * phase.batch :]
+                for j in range(phase.readers)
+            ]
+            rest = np.sort(np.concatenate(left))
+            self.cursor = _Cursor(
+                Phase(
+                    phase.epoch,
+                    self.readers,
+                    self.cfg.batch_size,
+                    _compress(rest),
+                    generation=phase.generation + 1,
+                    drop_last=False,
+                    shuffle=phase.shuffle,
+                    lanes=self.cfg.shuffle_shards,
+                    window=self.cfg.shuffle_buffer,
+                ),
+                **keep,
+            )
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cursor from every rank's `state_dict()` (e.g. gathered with all_gather_object)."""
+    first = states[0]
+    for s in states[1:]:
+        if s["phase"] != first["phase"] or s["dataset"] != first["dataset"]:
+            raise DataError(
+                "ranks disagree on the stream's phase; were they started from one cursor?"
+            )
+    merged = dict(first)
+    merged["consumed"] = {j: n for s in states for j, n in s["consumed"].items()}
+    merged["quarantine"] = [e for s in states for e in s["quarantine"]]
+    for k in ("seen", "errors", "retries"):
+        merged[k] = sum(s[k] for s in states)
+    return merged

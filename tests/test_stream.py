@@ -1,0 +1,288 @@
+"""The stream: one global order, every rank in step, exactly-once resume, bad input, faults."""
+
+import random
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.palette import Palette
+from pipeline.data.shards import DatasetError, load_manifest, write_tar
+from pipeline.data.stream import DataError, Phase, Stream, StreamConfig, merge_states
+
+
+def cfg(url, **kw):
+    base = {"batch_size": 16, "seed": 3, "shuffle_shards": 3, "shuffle_buffer": 64}
+    return StreamConfig(url, **(base | kw))
+
+
+def epoch_batches(stream):
+    return [list(b["key"]) for b in stream.iter_epoch()]
+
+
+def test_a_whole_eval_epoch_is_every_sample_once_in_stored_order(digits_url):
+    stream = Stream(cfg(digits_url, split="val", train=False))
+    keys = [k for batch in epoch_batches(stream) for k in batch]
+    manifest = load_manifest(digits_url)
+    assert len(keys) == len(set(keys)) == manifest.splits["val"].samples
+
+
+def test_training_epoch_drops_only_the_ragged_tail_and_reshuffles_each_epoch(digits_url):
+    stream = Stream(cfg(digits_url))
+    first, second = [], []
+    for batch in stream:
+        (first if stream.epoch == 0 else second).extend(batch["key"])
+        if len(second) == len(first):
+            break
+    n = load_manifest(digits_url).splits["train"].samples  # 1438
+    assert len(first) == len(set(first)) == n // 16 * 16
+    assert first != second and len(set(first) & set(second)) > 0.95 * len(first)
+
+
+def test_batches_mix_several_shards(digits_url):
+    stream = Stream(cfg(digits_url, train=True, augment=False))
+    manifest = load_manifest(digits_url)
+    shard_of = {}
+    import io
+    import tarfile
+
+    for shard in manifest.splits["train"].shards:
+        data = (Path(digits_url) / shard.name).read_bytes()
+        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+            for name in tf.getnames():
+                shard_of[name.split(".")[0]] = shard.name
+    batch = next(iter(stream.iter_epoch()))
+    assert len({shard_of[k] for k in batch["key"]}) >= 3
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_rank_gets_the_same_number_of_batches(digits_url, world):
+    for train in (True, False):
+        counts = []
+        keys = Counter()
+        for rank in range(world):
+            stream = Stream(cfg(digits_url, train=train), rank, world)
+            batches = epoch_batches(stream)
+            assert len(batches) == stream.batches_per_epoch
+            counts.append(len(batches))
+            keys.update(k for b in batches for k in b)
+        assert len(set(counts)) == 1
+        assert max(keys.values()) == 1  # ranks never share a sample
+        if not train:
+            assert sum(keys.values()) == load_manifest(digits_url).splits["train"].samples
+
+
+def test_the_global_order_does_not_depend_on_the_layout():
+    """Readers are contiguous chunks of one permutation; the set served is the same for any R."""
+    for readers in (1, 2, 5):
+        phase = Phase(0, readers, 4, np.array([[0, 103]]), drop_last=False)
+        served = np.concatenate([phase.plan(j, seed=1) for j in range(readers)])
+        assert sorted(served.tolist()) == list(range(103))
+
+
+def run_with_restarts(config, rng, max_stop=9):
+    """One epoch, killed at random points and restored from the cursor each time."""
+    batches, state = [], None
+    while True:
+        stream = Stream(config)
+        if state is not None:
+            stream.load_state_dict(state)
+            if stream.epoch > 0:  # stopped right after the epoch's last batch
+                return batches
+        stop = rng.randint(1, max_stop)
+        for taken, batch in enumerate(stream.iter_epoch(), 1):
+            batches.append(list(batch["key"]))
+            if taken == stop:
+                break
+        else:
+            return batches
+        state = stream.state_dict()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_at_random_points_matches_the_uninterrupted_epoch(digits_url, workers):
+    config = cfg(digits_url, workers=workers, batch_size=32)
+    uninterrupted = epoch_batches(Stream(config))
+    rng = random.Random(workers)
+    for _ in range(3 if workers else 10):
+        resumed = run_with_restarts(config, rng, max_stop=6 if workers else 9)
+        assert resumed == uninterrupted  # same samples, same batches, same order
+
+
+def lockstep(streams, steps):
+    iters = [iter(s.iter_epoch()) for s in streams]
+    out = []
+    for _ in range(steps):
+        for it in iters:
+            out.extend(next(it)["key"])
+    return out
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_restore_at_another_world_size_loses_and_repeats_nothing(digits_url, new_world, workers):
+    config = cfg(digits_url, workers=workers)
+    full = Counter(k for r in range(2) for b in epoch_batches(Stream(config, r, 2)) for k in b)
+    old = [Stream(config, r, 2) for r in range(2)]
+    before = lockstep(old, steps=7)
+    state = merge_states([s.state_dict() for s in old])
+    after = []
+    for rank in range(new_world):
+        stream = Stream(config, rank, new_world)
+        stream.load_state_dict(state)
+        after.extend(k for b in epoch_batches(stream) for k in b)
+    assert Counter(before) + Counter(after) == full  # none missing, none twice
+
+
+def test_restore_across_the_epoch_boundary_at_another_world_size(digits_url):
+    config = cfg(digits_url)
+    streams = [Stream(config, r, 2) for r in range(2)]
+    per_epoch = streams[0].batches_per_epoch
+    its = [iter(s) for s in streams]
+    for _ in range(per_epoch + 5):  # into epoch 1
+        for it in its:
+            next(it)
+    assert streams[0].epoch == 1
+    state = merge_states([s.state_dict() for s in streams])
+    one = Stream(config)
+    one.load_state_dict(state)
+    rest = [k for b in one.iter_epoch() for k in b["key"]]
+    assert len(rest) == len(set(rest)) == per_epoch * 2 * 16 - 5 * 2 * 16
+
+
+def test_a_cursor_for_another_dataset_is_refused(digits_url):
+    state = Stream(cfg(digits_url)).state_dict()
+    with pytest.raises(DataError, match="another dataset or seed"):
+        Stream(cfg(digits_url, seed=4)).load_state_dict(state)
+
+
+def test_vit_augmentation_and_palette_tokens(digits_url):
+    aug = next(iter(Stream(cfg(digits_url, image_size=16, crop_scale=(0.3, 1.0))).iter_epoch()))
+    assert aug["image"].shape == (16, 1, 16, 16) and aug["image"].dtype == torch.float32
+    assert aug["image"].min() >= -1 and aug["image"].max() <= 1
+    plain = next(iter(Stream(cfg(digits_url, image_size=16, augment=False)).iter_epoch()))
+    assert plain["key"] == aug["key"] and not torch.equal(plain["image"], aug["image"])
+    tok = next(iter(Stream(cfg(digits_url, palette=Palette.grey(8))).iter_epoch()))
+    assert tok["tokens"].shape == (16, 64) and tok["tokens"].dtype == torch.int64
+    with pytest.raises(DatasetError, match="3 channels"):
+        Stream(cfg(digits_url, palette=Palette.uniform()))
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def png_bytes(value):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), value, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def damaged_dataset(tmp_path):
+    """Three shards of 40 samples: shard 0 has 2 corrupt images and 1 sample without a label;
+    shard 2 is truncated after the manifest was written (its last 10 samples are cut)."""
+    from pipeline.data.prepare import index_shards
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    for s in range(3):
+        samples = []
+        for i in range(40):
+            key = f"s{s}-{i:02d}"
+            members = {"png": png_bytes(i), "cls": str(i % 5).encode()}
+            if s == 0 and i in (3, 17):
+                members["png"] = b"\x89PNG\r\n\x1a\n" + b"garbage" * 9
+            if s == 0 and i == 25:
+                del members["cls"]
+            samples.append((key, members))
+        tar, _ = write_tar(samples)
+        (root / f"train-{s}.tar").write_bytes(tar)
+    index_shards(str(root), log=lambda _: None)
+    data = (root / "train-2.tar").read_bytes()
+    offsets = np.fromfile(root / "train-2.idx", dtype="<u8")
+    (root / "train-2.tar").write_bytes(data[: int(offsets[30]) + 100])
+    return str(root)
+
+
+def test_corrupt_unlabelled_and_truncated_samples_are_counted_and_skipped(damaged_dataset):
+    stream = Stream(
+        cfg(damaged_dataset, train=False, batch_size=10, image_size=8, max_error_rate=0.2)
+    )
+    assert any("train-2.tar" in w and "truncated" in w for w in stream.warnings)
+    keys = [k for b in stream.iter_epoch() for k in b["key"]]
+    reasons = {e["key"]: e["reason"] for e in stream.state_dict()["quarantine"]}
+    assert len(keys) == 120 - 13 and not set(keys) & set(reasons)
+    assert "undecodable" in reasons["s0-03"] and "undecodable" in reasons["s0-17"]
+    assert "no label" in reasons["s0-25"]
+    truncated = [k for k, r in reasons.items() if r == "truncated shard"]
+    assert len(truncated) == 10 and all(k.startswith("train-2.tar#") for k in truncated)
+    assert stream.cursor.errors == 13
+
+
+def test_quarantine_travels_in_the_cursor(damaged_dataset):
+    config = cfg(damaged_dataset, train=False, batch_size=10, image_size=8, max_error_rate=0.2)
+    stream = Stream(config)
+    it = iter(stream.iter_epoch())
+    for _ in range(5):
+        next(it)
+    state = stream.state_dict()
+    restored = Stream(config)
+    restored.load_state_dict(state)
+    list(restored.iter_epoch())
+    assert len(restored.state_dict()["quarantine"]) == 13
+
+
+def test_error_budget_stops_the_run_naming_the_worst_shards(damaged_dataset):
+    stream = Stream(
+        cfg(damaged_dataset, train=False, batch_size=10, image_size=8, max_error_rate=0.01)
+    )
+    with pytest.raises(
+        DataError,
+        match=r"over the 1% budget; worst shards: train-2\.tar \(10\), train-0\.tar \(3\)",
+    ):
+        list(stream.iter_epoch())
+
+
+def test_missing_shard_and_missing_dataset_fail_before_any_work(digits_url, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_url, copy)
+    (copy / "train-000003.tar").unlink()
+    with pytest.raises(DatasetError, match=r"does not match its shards: missing train-000003\.tar"):
+        Stream(cfg(str(copy)))
+    with pytest.raises(DatasetError, match=r"no dataset\.json: the folder does not exist"):
+        Stream(cfg(str(tmp_path / "nothing")))
+    with pytest.raises(DatasetError, match="no split 'test'; the dataset has train, val"):
+        Stream(cfg(digits_url, split="test"))
+
+
+# -- object storage ----------------------------------------------------------------------------
+
+
+def test_storage_faults_between_client_and_server_lose_nothing(s3_bucket, s3_endpoint):
+    from faults import FaultProxy
+
+    from pipeline.data.prepare import PrepareOptions, prepare
+    from pipeline.data.sources import open_source
+
+    url = f"{s3_bucket}/digits"
+    prepare(
+        open_source("digits"),
+        url,
+        PrepareOptions(samples_per_shard=150, executor="local", progress=False),
+    )
+    # Fewer, larger reads: every injected fault costs a backoff sleep in botocore or s3fs.
+    config = cfg(url, train=False, shuffle_buffer=256)
+    clean = [k for b in Stream(config).iter_epoch() for k in b["key"]]
+    with FaultProxy(s3_endpoint, every=5) as proxy:
+        stream = Stream(cfg(url, train=False, shuffle_buffer=256, endpoint_url=proxy.url))
+        keys = [k for b in stream.iter_epoch() for k in b["key"]]
+    assert keys == clean and len(set(keys)) == 1797
+    assert stream.cursor.errors == 0
+    assert proxy.slow_downs >= 3 and proxy.drops >= 3
