@@ -35,17 +35,20 @@ class DataConfig:
     )
     train_split: str = "train"
     val_split: str = "val"
+    endpoint_url: str = ""  # S3 endpoint; empty: AWS_ENDPOINT_URL or the cloud default
     workers: int = 2  # DataLoader worker processes per rank
-    shuffle_buffer: int = 1000  # samples held for shuffling within the seeded shard order
+    shuffle_shards: int = 4  # shards each reader reads side by side, interleaved
+    shuffle_buffer: int = 1024  # samples per shuffled window (held in memory per reader)
     augment: Literal["vit", "none"] = "vit"  # random resized crop + flip, or resize only
     crop_scale: tuple[float, float] = (0.08, 1.0)  # area fraction range of the random crop
-    palette: str = "kmeans"  # ImageGPT tokens: kmeans (fitted at prepare), uniform, grey, or a URL
-    palette_size: int = 512  # colours (kmeans, grey) ; uniform uses 2**(3*channels)
+    palette: str = "kmeans"  # ImageGPT tokens: kmeans (fitted by prepare), uniform, grey, or a URL
+    palette_size: int = 512  # colours of the grey palette; kmeans and URL palettes bring their own
     max_error_rate: float = 0.01  # stop when more than this fraction of samples is unreadable
 
     def __post_init__(self) -> None:
         require(self.workers >= 0, "workers", self.workers, "must be >= 0")
         require(self.shuffle_buffer >= 1, "shuffle_buffer", self.shuffle_buffer, "must be >= 1")
+        require(self.shuffle_shards >= 1, "shuffle_shards", self.shuffle_shards, "must be >= 1")
         lo, hi = self.crop_scale
         require(
             0 < lo <= hi <= 1, "crop_scale", self.crop_scale, "must satisfy 0 < min <= max <= 1"

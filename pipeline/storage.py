@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 # Reads are split into chunks this large, so a dropped connection costs at most one chunk.
 READ_CHUNK = 8 << 20
+# First wait after a transient error; doubles per retry, capped at 5 s.
+BACKOFF = 0.05
 # Errors that say the object is not there or not ours; retrying cannot help.
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
@@ -50,7 +52,7 @@ def with_retries(
     what: str,
     fn: Callable[[], Any],
     retries: int = 6,
-    backoff: float = 0.05,
+    backoff: float | None = None,
     on_retry: Callable[[BaseException], None] | None = None,
 ) -> Any:
     """Call fn, retrying transient storage errors (HTTP 503 SlowDown, connection resets,
@@ -65,7 +67,7 @@ def with_retries(
                 raise OSError(f"{what}: still failing after {retries} retries: {e!r}") from e
             if on_retry is not None:
                 on_retry(e)
-            delay = min(backoff * 2**attempt, 5.0)
+            delay = min((BACKOFF if backoff is None else backoff) * 2**attempt, 5.0)
             log.debug("%s: %r; retrying in %.2fs", what, e, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")

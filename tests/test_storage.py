@@ -24,6 +24,7 @@ class FlakyFS:
 
 def test_read_range_retries_each_chunk_and_continues_where_it_stopped(monkeypatch):
     monkeypatch.setattr("pipeline.storage.READ_CHUNK", 100)
+    monkeypatch.setattr("pipeline.storage.BACKOFF", 0.0001)
     fs = FlakyFS(bytes(range(256)) * 4, fails=2)
     retries = []
     assert read_range(fs, "x", 10, 1000, on_retry=retries.append) == fs.data[10:1000]

@@ -161,8 +161,7 @@ def test_a_cursor_for_another_dataset_is_refused(digits_url):
 
 def test_vit_augmentation_and_palette_tokens(digits_url):
     aug = next(iter(Stream(cfg(digits_url, image_size=16, crop_scale=(0.3, 1.0))).iter_epoch()))
-    assert aug["image"].shape == (16, 1, 16, 16) and aug["image"].dtype == torch.float32
-    assert aug["image"].min() >= -1 and aug["image"].max() <= 1
+    assert aug["image"].shape == (16, 1, 16, 16) and aug["image"].dtype == torch.uint8
     plain = next(iter(Stream(cfg(digits_url, image_size=16, augment=False)).iter_epoch()))
     assert plain["key"] == aug["key"] and not torch.equal(plain["image"], aug["image"])
     tok = next(iter(Stream(cfg(digits_url, palette=Palette.grey(8))).iter_epoch()))
@@ -286,3 +285,30 @@ def test_storage_faults_between_client_and_server_lose_nothing(s3_bucket, s3_end
     assert keys == clean and len(set(keys)) == 1797
     assert stream.cursor.errors == 0
     assert proxy.slow_downs >= 3 and proxy.drops >= 3
+
+
+def test_run_config_builds_the_stream_it_describes(digits_url, tmp_path):
+    from pipeline.config import parse_config
+    from pipeline.data.stream import stream_config
+
+    vit = parse_config(
+        {
+            "model": {"name": "vit-micro-p4", "image_size": 16, "channels": 1},
+            "data": {"url": digits_url, "workers": 0},
+        }
+    )
+    batch = next(iter(Stream(stream_config(vit, "train", 8, train=True)).iter_epoch()))
+    assert batch["image"].shape == (8, 1, 16, 16) and batch["label"].shape == (8,)
+
+    raw = {
+        "model": {"name": "igpt-micro", "image_size": 8, "vocab_size": 16},
+        "data": {"url": digits_url, "palette": "grey", "palette_size": 16, "workers": 0},
+        "train": {"objective": "igpt-ar"},
+    }
+    igpt = parse_config(raw)
+    batch = next(iter(Stream(stream_config(igpt, "val", 4, train=False)).iter_epoch()))
+    assert batch["tokens"].shape == (4, 64) and "label" not in batch
+    with pytest.raises(DatasetError, match=r"has 8 colours but model\.vocab_size is 16"):
+        stream_config(parse_config(raw, overrides=["data.palette_size=8"]), "val", 4, False)
+    with pytest.raises(DatasetError, match="has no fitted palette"):
+        stream_config(parse_config(raw, overrides=["data.palette=kmeans"]), "val", 4, False)

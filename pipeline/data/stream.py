@@ -14,7 +14,8 @@ What happens to a sample, top to bottom:
                 samples come in one ranged read through fsspec, retried on transient errors.
   5. decode     PIL decode, labels from .cls / .json; unreadable samples are quarantined
                 (counted, key and reason recorded), never retried, never slept on.
-  6. transform  ViT augmentation (random resized crop, flip, [-1, 1]) or palette tokens.
+  6. transform  ViT augmentation (random resized crop, flip) to uint8 pixels, or palette tokens;
+                `model_input` turns pixels into floats in [-1, 1] on the accelerator.
   7. batch      Every `batch` consecutive positions of a reader make one batch, minus the
                 quarantined ones; every rank yields the same number of batches per epoch.
 
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.config import RunConfig
 from pipeline.data.palette import Palette
 from pipeline.data.shards import (
     DatasetError,
@@ -77,6 +79,46 @@ class StreamConfig:
     workers: int = 0  # DataLoader worker processes per rank
     max_error_rate: float = 0.01
     endpoint_url: str = ""
+
+
+def resolve_palette(spec: str, size: int, manifest: Manifest, channels: int) -> Palette:
+    """A data.palette setting -> Palette: "kmeans" (fitted by prepare), "uniform" (3 bits per
+    channel), "grey" (`size` levels), or the URL of a palette file."""
+    if spec == "kmeans":
+        if not manifest.palette:
+            raise DatasetError(
+                f"{manifest.url}: has no fitted palette; run `tessera prepare ... --palette 512` "
+                "or set data.palette to uniform, grey or a palette URL"
+            )
+        return Palette.load(join(manifest.url, manifest.palette))
+    if spec == "uniform":
+        return Palette.uniform(bits=3, channels=channels)
+    if spec == "grey":
+        return Palette.grey(size)
+    return Palette.load(spec)
+
+
+def stream_config(run: RunConfig, split: str, batch_size: int, train: bool) -> StreamConfig:
+    """The stream a run reads: its data section, the model's image size, channels and (for
+    ImageGPT) palette, labels when the objective needs them."""
+    data, model = run.data, run.model
+    palette, channels = None, getattr(model, "channels", 0)
+    if model.family == "igpt":
+        manifest = load_manifest(data.url, data.endpoint_url)
+        channels = manifest.channels
+        palette = resolve_palette(data.palette, data.palette_size, manifest, channels)
+        if palette.size != model.vocab_size:
+            raise DatasetError(
+                f"data.palette {data.palette!r} has {palette.size} colours but model.vocab_size is "
+                f"{model.vocab_size}; they must agree"
+            )
+    return StreamConfig(
+        data.url, split, batch_size, train, run.train.seed, model.image_size, channels,
+        augment=data.augment == "vit", crop_scale=data.crop_scale, palette=palette,
+        labels=not run.train.objective.startswith("igpt"), shuffle_shards=data.shuffle_shards,
+        shuffle_buffer=data.shuffle_buffer, workers=data.workers,
+        max_error_rate=data.max_error_rate, endpoint_url=data.endpoint_url,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +382,7 @@ class _ReaderDataset(IterableDataset):
         else:
             side = self.transform.size
             shape = (0, side * side) if tokens else (0, self.transform.channels, side, side)
-            data = torch.zeros(shape, dtype=torch.int64 if tokens else torch.float32)
+            data = torch.zeros(shape, dtype=torch.int64 if tokens else torch.uint8)
         batch: dict[str, Any] = {"tokens" if tokens else "image": data, "key": keys}
         if cfg.labels:
             if self.manifest.multi_label:

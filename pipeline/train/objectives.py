@@ -2,7 +2,8 @@
 
 Each objective takes the model and a batch dict and returns (loss, metrics): `loss` is the scalar
 to minimise, `metrics` holds detached scalars for logging. Batches:
-  supervised, supervised-sigmoid: {"image": (B, C, H, W) float, "label": (B,) int64 or (B, K) multi-hot}
+  supervised, supervised-sigmoid: {"image": (B, C, H, W) uint8 (or float in [-1, 1]),
+                                   "label": (B,) int64 or (B, K) multi-hot}
   igpt-ar, igpt-bert:             {"tokens": (B, T) int64 palette ids}
 """
 
@@ -14,6 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.data.transforms import model_input
 
 LN2 = math.log(2.0)
 
@@ -28,7 +31,7 @@ def _multi_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def supervised(model: nn.Module, batch: dict, **_: object) -> tuple[torch.Tensor, Metrics]:
     """Softmax cross-entropy; multi-hot labels become a uniform target over their classes."""
-    logits = model(batch["image"]).float()
+    logits = model(model_input(batch["image"])).float()
     labels = batch["label"]
     if labels.ndim == 2:
         target = labels.float() / labels.float().sum(1, keepdim=True).clamp_min(1)
@@ -43,7 +46,7 @@ def supervised(model: nn.Module, batch: dict, **_: object) -> tuple[torch.Tensor
 def supervised_sigmoid(model: nn.Module, batch: dict, **_: object) -> tuple[torch.Tensor, Metrics]:
     """JFT-style multi-label: per-class sigmoid cross-entropy, summed over classes, mean over
     the batch (big_vision's sigmoid_xent). Pair with a negative head-bias initialisation."""
-    logits = model(batch["image"]).float()
+    logits = model(model_input(batch["image"])).float()
     target = _multi_hot(batch["label"], logits.shape[-1])
     loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1).mean()
     top1 = target.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
