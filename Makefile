@@ -5,10 +5,17 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch, installed first on machines without an NVIDIA GPU so that nothing
 # pulls a multi-GB CUDA build. Elsewhere: TORCH_CPU="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH_CPU ?= torch==2.13.0
+# Real images for the tests and the quickstart: Debian's Fashion-MNIST (IDX files).
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test lint format clean
+.PHONY: install system-deps test lint format clean
 
-install: $(VENV)/.installed
+install: system-deps $(VENV)/.installed
+
+system-deps:
+	@test -d $(FASHION_MNIST) || $(SUDO) apt-get install -y dataset-fashion-mnist \
+		|| { $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; }
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

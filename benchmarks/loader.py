@@ -1,0 +1,191 @@
+"""Loader throughput: the full stream against a bare decode loop over the same images, one run.
+
+    .venv/bin/python benchmarks/loader.py [--images 2000] [--seconds 6]
+
+Data: Fashion-MNIST images (Debian's dataset-fashion-mnist) made into ViT pretraining inputs:
+upscaled to 500x375 colour JPEGs (quality 90; ImageNet's typical size, JFT's is similar),
+prepared into shards with `tessera prepare`. Two smaller sets show where per-sample work, not
+decoding, dominates: 256x256 JPEGs, and the images as they are (28x28 grey PNG).
+
+Measured, each as samples/s, rates side by side (torch and each worker on one thread):
+  decode        a bare loop: PIL decode of the same image bytes from memory, one process
+  stream w=0    the whole stream in this process (read shards, parse tar, decode, random
+                resized crop to 224, flip, normalise, batch): the rate of one worker
+  stream w=1/2  the same with 1 and 2 DataLoader worker processes
+  stream s3     the stream (2 workers) reading the same shards from an S3 server on loopback
+Targets (issue 3): stream w=0 >= 0.9 x decode; 2 workers >= 1.7 x 1 worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.data.prepare import PrepareOptions, prepare
+from pipeline.data.sources import open_source
+from pipeline.data.stream import Stream, StreamConfig
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+torch.set_num_threads(1)  # the bare decode loop is one thread; so is each measured stream
+
+
+def make_folder(root: Path, n: int, size: tuple[int, int], fmt: str) -> list[bytes]:
+    """n Fashion-MNIST images (width, height) as files in class folders; returns their bytes."""
+    src = open_source(FASHION_MNIST)
+    rng = np.random.default_rng(0)
+    encoded = []
+    for i in range(n):
+        grey = src.arrays["train"][i]
+        label = src.splits["train"][i].labels[0]
+        if size != grey.shape[::-1]:
+            tint = rng.uniform(0.5, 1.0, 3)
+            im = Image.fromarray((grey[..., None] * tint).astype(np.uint8)).resize(
+                size, Image.BICUBIC
+            )
+        else:
+            im = Image.fromarray(grey)
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        folder = root / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:06d}.{fmt.lower().replace('jpeg', 'jpg')}").write_bytes(buf.getvalue())
+        encoded.append(buf.getvalue())
+    return encoded
+
+
+def rate_decode(blobs: list[bytes], seconds: float, mode: str) -> float:
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for blob in blobs:
+            with Image.open(io.BytesIO(blob)) as im:
+                np.asarray(im.convert(mode))
+            n += 1
+    return n / (time.perf_counter() - start)
+
+
+def rate_stream(cfg: StreamConfig, seconds: float) -> float:
+    stream = Stream(cfg)
+    it = iter(stream)
+    next(it)  # start-up (worker processes) is not throughput
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        n += len(next(it)["key"])
+    return n / (time.perf_counter() - start)
+
+
+def start_s3() -> tuple[subprocess.Popen, str]:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    moto = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except urllib.error.HTTPError:
+            break
+        except OSError:
+            time.sleep(0.1)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1"
+    )
+    return proc, url
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=6.0, help="per measurement")
+    args = parser.parse_args()
+    opts = PrepareOptions(samples_per_shard=250, executor="local", progress=False)
+    rows, figures = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        jpegs = make_folder(root / "jpeg", args.images, (500, 375), "JPEG")
+        small_jpegs = make_folder(root / "jpeg256", args.images, (256, 256), "JPEG")
+        pngs = make_folder(root / "png", args.images, (28, 28), "PNG")
+        for name in ("jpeg", "jpeg256", "png"):
+            prepare(open_source(str(root / name)), str(root / f"ds-{name}"), opts)
+
+        vit = dict(batch_size=64, image_size=224, channels=3, crop_scale=(0.08, 1.0))
+        decode = rate_decode(jpegs, args.seconds, "RGB")
+        w0 = rate_stream(StreamConfig(str(root / "ds-jpeg"), workers=0, **vit), args.seconds)
+        w1 = rate_stream(StreamConfig(str(root / "ds-jpeg"), workers=1, **vit), args.seconds)
+        w2 = rate_stream(StreamConfig(str(root / "ds-jpeg"), workers=2, **vit), args.seconds)
+        decode_256 = rate_decode(small_jpegs, args.seconds, "RGB")
+        w0_256 = rate_stream(StreamConfig(str(root / "ds-jpeg256"), workers=0, **vit), args.seconds)
+        small = dict(batch_size=256, image_size=28, channels=1)
+        decode_png = rate_decode(pngs, args.seconds, "L")
+        png_w0 = rate_stream(StreamConfig(str(root / "ds-png"), workers=0, **small), args.seconds)
+
+        proc, endpoint = start_s3()
+        try:
+            import fsspec
+
+            fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint}).mkdir("bench")
+            prepare(
+                open_source(str(root / "jpeg")),
+                "s3://bench/ds",
+                PrepareOptions(**{**opts.__dict__, "endpoint_url": endpoint}),
+            )
+            s3 = rate_stream(
+                StreamConfig("s3://bench/ds", workers=2, endpoint_url=endpoint, **vit), args.seconds
+            )
+        finally:
+            proc.terminate()
+
+    rows = [
+        ("decode JPEG 500x375 (bare loop)", decode, 1.0),
+        ("stream, in process (1 worker's rate)", w0, w0 / decode),
+        ("stream, 1 worker process", w1, w1 / decode),
+        ("stream, 2 worker processes", w2, w2 / decode),
+        ("stream, 2 workers, S3 on loopback", s3, s3 / decode),
+        ("decode JPEG 256x256 (bare loop)", decode_256, 1.0),
+        ("stream 256x256, in process", w0_256, w0_256 / decode_256),
+        ("decode PNG 28x28 (bare loop)", decode_png, 1.0),
+        ("stream 28px, in process", png_w0, png_w0 / decode_png),
+    ]
+    print(
+        f"{'loader (samples/s; ViT: crop, resize 224, flip, batch)':<54} {'rate':>9} {'vs decode':>10}"
+    )
+    for name, rate, ratio in rows:
+        print(f"{name:<54} {rate:>9.0f} {ratio:>9.2f}x")
+    print(f"2 workers vs 1 worker: {w2 / w1:.2f}x   (cores: {os.cpu_count()})")
+    figures = {
+        "stream_vs_decode_ratio": round(w0 / decode, 3),
+        "two_vs_one_worker_ratio": round(w2 / w1, 3),
+        "s3_vs_local_ratio": round(s3 / w2, 3),
+        "jpeg256_stream_vs_decode_ratio": round(w0_256 / decode_256, 3),
+        "small_png_stream_vs_decode_ratio": round(png_w0 / decode_png, 3),
+        "decode_samples_per_s": round(decode, 1),
+        "stream_samples_per_s": round(w0, 1),
+        "stream_2_workers_samples_per_s": round(w2, 1),
+        "stream_s3_2_workers_samples_per_s": round(s3, 1),
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
