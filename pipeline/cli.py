@@ -89,6 +89,19 @@ def cmd_index(args: argparse.Namespace) -> None:
     print(f"{args.url}: {args.split}: {split.samples:,} samples in {len(split.shards)} shards")
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from pipeline.train.trainer import Trainer
+
+    run = load_config(args.config, args.overrides)
+    trainer = Trainer(run, resume=args.resume or run.checkpoint.resume)
+    try:
+        trainer.train()
+    except BaseException:
+        trainer.close(clean=False)
+        raise
+    trainer.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", default="", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.set_defaults(func=cmd_prepare)
 
+    p = sub.add_parser("pretrain", help="train a model (any launcher: none, deepspeed, torchrun)")
+    _add_config_args(p)
+    p.add_argument(
+        "--resume", default="", help="auto (newest complete checkpoint), never, or a path"
+    )
+    p.set_defaults(func=cmd_pretrain)
+
     p = sub.add_parser("index", help="make a manifest for WebDataset tars written by another tool")
     p.add_argument("url", help="folder of .tar shards")
     p.add_argument("--split", default="train")
@@ -145,6 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DatasetError, SourceError) as e:
         print(f"tessera: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from pipeline.data.stream import DataError
+        from pipeline.train.trainer import NonFiniteError
+
+        if not isinstance(e, (DataError, NonFiniteError)):
+            raise
+        print(f"tessera: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -98,8 +98,11 @@ class VisionTransformer(Backbone):
 
     def _init_weights(self) -> None:
         init_weights(self)
+        # LeCun normal on the patch projection, as big_vision's ViT: std 1/sqrt(P*P*C), so patch
+        # tokens start at unit scale (0.02 made them ~10x weaker and slowed early learning).
         w = self.patch_embed.weight
-        nn.init.trunc_normal_(w.view(w.shape[0], -1), std=0.02)  # as a linear map of the patch
+        fan_in = w[0].numel()
+        nn.init.trunc_normal_(w, std=fan_in**-0.5, a=-2 * fan_in**-0.5, b=2 * fan_in**-0.5)
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)

@@ -1,0 +1,127 @@
+"""Sharded checkpoints that are complete or ignored.
+
+  checkpoints/step-0000500/     DeepSpeed's ZeRO shards (every rank writes its own)
+                                rng-rank00000.json ... each rank's RNG states
+                                trainer.json           step, stream cursor of all ranks, config
+                                COMPLETE               written last, once every rank has written
+  checkpoints/latest            the newest complete tag, replaced atomically after COMPLETE
+
+Resuming reads `latest` and checks its COMPLETE marker; if either is missing or stale it takes
+the newest directory that has one. A directory without COMPLETE (a kill while writing) is never
+loaded, and is removed once a newer checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+STATE = "trainer.json"
+
+
+def tag(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as plain JSON data (nothing to unpickle on load)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step-*") if is_complete(p)), key=lambda p: p.name)
+
+
+def find_latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under root, or None."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if is_complete(named):
+            newer = [p for p in complete_checkpoints(root) if p.name > named.name]
+            return newer[-1] if newer else named
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def save(engine, root: Path, step: int, state: dict[str, Any], rank: int, keep_last: int) -> Path:
+    """Every rank calls this; returns the checkpoint directory once it is complete."""
+    import torch.distributed as dist
+
+    name = tag(step)
+    path = root / name
+    engine.save_checkpoint(str(root), tag=name, save_latest=False)
+    _write_atomic(path / f"rng-rank{rank:05d}.json", json.dumps(rng_state()))
+    dist.barrier()
+    if rank == 0:
+        _write_atomic(path / STATE, json.dumps(state))
+        _write_atomic(path / COMPLETE, json.dumps({"step": step, "time": time.time()}))
+        _write_atomic(root / LATEST, name)
+        _prune(root, keep_last)
+    dist.barrier()
+    return path
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = complete_checkpoints(root)
+    newest = complete[-1].name
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for half in root.glob("step-*"):  # half-written by a killed run, superseded now
+        if not is_complete(half) and half.name < newest:
+            shutil.rmtree(half, ignore_errors=True)
+
+
+def load(engine, path: Path, rank: int) -> dict[str, Any]:
+    """Load a complete checkpoint into the engine; returns the trainer state."""
+    if not is_complete(path):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load {path}")
+    rng = path / f"rng-rank{rank:05d}.json"
+    if rng.is_file():  # absent when resuming on more ranks than wrote the checkpoint
+        set_rng_state(json.loads(rng.read_text()))
+    return json.loads((path / STATE).read_text())

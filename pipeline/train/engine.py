@@ -1,0 +1,125 @@
+"""The DeepSpeed engine, built from the typed config. The only module that imports deepspeed.
+
+Rank and world size come from the environment (the deepspeed launcher, torchrun, Ray Train, or
+nothing: a single process); the trainer never knows who launched it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError
+from pipeline.train.optim import lr_schedule, param_groups
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size). Starts a one-process group when no launcher set one up."""
+    import deepspeed
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def batch_layout(run: RunConfig, world: int) -> tuple[int, int]:
+    """(micro batch per rank, gradient accumulation steps) for the global batch."""
+    global_batch, micro = run.train.global_batch_size, run.deepspeed.micro_batch_size
+    micro = micro or global_batch // world
+    if micro == 0 or global_batch % (micro * world):
+        raise ConfigError(
+            f"train.global_batch_size={global_batch} is not a multiple of micro batch {micro} x "
+            f"{world} ranks; set deepspeed.micro_batch_size to a divisor of {global_batch // world}"
+        )
+    return micro, global_batch // (micro * world)
+
+
+def deepspeed_config(run: RunConfig, world: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run; a user's own file (deepspeed.config_file) is checked
+    against it key by key and may add what the typed config does not cover."""
+    ds, optim = run.deepspeed, run.optim
+    micro, accum = batch_layout(run, world)
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    cfg: dict[str, Any] = {
+        "train_batch_size": run.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr,
+                "betas": list(optim.betas),
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+            },
+        },
+        "steps_per_print": 1 << 30,
+    }
+    if optim.grad_clip > 0:
+        cfg["gradient_clipping"] = optim.grad_clip
+    if ds.config_file:
+        cfg = _merge_user_config(ds.config_file, cfg)
+    return cfg
+
+
+def _merge_user_config(path: str, ours: dict[str, Any]) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            user = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"deepspeed.config_file: cannot read {path}: {e}") from None
+    checks = {
+        "train_batch_size": ours["train_batch_size"],
+        "train_micro_batch_size_per_gpu": ours["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": ours["gradient_accumulation_steps"],
+    }
+    for key, want in checks.items():
+        if key in user and user[key] != want:
+            raise ConfigError(f"{path}: {key} is {user[key]} but the run config gives {want}")
+    stage = user.get("zero_optimization", {}).get("stage")
+    if stage is not None and stage != ours["zero_optimization"]["stage"]:
+        raise ConfigError(
+            f"{path}: zero_optimization.stage is {stage} but deepspeed.zero_stage is "
+            f"{ours['zero_optimization']['stage']}"
+        )
+    for prec in ("bf16", "fp16"):
+        if prec in user and bool(user[prec].get("enabled")) != ours[prec]["enabled"]:
+            raise ConfigError(f"{path}: {prec}.enabled disagrees with deepspeed.precision")
+    return {**ours, **user}
+
+
+def build_engine(model: nn.Module, run: RunConfig, world: int, total_steps: int):
+    """DeepSpeed engine with AdamW (no decay on norms, biases, position embeddings, tokens) and
+    the warmup + decay schedule, stepped once per optimizer step."""
+    import deepspeed
+
+    schedule = lr_schedule(run.optim, total_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, run.optim.weight_decay),
+        config=deepspeed_config(run, world),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
+    return engine, optimizer, scheduler

@@ -1,0 +1,242 @@
+"""One trainer for every objective: `tessera pretrain CONFIG`.
+
+    trainer = Trainer(run, resume="auto")   # model, stream, DeepSpeed engine, newest checkpoint
+    trainer.train()                         # train_step() until train.steps, checkpointing
+
+Randomness inside a step (stochastic depth, BERT masks) is seeded from (seed, step, micro-batch,
+rank), and the data cursor travels in the checkpoint, so a resumed run computes the same losses
+as one that was never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import RunConfig, config_to_raw
+from pipeline.data.stream import Stream, merge_states, stream_config
+from pipeline.data.transforms import model_input
+from pipeline.models import create_model
+from pipeline.train import checkpoint
+from pipeline.train.engine import batch_layout, build_engine, init_distributed
+from pipeline.train.objectives import OBJECTIVES
+
+MAX_NONFINITE_IN_A_ROW = 5
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def measure_peak_flops(dtype: torch.dtype, device: torch.device, seconds: float = 0.5) -> float:
+    """The matmul roof of this device in FLOP/s: square matmuls of the training dtype."""
+    n = 1024 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, resume: str = "auto", log=print) -> None:
+        self.run, self.log = run, log
+        self.rank, self.world = init_distributed()
+        self.micro, self.accum = batch_layout(run, self.world)
+        torch.manual_seed(run.train.seed)  # the same initial weights on every rank
+        model = create_model(run.model)
+        if run.train.objective == "supervised-sigmoid":
+            model.reset_head(run.model.num_classes, bias=run.train.head_bias)
+        self.flops_per_sample = run.model.train_flops()
+        self.stream = Stream(
+            stream_config(run, run.data.train_split, self.micro, train=True), self.rank, self.world
+        )
+        self.engine, _, self.scheduler = build_engine(model, run, self.world, run.train.steps)
+        self.dtype = next(self.engine.module.parameters()).dtype
+        self.objective = OBJECTIVES[run.train.objective]
+        self.output = Path(run.train.output)
+        self.ckpt_root = self.output / "checkpoints"
+        self.step = 0
+        self.skipped = 0
+        self._stop = False
+        if resume != "never":
+            self._resume(resume)
+        peak = run.logging.peak_tflops * 1e12 or measure_peak_flops(self.dtype, self.engine.device)
+        self.peak_flops = peak
+        self.writer = None
+        if self.rank == 0 and run.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: after a resume, events past the checkpoint are dropped: one curve.
+            self.writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=self.step)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def _resume(self, resume: str) -> None:
+        path = checkpoint.find_latest(self.ckpt_root) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        state = checkpoint.load(self.engine, path, self.rank)
+        self.step = state["step"]
+        self.skipped = state.get("skipped", 0)
+        self.stream.load_state_dict(state["stream"])
+        if self.rank == 0:
+            self.log(f"resumed from {path} at step {self.step}")
+
+    def save(self) -> Path:
+        states = [None] * self.world
+        dist.all_gather_object(states, self.stream.state_dict())
+        state = {
+            "step": self.step,
+            "skipped": self.skipped,
+            "stream": merge_states(states),
+            "world": self.world,
+            "config": config_to_raw(self.run),
+        }
+        return checkpoint.save(
+            self.engine, self.ckpt_root, self.step, state, self.rank, self.run.checkpoint.keep_last
+        )
+
+    # -- training --------------------------------------------------------------------------
+
+    def _on_sigterm(self, *_: Any) -> None:
+        self._stop = True
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if it is true on any."""
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = dict(batch)
+        device = self.engine.device
+        if "image" in out:
+            out["image"] = model_input(out["image"].to(device, non_blocking=True)).to(self.dtype)
+        for key in ("tokens", "label"):
+            if key in out:
+                out[key] = out[key].to(device, non_blocking=True)
+        return out
+
+    def train_step(self, batches) -> dict[str, float] | None:
+        """One optimizer step over `accum` micro-batches; None if it was skipped because a loss
+        was not finite on some rank (every rank skips it together)."""
+        totals: dict[str, float] = {}
+        for micro in range(self.accum):
+            batch = self._to_device(next(batches))
+            seed = hash((self.run.train.seed, self.step, micro, self.rank)) % (1 << 62)
+            torch.manual_seed(seed)
+            gen = torch.Generator(device=self.engine.device).manual_seed(seed)
+            loss, metrics = self.objective(
+                self.engine, batch, mask_prob=self.run.train.mask_prob, generator=gen
+            )
+            if self._agree(not torch.isfinite(loss).item()):
+                return None
+            self.engine.backward(loss)
+            self.engine.step()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / self.accum
+        return totals
+
+    def train(self) -> str:
+        """Train to train.steps; returns "done", or "preempted" after SIGTERM (checkpoint saved)."""
+        run = self.run
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        batches = iter(self.stream)
+        window: dict[str, float] = {}
+        n_window, t_window, in_a_row = 0, time.perf_counter(), 0
+        start_step = self.step
+        try:
+            while self.step < run.train.steps:
+                metrics = self.train_step(batches)
+                if metrics is None:
+                    self.skipped += 1
+                    in_a_row += 1
+                    if in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                        raise NonFiniteError(
+                            f"loss was not finite on some rank for {in_a_row} steps in a row, within "
+                            f"steps [{self.step + 1}, {self.step + in_a_row}]; stopping"
+                        )
+                    continue
+                in_a_row = 0
+                self.step += 1
+                for k, v in metrics.items():
+                    window[k] = window.get(k, 0.0) + v
+                n_window += 1
+                if self.step % run.logging.every_steps == 0 or self.step == run.train.steps:
+                    elapsed = time.perf_counter() - t_window
+                    self._log(window, n_window, elapsed, start_step)
+                    window, n_window, t_window = {}, 0, time.perf_counter()
+                if self.step % run.checkpoint.every_steps == 0 or self.step == run.train.steps:
+                    self.save()
+                if self._agree(self._stop):
+                    path = self.save()
+                    if self.rank == 0:
+                        self.log(f"SIGTERM: saved {path}; continue with `--resume auto`")
+                    return "preempted"
+            return "done"
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if self.writer:
+                self.writer.flush()
+
+    def close(self, clean: bool = True) -> None:
+        """Flush logs and leave the process group, so no communication thread outlives it
+        (an exit with one still running aborts the process). After a failure, no barrier: the
+        other ranks may be gone."""
+        if self.writer:
+            self.writer.close()
+        if dist.is_initialized():
+            if clean:
+                dist.barrier()
+            dist.destroy_process_group()
+
+    def _log(self, window: dict[str, float], n: int, elapsed: float, start_step: int) -> None:
+        t = torch.tensor([window.get("loss", 0.0) / n])
+        dist.all_reduce(t)
+        loss = t.item() / self.world
+        samples_per_s = n * self.run.train.global_batch_size / max(elapsed, 1e-9)
+        mfu = samples_per_s * self.flops_per_sample / (self.peak_flops * self.world)
+        lr = self.scheduler.get_last_lr()[0]
+        if self.rank != 0:
+            return
+        remaining = self.run.train.steps - self.step
+        eta = remaining * elapsed / n
+        extra = "".join(f" {k} {v / n:.4f}" for k, v in window.items() if k != "loss")
+        self.log(
+            f"step {self.step}/{self.run.train.steps} loss {loss:.4f}{extra} lr {lr:.2e} "
+            f"{samples_per_s:.1f} img/s MFU {100 * mfu:.1f}% ETA {eta:.0f}s"
+        )
+        if self.writer:
+            scalars = {
+                "train/loss": loss,
+                "train/lr": lr,
+                "train/samples_per_s": samples_per_s,
+                "train/mfu": mfu,
+                "train/skipped_steps": self.skipped,
+                "data/errors": self.stream.cursor.errors,
+                "data/storage_retries": self.stream.cursor.retries,
+            }
+            grad_norm = self.engine.get_global_grad_norm()
+            if grad_norm is not None and math.isfinite(float(grad_norm)):
+                scalars["train/grad_norm"] = float(grad_norm)
+            if self.run.model.family == "igpt":
+                scalars["train/tokens_per_s"] = samples_per_s * self.run.model.seq_len
+            for k, v in window.items():
+                if k != "loss":
+                    scalars[f"train/{k}"] = v / n
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, self.step)
+            sys.stdout.flush()

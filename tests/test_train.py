@@ -1,0 +1,293 @@
+"""Training: DeepSpeed on CPU ranks, complete-or-ignored checkpoints, exact resume, preemption."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BIN, TESSERA
+
+from pipeline.config import parse_config
+from pipeline.errors import ConfigError
+from pipeline.train import checkpoint
+from pipeline.train.engine import batch_layout, deepspeed_config
+from pipeline.train.optim import lr_schedule, param_groups
+
+STEP_LINE = re.compile(r"^step (\d+)/\d+ loss ([0-9.]+)", re.M)
+TIMEOUT = 600  # the first DeepSpeed launch on a machine compiles its CPU ops (about a minute)
+
+
+def write_config(tmp_path, digits_url, name="run.yaml", **sections):
+    cfg = {
+        "model": {"name": "vit-micro-p4", "image_size": 16, "channels": 1, "num_classes": 10},
+        "data": {"url": digits_url, "workers": 0, "shuffle_buffer": 256, "augment": "none"},
+        "train": {
+            "objective": "supervised",
+            "steps": 12,
+            "global_batch_size": 16,
+            "output": str(tmp_path / "run"),
+        },
+        "optim": {"lr": 2e-3, "warmup_steps": 2},
+        "deepspeed": {"zero_stage": 2, "precision": "bf16"},
+        "checkpoint": {"every_steps": 4, "keep_last": 2},
+        "logging": {"every_steps": 1, "peak_tflops": 0.1},
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def pretrain(config, *args, ranks=1, **kw):
+    if ranks == 1:
+        cmd = [TESSERA, "pretrain", str(config), *args]
+    else:
+        launcher = [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            str(ranks),
+            "--no_local_rank",
+            "--master_port",
+            str(_port()),
+        ]
+        cmd = [*launcher, "--module", "pipeline.cli", "pretrain", str(config), *args]
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw
+    )
+
+
+def _port():
+    from conftest import free_port
+
+    return free_port()
+
+
+def finish(proc):
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def losses(out):
+    return {int(s): float(v) for s, v in STEP_LINE.findall(out)}
+
+
+def kill_when(proc, path: Path, sig=signal.SIGKILL):
+    deadline = time.monotonic() + TIMEOUT
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+    return proc.communicate(timeout=TIMEOUT)[0]
+
+
+# -- units --------------------------------------------------------------------------------------
+
+
+def test_no_weight_decay_on_norms_biases_position_embeddings_and_tokens():
+    from pipeline.models import create_model
+
+    for name in ("vit-micro-p4", "igpt-micro"):
+        model = create_model(name)
+        decay, no_decay = param_groups(model, 0.1)
+        names = {id(p): n for n, p in model.named_parameters()}
+        skipped = {names[id(p)] for p in no_decay["params"]}
+        assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+        assert all(
+            n.endswith(".bias") or "norm" in n or "embed" in n or "token" in n for n in skipped
+        )
+        assert {"pos_embed"} <= skipped and all(
+            names[id(p)].endswith("weight") for p in decay["params"]
+        )
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = parse_config(
+        {"model": {"name": "vit-micro-p4"}, "optim": {"warmup_steps": 10, "min_lr_ratio": 0.1}}
+    ).optim
+    f = lr_schedule(cfg, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    linear = lr_schedule(
+        parse_config({"model": {"name": "vit-micro-p4"}, "optim": {"schedule": "linear"}}).optim,
+        100,
+    )
+    assert linear(50) == pytest.approx(0.5)
+
+
+def test_deepspeed_config_follows_the_run_config_and_checks_a_users_file(tmp_path):
+    run = parse_config(
+        {"model": {"name": "vit-micro-p4"}, "train": {"global_batch_size": 64},
+         "deepspeed": {"zero_stage": 3, "offload_optimizer": True, "micro_batch_size": 8, "precision": "fp16"}}
+    )  # fmt: skip
+    ds = deepspeed_config(run, world=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 4)
+    assert (
+        ds["zero_optimization"]["stage"] == 3
+        and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    )
+    assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"]
+    with pytest.raises(ConfigError, match="not a multiple of micro batch 8 x 3 ranks"):
+        batch_layout(run, 3)
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    bad = parse_config(
+        {
+            "model": {"name": "vit-micro-p4"},
+            "deepspeed": {"zero_stage": 3, "config_file": str(user)},
+        }
+    )
+    with pytest.raises(
+        ConfigError, match=r"ds\.json: zero_optimization\.stage is 2 but deepspeed\.zero_stage is 3"
+    ):
+        deepspeed_config(bad, 1)
+
+
+def test_half_written_checkpoints_are_never_chosen(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (4, 8, 12):
+        (root / checkpoint.tag(step)).mkdir(parents=True)
+    for step in (4, 8):
+        (root / checkpoint.tag(step) / checkpoint.COMPLETE).write_text("{}")
+    (root / checkpoint.LATEST).write_text(checkpoint.tag(12))  # a pointer to a half-written one
+    assert checkpoint.find_latest(root).name == "step-0000008"
+    (root / checkpoint.LATEST).unlink()
+    assert checkpoint.find_latest(root).name == "step-0000008"
+    assert checkpoint.find_latest(tmp_path / "none") is None
+
+
+# -- end to end (subprocesses, as users run them) ---------------------------------------------
+
+
+def test_single_process_pretraining_learns_checkpoints_and_logs(tmp_path, digits_url):
+    # Average pooling and a constant lr: a tiny ViT learns visibly within 60 steps that way.
+    config = write_config(
+        tmp_path,
+        digits_url,
+        model={"pool": "avg"},
+        optim={"schedule": "constant"},
+        train={"steps": 60},
+        checkpoint={"every_steps": 10},
+    )
+    out = finish(pretrain(config))
+    got = losses(out)
+    assert sorted(got) == list(range(1, 61))
+    first, last = sum(got[s] for s in range(1, 6)) / 5, sum(got[s] for s in range(51, 61)) / 10
+    assert last < first - 0.05, out[-2000:]
+    assert re.search(r"img/s MFU [0-9.]+% ETA \d+s", out)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-0000050", "step-0000060"]
+    assert (ckpts / "latest").read_text() == "step-0000060"
+    state = json.loads((ckpts / "step-0000060" / "trainer.json").read_text())
+    assert state["step"] == 60 and state["stream"]["format"] == "tessera-stream/1"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/samples_per_s",
+        "train/mfu",
+        "train/grad_norm",
+        "data/errors",
+    } <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 61))
+
+
+def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path, digits_url):
+    clean = losses(
+        finish(
+            pretrain(
+                write_config(tmp_path / "a", digits_url)
+                if (tmp_path / "a").mkdir() is None
+                else None
+            )
+        )
+    )
+    config = write_config(tmp_path / "b", digits_url) if (tmp_path / "b").mkdir() is None else None
+    proc = pretrain(config, start_new_session=True)
+    kill_when(proc, tmp_path / "b" / "run" / "checkpoints" / "step-0000008" / "COMPLETE")
+    out = finish(pretrain(config))
+    assert "resumed from" in out and "at step 8" in out
+    resumed = losses(out)
+    assert sorted(resumed) == list(range(9, 13))
+    assert all(resumed[s] == clean[s] for s in resumed), (resumed, clean)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "b" / "run" / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 12  # one curve, no step twice
+
+
+@pytest.mark.parametrize(("zero", "checkpointing"), [(2, False), (3, True)])
+def test_two_ranks_under_the_deepspeed_launcher_resume_exactly(
+    tmp_path, digits_url, zero, checkpointing
+):
+    model = {"grad_checkpointing": checkpointing}
+    clean_dir, run_dir = tmp_path / "clean", tmp_path / "killed"
+    clean_dir.mkdir()
+    run_dir.mkdir()
+    clean = losses(
+        finish(
+            pretrain(
+                write_config(clean_dir, digits_url, deepspeed={"zero_stage": zero}, model=model),
+                ranks=2,
+            )
+        )
+    )
+    config = write_config(run_dir, digits_url, deepspeed={"zero_stage": zero}, model=model)
+    proc = pretrain(config, ranks=2, start_new_session=True)
+    kill_when(proc, run_dir / "run" / "checkpoints" / "step-0000004" / "COMPLETE")
+    out = finish(pretrain(config, ranks=2))
+    resumed = losses(out)
+    assert min(resumed) >= 5 and max(resumed) == 12
+    assert all(resumed[s] == clean[s] for s in resumed), (resumed, clean)
+    shards = list((run_dir / "run" / "checkpoints" / "step-0000012").glob("*optim_states.pt"))
+    assert len(shards) == 2  # one ZeRO shard per rank
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, digits_url):
+    config = write_config(
+        tmp_path, digits_url, train={"steps": 100000}, checkpoint={"every_steps": 5}
+    )
+    proc = pretrain(config)
+    out = kill_when(
+        proc, tmp_path / "run" / "checkpoints" / "step-0000005" / "COMPLETE", sig=signal.SIGTERM
+    )
+    assert proc.returncode == 0 and "SIGTERM: saved" in out
+    latest = checkpoint.find_latest(tmp_path / "run" / "checkpoints")
+    last_logged = max(losses(out))
+    assert latest.name == checkpoint.tag(last_logged)
+
+
+def test_config_errors_stop_pretrain_before_any_work(tmp_path, digits_url):
+    config = write_config(
+        tmp_path, digits_url, train={"global_batch_size": 10}, deepspeed={"micro_batch_size": 4}
+    )
+    proc = subprocess.run(
+        [TESSERA, "pretrain", str(config)], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert (
+        proc.returncode == 2
+        and "deepspeed.micro_batch_size: got 4; must divide train.global_batch_size=10"
+        in proc.stderr
+    )
+    assert not (tmp_path / "run").exists()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
