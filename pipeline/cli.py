@@ -102,6 +102,14 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     trainer.close()
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from pipeline.train.export import export
+
+    ckpt, model = export(args.source, args.output)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"exported {ckpt} ({model.cfg.name}, {params:,} parameters) to {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", default="", help="auto (newest complete checkpoint), never, or a path"
     )
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "export", help="checkpoint -> safetensors + model config (no DeepSpeed needed)"
+    )
+    p.add_argument("source", help="a run folder (its newest complete checkpoint) or a checkpoint")
+    p.add_argument("output", help="folder URL for model.safetensors + model.json")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("index", help="make a manifest for WebDataset tars written by another tool")
     p.add_argument("url", help="folder of .tar shards")

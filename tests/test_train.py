@@ -258,6 +258,20 @@ def test_two_ranks_under_the_deepspeed_launcher_resume_exactly(
     assert all(resumed[s] == clean[s] for s in resumed), (resumed, clean)
     shards = list((run_dir / "run" / "checkpoints" / "step-0000012").glob("*optim_states.pt"))
     assert len(shards) == 2  # one ZeRO shard per rank
+    # One process, no DeepSpeed ranks, gathers the shards into one model.
+    from pipeline.models import load_model
+
+    out = subprocess.run(
+        [TESSERA, "export", str(run_dir / "run"), str(run_dir / "export")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    model = load_model(str(run_dir / "export")).eval()
+    import torch
+
+    assert torch.isfinite(model(torch.rand(2, 1, 16, 16))).all()
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, digits_url):
@@ -291,3 +305,35 @@ def test_config_errors_stop_pretrain_before_any_work(tmp_path, digits_url):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_export_loads_without_deepspeed_and_reproduces_the_trained_weights(tmp_path, digits_url):
+    config = write_config(tmp_path, digits_url, deepspeed={"precision": "fp32"}, train={"steps": 6})
+    finish(pretrain(config))
+    proc = subprocess.run(
+        [TESSERA, "export", str(tmp_path / "run"), str(tmp_path / "export")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "exported" in proc.stdout and "step-0000006" in proc.stdout
+    # A fresh interpreter that never imports deepspeed loads it and gets the trained weights.
+    check = f"""
+import sys, torch
+from pipeline.models import load_model
+model = load_model({str(tmp_path / "export")!r}).eval()
+trained = torch.load({str(tmp_path / "run/checkpoints/step-0000006/mp_rank_00_model_states.pt")!r}, weights_only=False)["module"]
+assert "deepspeed" not in sys.modules
+for k, v in model.state_dict().items():
+    torch.testing.assert_close(v, trained[k], rtol=0, atol=0)
+x = torch.rand(2, 1, 16, 16)
+reference = type(model)(model.cfg).eval()
+reference.load_state_dict(trained)
+torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+print("ok")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -123,3 +123,13 @@ def build_engine(model: nn.Module, run: RunConfig, world: int, total_steps: int)
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
     return engine, optimizer, scheduler
+
+
+def consolidated_state_dict(checkpoint_dir) -> dict[str, torch.Tensor]:
+    """fp32 weights gathered from a checkpoint's ZeRO shards, in one process, whatever the
+    number of ranks that wrote them."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    path = os.fspath(checkpoint_dir)
+    parent, tag = os.path.dirname(path), os.path.basename(path)
+    return get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
