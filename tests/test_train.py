@@ -337,3 +337,101 @@ print("ok")
         [sys.executable, "-c", check], capture_output=True, text=True, timeout=TIMEOUT
     )
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def _nan_run(tmp_path, digits_url, calls, steps=8):
+    config = write_config(
+        tmp_path, digits_url, train={"steps": steps}, checkpoint={"every_steps": 100}
+    )
+    launcher = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--no_local_rank",
+        "--master_port",
+        str(_port()),
+    ]
+    script = Path(__file__).with_name("nan_on_one_rank.py")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    return subprocess.run(
+        [*launcher, str(script), str(config), ",".join(map(str, calls))],
+        capture_output=True, text=True, timeout=TIMEOUT, env=env,
+    )  # fmt: skip
+
+
+def test_a_nan_on_one_rank_is_skipped_by_all_ranks_together(tmp_path, digits_url):
+    proc = _nan_run(tmp_path, digits_url, calls=[3, 4])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert sorted(losses(proc.stdout)) == list(range(1, 9))  # no hang, every step still trained
+    state = json.loads(
+        (tmp_path / "run" / "checkpoints" / "step-0000008" / "trainer.json").read_text()
+    )
+    assert state["skipped"] == 2
+
+
+def test_non_finite_losses_in_a_row_stop_the_run_naming_the_steps(tmp_path, digits_url):
+    proc = _nan_run(tmp_path, digits_url, calls=range(3, 20))
+    assert proc.returncode != 0
+    assert (
+        "loss was not finite on some rank for 5 steps in a row, within steps [3, 7]"
+        in proc.stdout + proc.stderr
+    )
+
+
+def test_resume_at_world_size_1_from_a_checkpoint_written_at_2(tmp_path, digits_url):
+    # fp32, so the weights can be compared exactly (a few tiny steps move weights by about what
+    # bf16 rounds away).
+    config = write_config(
+        tmp_path, digits_url, train={"steps": 10}, deepspeed={"precision": "fp32"}
+    )
+    proc = pretrain(config, ranks=2, start_new_session=True)
+    kill_when(proc, tmp_path / "run" / "checkpoints" / "step-0000004" / "COMPLETE")
+    ckpt = checkpoint.find_latest(tmp_path / "run" / "checkpoints")
+    written = json.loads((ckpt / "trainer.json").read_text())
+    assert written["world"] == 2
+    # One process loads it: the weights are exactly the checkpoint's, gathered from 2 shards.
+    check = f"""
+import torch
+from pipeline.config import load_config
+from pipeline.train.engine import consolidated_state_dict
+from pipeline.train.trainer import Trainer
+trainer = Trainer(load_config({str(config)!r}), resume="auto")
+reference = consolidated_state_dict({str(ckpt)!r})
+weights = trainer.engine.module.state_dict()
+assert trainer.step == {written["step"]}, trainer.step
+for key, value in reference.items():
+    torch.testing.assert_close(weights[key], value, rtol=0, atol=0)
+trainer.close()
+print("ok")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert out.stdout.strip().endswith("ok"), (out.stdout + out.stderr)[-3000:]
+    assert "was written by 2 ranks at ZeRO-2; converting it for 1 ranks at ZeRO-2" in out.stdout
+    # ... and trains on: the rest of the epoch's samples are dealt out to the one rank.
+    resumed = losses(finish(pretrain(config)))
+    assert min(resumed) == written["step"] + 1 and max(resumed) == 10
+    state = json.loads(
+        (tmp_path / "run" / "checkpoints" / "step-0000010" / "trainer.json").read_text()
+    )
+    assert state["world"] == 1 and state["stream"]["phase"]["generation"] == 1
+
+
+def test_torchrun_launches_the_same_command(tmp_path, digits_url):
+    config = write_config(tmp_path, digits_url, train={"steps": 4})
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_port()),
+        "-m",
+        "pipeline.cli",
+        "pretrain",
+        str(config),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    shards = list((tmp_path / "run" / "checkpoints" / "step-0000004").glob("*optim_states.pt"))
+    assert len(shards) == 2

@@ -114,14 +114,26 @@ def _prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(half, ignore_errors=True)
 
 
-def load(engine, path: Path, rank: int) -> dict[str, Any]:
-    """Load a complete checkpoint into the engine; returns the trainer state."""
+def read_state(path: Path) -> dict[str, Any]:
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
-    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+    return json.loads((path / STATE).read_text())
+
+
+def universal_path(path: Path) -> Path:
+    """Where the universal-format copy of a checkpoint goes (outside the step-* pruning)."""
+    return path.parent / "universal" / path.name
+
+
+def load(engine, path: Path, rank: int, universal: bool = False) -> dict[str, Any]:
+    """Load a complete checkpoint (or its universal copy) into the engine; returns the trainer
+    state."""
+    state = read_state(path)
+    source = universal_path(path) if universal else path
+    loaded, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load {path}")
     rng = path / f"rng-rank{rank:05d}.json"
     if rng.is_file():  # absent when resuming on more ranks than wrote the checkpoint
         set_rng_state(json.loads(rng.read_text()))
-    return json.loads((path / STATE).read_text())
+    return state

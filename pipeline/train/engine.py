@@ -110,19 +110,43 @@ def _merge_user_config(path: str, ours: dict[str, Any]) -> dict[str, Any]:
     return {**ours, **user}
 
 
-def build_engine(model: nn.Module, run: RunConfig, world: int, total_steps: int):
+def build_engine(
+    model: nn.Module, run: RunConfig, world: int, total_steps: int, load_universal: bool = False
+):
     """DeepSpeed engine with AdamW (no decay on norms, biases, position embeddings, tokens) and
-    the warmup + decay schedule, stepped once per optimizer step."""
+    the warmup + decay schedule, stepped once per optimizer step. `load_universal`: the
+    checkpoint to resume from is in DeepSpeed's universal format (see `to_universal`)."""
     import deepspeed
 
     schedule = lr_schedule(run.optim, total_steps)
+    config = deepspeed_config(run, world)
+    if load_universal:
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, run.optim.weight_decay),
-        config=deepspeed_config(run, world),
+        config=config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
     return engine, optimizer, scheduler
+
+
+def to_universal(checkpoint_dir, out_dir) -> None:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format, which loads at any world size
+    and ZeRO stage with the optimizer states intact."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", os.fspath(checkpoint_dir), "--output_folder", os.fspath(out_dir),
+        "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"converting {checkpoint_dir} to a universal checkpoint failed:\n{proc.stderr[-2000:]}"
+        )
 
 
 def consolidated_state_dict(checkpoint_dir) -> dict[str, torch.Tensor]:

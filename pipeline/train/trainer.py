@@ -25,7 +25,7 @@ from pipeline.data.stream import Stream, merge_states, stream_config
 from pipeline.data.transforms import model_input
 from pipeline.models import create_model
 from pipeline.train import checkpoint
-from pipeline.train.engine import batch_layout, build_engine, init_distributed
+from pipeline.train.engine import batch_layout, build_engine, init_distributed, to_universal
 from pipeline.train.objectives import OBJECTIVES
 
 MAX_NONFINITE_IN_A_ROW = 5
@@ -63,16 +63,20 @@ class Trainer:
         self.stream = Stream(
             stream_config(run, run.data.train_split, self.micro, train=True), self.rank, self.world
         )
-        self.engine, _, self.scheduler = build_engine(model, run, self.world, run.train.steps)
-        self.dtype = next(self.engine.module.parameters()).dtype
-        self.objective = OBJECTIVES[run.train.objective]
         self.output = Path(run.train.output)
         self.ckpt_root = self.output / "checkpoints"
+        start = self._checkpoint_to_resume(resume)
+        universal = start is not None and self._needs_universal(start)
+        self.engine, _, self.scheduler = build_engine(
+            model, run, self.world, run.train.steps, load_universal=universal
+        )
+        self.dtype = next(self.engine.module.parameters()).dtype
+        self.objective = OBJECTIVES[run.train.objective]
         self.step = 0
         self.skipped = 0
         self._stop = False
-        if resume != "never":
-            self._resume(resume)
+        if start is not None:
+            self._resume(start, universal)
         peak = run.logging.peak_tflops * 1e12 or measure_peak_flops(self.dtype, self.engine.device)
         self.peak_flops = peak
         self.writer = None
@@ -84,11 +88,35 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def _resume(self, resume: str) -> None:
-        path = checkpoint.find_latest(self.ckpt_root) if resume == "auto" else Path(resume)
-        if path is None:
-            return
-        state = checkpoint.load(self.engine, path, self.rank)
+    def _checkpoint_to_resume(self, resume: str) -> Path | None:
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return checkpoint.find_latest(self.ckpt_root)
+        path = Path(resume)
+        checkpoint.read_state(path)  # a clear error now if it is not a complete checkpoint
+        return path
+
+    def _needs_universal(self, path: Path) -> bool:
+        """A checkpoint written at another world size or ZeRO stage loads through DeepSpeed's
+        universal format; rank 0 converts it once, next to the checkpoints."""
+        state = checkpoint.read_state(path)
+        saved_stage = state["config"]["deepspeed"]["zero_stage"]
+        if state["world"] == self.world and saved_stage == self.run.deepspeed.zero_stage:
+            return False
+        target = checkpoint.universal_path(path)
+        if self.rank == 0 and not (target / checkpoint.COMPLETE).is_file():
+            self.log(
+                f"{path} was written by {state['world']} ranks at ZeRO-{saved_stage}; converting "
+                f"it for {self.world} ranks at ZeRO-{self.run.deepspeed.zero_stage}"
+            )
+            to_universal(path, target)
+            (target / checkpoint.COMPLETE).write_text("{}")
+        dist.barrier()
+        return True
+
+    def _resume(self, path: Path, universal: bool) -> None:
+        state = checkpoint.load(self.engine, path, self.rank, universal=universal)
         self.step = state["step"]
         self.skipped = state.get("skipped", 0)
         self.stream.load_state_dict(state["stream"])
