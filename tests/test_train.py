@@ -39,7 +39,8 @@ def write_config(tmp_path, digits_url, name="run.yaml", **sections):
         "logging": {"every_steps": 1, "peak_tflops": 0.1},
     }
     for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
+        replace = section == "model" and "name" in values  # another model: not a ViT plus changes
+        cfg[section] = dict(values) if replace else {**cfg.get(section, {}), **values}
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -435,3 +436,44 @@ def test_torchrun_launches_the_same_command(tmp_path, digits_url):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     shards = list((tmp_path / "run" / "checkpoints" / "step-0000004").glob("*optim_states.pt"))
     assert len(shards) == 2
+
+
+@pytest.mark.parametrize("objective", ["igpt-ar", "igpt-bert"])
+def test_imagegpt_pretrains_on_palette_tokens(tmp_path, digits_url, objective):
+    config = write_config(
+        tmp_path,
+        digits_url,
+        model={
+            "name": "igpt-micro",
+            "image_size": 8,
+            "vocab_size": 16,
+            "causal": objective == "igpt-ar",
+        },
+        data={"palette": "grey", "palette_size": 16},
+        train={"objective": objective, "steps": 30},
+        optim={"lr": 3e-3, "schedule": "constant"},
+        checkpoint={"every_steps": 30},
+    )
+    out = finish(pretrain(config))
+    got = losses(out)
+    assert sorted(got) == list(range(1, 31))
+    assert "bits_per_dim" in out
+    # From about log2(16) = 4 bits a pixel towards the data's entropy.
+    first, last = sum(got[s] for s in range(1, 4)) / 3, sum(got[s] for s in range(21, 31)) / 10
+    assert last < first - 0.3, out[-2000:]
+
+
+def test_a_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, digits_url):
+    config = write_config(
+        tmp_path, digits_url, train={"steps": 8}, checkpoint={"every_steps": 4, "keep_last": 3}
+    )
+    clean = losses(finish(pretrain(config)))
+    root = tmp_path / "run" / "checkpoints"
+    # As if killed while step 8 was being written: its marker never came, `latest` not moved.
+    (root / "step-0000008" / checkpoint.COMPLETE).unlink()
+    (root / checkpoint.LATEST).write_text("step-0000004")
+    out = finish(pretrain(config))
+    assert "resumed from" in out and "step-0000004 at step 4" in out
+    resumed = losses(out)
+    assert sorted(resumed) == [5, 6, 7, 8] and all(resumed[s] == clean[s] for s in resumed)
+    assert checkpoint.is_complete(root / "step-0000008")  # rewritten, complete this time
