@@ -205,6 +205,7 @@ def test_single_process_pretraining_learns_checkpoints_and_logs(tmp_path, digits
         "data/errors",
     } <= tags
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 61))
+    assert "images/attention_rollout" in events.Tags()["images"]
 
 
 def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path, digits_url):
@@ -458,6 +459,12 @@ def test_imagegpt_pretrains_on_palette_tokens(tmp_path, digits_url, objective):
     got = losses(out)
     assert sorted(got) == list(range(1, 31))
     assert "bits_per_dim" in out
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert "images/completions" in events.Tags()["images"]
+    assert "train/tokens_per_s" in events.Tags()["scalars"]
     # From about log2(16) = 4 bits a pixel towards the data's entropy.
     first, last = sum(got[s] for s in range(1, 4)) / 3, sum(got[s] for s in range(21, 31)) / 10
     assert last < first - 0.3, out[-2000:]

@@ -157,3 +157,15 @@ def consolidated_state_dict(checkpoint_dir) -> dict[str, torch.Tensor]:
     path = os.fspath(checkpoint_dir)
     parent, tag = os.path.dirname(path), os.path.basename(path)
     return get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+
+
+def gathered_params(engine):
+    """A context in which engine.module's full parameters are present on every rank (ZeRO-3
+    keeps only shards otherwise); every rank must enter it together."""
+    import contextlib
+
+    import deepspeed
+
+    if engine.zero_optimization_stage() < 3:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)

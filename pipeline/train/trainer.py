@@ -25,8 +25,15 @@ from pipeline.data.stream import Stream, merge_states, stream_config
 from pipeline.data.transforms import model_input
 from pipeline.models import create_model
 from pipeline.train import checkpoint
-from pipeline.train.engine import batch_layout, build_engine, init_distributed, to_universal
+from pipeline.train.engine import (
+    batch_layout,
+    build_engine,
+    gathered_params,
+    init_distributed,
+    to_universal,
+)
 from pipeline.train.objectives import OBJECTIVES
+from pipeline.train.visuals import completion_panel, rollout_panel
 
 MAX_NONFINITE_IN_A_ROW = 5
 
@@ -75,6 +82,7 @@ class Trainer:
         self.step = 0
         self.skipped = 0
         self._stop = False
+        self._visual: dict[str, torch.Tensor] | None = None  # a few fixed samples for pictures
         if start is not None:
             self._resume(start, universal)
         peak = run.logging.peak_tflops * 1e12 or measure_peak_flops(self.dtype, self.engine.device)
@@ -163,7 +171,12 @@ class Trainer:
         was not finite on some rank (every rank skips it together)."""
         totals: dict[str, float] = {}
         for micro in range(self.accum):
-            batch = self._to_device(next(batches))
+            raw = next(batches)
+            if self._visual is None:
+                self._visual = {
+                    k: raw[k][:4].to(self.engine.device) for k in ("image", "tokens") if k in raw
+                }
+            batch = self._to_device(raw)
             seed = hash((self.run.train.seed, self.step, micro, self.rank)) % (1 << 62)
             torch.manual_seed(seed)
             gen = torch.Generator(device=self.engine.device).manual_seed(seed)
@@ -207,6 +220,9 @@ class Trainer:
                     elapsed = time.perf_counter() - t_window
                     self._log(window, n_window, elapsed, start_step)
                     window, n_window, t_window = {}, 0, time.perf_counter()
+                every = run.logging.images_every_steps
+                if (every and self.step % every == 0) or self.step == run.train.steps:
+                    self._log_images()
                 if self.step % run.checkpoint.every_steps == 0 or self.step == run.train.steps:
                     self.save()
                 if self._agree(self._stop):
@@ -219,6 +235,28 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
             if self.writer:
                 self.writer.flush()
+
+    def _log_images(self) -> None:
+        """ViT: attention rollout of the [class] token; ImageGPT: completions of half images.
+        Every rank runs the forwards (ZeRO-3 gathers parameters collectively); rank 0 writes."""
+        if self._visual is None:
+            return
+        model = self.engine.module
+        was_training = model.training
+        model.eval()
+        with gathered_params(self.engine):
+            if self.run.model.family == "vit":
+                tag, panel = "images/attention_rollout", rollout_panel(model, self._visual["image"])
+            else:
+                gen = torch.Generator(device=self.engine.device).manual_seed(self.step)
+                palette = self.stream.cfg.palette
+                tag, panel = (
+                    "images/completions",
+                    completion_panel(model, self._visual["tokens"], palette, gen),
+                )
+        model.train(was_training)
+        if self.writer:
+            self.writer.add_images(tag, panel.float().cpu(), self.step)
 
     def close(self, clean: bool = True) -> None:
         """Flush logs and leave the process group, so no communication thread outlives it

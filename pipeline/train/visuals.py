@@ -1,0 +1,84 @@
+"""Pictures for TensorBoard: ViT attention rollout, ImageGPT completions. Single-device code."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.data.palette import Palette
+from pipeline.models import ImageGPT, VisionTransformer
+
+
+def attention_rollout(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020): per block, heads averaged and the residual
+    path added (0.5 A + 0.5 I, rows renormalised), multiplied through the blocks. maps: each
+    (B, H, N, N) -> (B, N - 1), how much the [class] token draws on each patch."""
+    b, _, n, _ = maps[0].shape
+    eye = torch.eye(n, device=maps[0].device, dtype=torch.float32)
+    rollout = eye.expand(b, n, n)
+    for a in maps:
+        a = 0.5 * a.float().mean(1) + 0.5 * eye
+        a = a / a.sum(-1, keepdim=True)
+        rollout = a @ rollout
+    return rollout[:, 0, 1:]
+
+
+@torch.no_grad()
+def rollout_panel(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, C, H, W) -> (B, 3, H, 2W) in [0, 1]: the image, then its rollout map."""
+    from pipeline.data.transforms import model_input
+
+    x = model_input(images).to(next(model.parameters()).dtype)
+    heat = attention_rollout(model.attention_maps(x))
+    g = model.cfg.grid
+    heat = heat.reshape(-1, 1, g, g)
+    heat = (heat - heat.amin((2, 3), keepdim=True)) / (
+        heat.amax((2, 3), keepdim=True) - heat.amin((2, 3), keepdim=True) + 1e-8
+    )
+    heat = F.interpolate(heat, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    picture = images.float() / 255
+    if picture.shape[1] == 1:
+        picture = picture.expand(-1, 3, -1, -1)
+    colour = torch.cat([heat, heat.pow(3), 1 - heat], dim=1)  # warm where the model looks
+    return torch.cat([picture, 0.5 * picture + 0.5 * colour], dim=-1).clamp(0, 1)
+
+
+@torch.no_grad()
+def complete(
+    model: ImageGPT, tokens: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Keep the top half of each image (B, T) and let the model fill in the rest.
+
+    Autoregressive models sample pixel by pixel; BERT-style models predict every masked pixel
+    at once from the visible half."""
+    t = tokens.shape[1]
+    half = (model.cfg.image_size // 2) * model.cfg.image_size
+    out = tokens.clone()
+    if not model.cfg.causal:
+        out[:, half:] = model.cfg.mask_id
+        logits = model(out)[:, half:].float()
+        out[:, half:] = logits.argmax(-1)
+        return out
+    for i in range(half, t):
+        probs = model(out)[:, i].float().softmax(-1)
+        out[:, i] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return out
+
+
+@torch.no_grad()
+def completion_panel(
+    model: ImageGPT, tokens: torch.Tensor, palette: Palette, generator=None
+) -> torch.Tensor:
+    """(B, T) tokens -> (B, 3, S, 3S) in [0, 1]: the original, the half the model saw, its
+    completion."""
+    s = model.cfg.image_size
+    done = complete(model, tokens, generator)
+    seen = tokens.clone()
+    seen[:, (s // 2) * s :] = 0
+    rows = [
+        palette.decode(x.reshape(-1, s, s).cpu()).permute(0, 3, 1, 2).float() / 255
+        for x in (tokens, seen, done)
+    ]
+    rows[1][:, :, s // 2 :] = 0.5  # grey: what the model was not shown
+    panel = torch.cat(rows, dim=-1)
+    return panel.expand(-1, 3, -1, -1) if panel.shape[1] == 1 else panel
