@@ -42,6 +42,15 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: allocated on the GPU, resident (RSS) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
 def measure_peak_flops(dtype: torch.dtype, device: torch.device, seconds: float = 0.5) -> float:
     """The matmul roof of this device in FLOP/s: square matmuls of the training dtype."""
     n = 1024 if device.type == "cpu" else 8192
@@ -294,6 +303,7 @@ class Trainer:
                 "train/skipped_steps": self.skipped,
                 "data/errors": self.stream.cursor.errors,
                 "data/storage_retries": self.stream.cursor.retries,
+                "memory/peak_gb": peak_memory_gb(self.engine.device),
             }
             grad_norm = self.engine.get_global_grad_norm()
             if grad_norm is not None and math.isfinite(float(grad_norm)):
