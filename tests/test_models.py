@@ -207,3 +207,9 @@ def test_attention_maps_are_distributions():
 def test_unknown_model_suggests_close_names():
     with pytest.raises(KeyError, match="vit-b16"):
         model_config("vit-b61")
+
+
+def test_head_bias_is_part_of_the_architecture_init():
+    model = create_model("vit-micro-p4", head_bias=-10.0)
+    torch.testing.assert_close(model.head.bias, torch.full((10,), -10.0))
+    assert model.head.weight.abs().sum() == 0

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import require
-from pipeline.models.layers import Backbone, Block, blocks_forward_flops, init_weights
+from pipeline.models.layers import Backbone, Block, Embedding, Linear, blocks_forward_flops
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class IGPTConfig:
     mlp_dim: int = 2048
     causal: bool = True  # True: autoregressive (igpt-ar); False: BERT-style (igpt-bert)
     num_classes: int = 0  # classification head on pooled tokens, for finetuning
+    head_bias: float = 0.0  # initial classifier bias (big_vision: -10 for sigmoid losses)
     drop_path: float = 0.0
     grad_checkpointing: bool = False
 
@@ -79,28 +80,24 @@ class ImageGPT(Backbone):
         super().__init__(cfg.width)
         self.cfg = cfg
         d = cfg.width
-        self.tok_embed = nn.Embedding(cfg.vocab_size + 2, d)  # palette + [start] + [mask]
+        self.tok_embed = Embedding(cfg.vocab_size + 2, d)  # palette + [start] + [mask]
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, d))
+        nn.init.normal_(self.pos_embed, std=0.01)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        # GPT-2: residual projections scaled by 1/sqrt(2 depth) so the stream's variance stays put.
+        out_std = 0.02 / math.sqrt(2 * cfg.depth)
         self.blocks = nn.ModuleList(
-            Block(d, cfg.heads, cfg.mlp_dim, causal=cfg.causal, drop_path=r) for r in rates
+            Block(d, cfg.heads, cfg.mlp_dim, causal=cfg.causal, drop_path=r, out_std=out_std)
+            for r in rates
         )
         self.norm = nn.LayerNorm(d, eps=1e-6)
-        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
-        self.head: nn.Module = nn.Linear(d, cfg.num_classes) if cfg.num_classes else nn.Identity()
-        self._init_weights()
+        self.lm_head = Linear(d, cfg.vocab_size, bias=False)
+        self.head: nn.Module = (
+            Linear(d, cfg.num_classes, std=0.0, bias_init=cfg.head_bias)
+            if cfg.num_classes
+            else nn.Identity()
+        )
         self.set_grad_checkpointing(cfg.grad_checkpointing)
-
-    def _init_weights(self) -> None:
-        init_weights(self)
-        nn.init.normal_(self.tok_embed.weight, std=0.02)
-        nn.init.normal_(self.pos_embed, std=0.01)
-        # GPT-2: scale the residual projections so the residual stream's variance stays put.
-        for block in self.blocks:
-            for proj in (block.attn.proj, block.mlp.fc2):
-                nn.init.trunc_normal_(proj.weight, std=0.02 / math.sqrt(2 * self.cfg.depth))
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (B, H*W) or (B, H, W) -> states (B, 1 + H*W, D), start token first."""

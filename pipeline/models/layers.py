@@ -14,15 +14,71 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection; x: (B, N, D) -> (B, N, D)."""
+def _trunc_normal(t: torch.Tensor, std: float) -> None:
+    if std == 0:
+        nn.init.zeros_(t)
+    else:
+        nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std)
 
-    def __init__(self, dim: int, heads: int, causal: bool = False) -> None:
+
+# Layers initialise themselves in their own constructors (`reset_parameters`), not in a pass
+# over the finished model: DeepSpeed's ZeRO-3 `zero.Init` shards each layer's parameters as soon
+# as the layer is built, and a later init pass would silently touch nothing.
+
+
+class Linear(nn.Linear):
+    """nn.Linear with truncated-normal weights (std, 0 for zeros) and a constant bias."""
+
+    def __init__(
+        self,
+        fan_in: int,
+        fan_out: int,
+        bias: bool = True,
+        std: float = 0.02,
+        bias_init: float = 0.0,
+    ) -> None:
+        self.init_std, self.bias_init = std, bias_init
+        super().__init__(fan_in, fan_out, bias)
+
+    def reset_parameters(self) -> None:
+        _trunc_normal(self.weight, self.init_std)
+        if self.bias is not None:
+            nn.init.constant_(self.bias, self.bias_init)
+
+
+class PatchEmbed(nn.Conv2d):
+    """P x P patches -> D, a strided convolution; LeCun normal (std 1/sqrt(P*P*C)) as in
+    big_vision's ViT, so patch tokens start at unit scale."""
+
+    def __init__(self, channels: int, dim: int, patch: int) -> None:
+        super().__init__(channels, dim, patch, stride=patch)
+
+    def reset_parameters(self) -> None:
+        _trunc_normal(self.weight, self.weight[0].numel() ** -0.5)
+        nn.init.zeros_(self.bias)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding with normal(0, std) rows (GPT-2's token embedding)."""
+
+    def __init__(self, num: int, dim: int, std: float = 0.02) -> None:
+        self.init_std = std
+        super().__init__(num, dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection; x: (B, N, D) -> (B, N, D).
+    `out_std`: init of the output projection (GPT-2 scales it down with depth)."""
+
+    def __init__(self, dim: int, heads: int, causal: bool = False, out_std: float = 0.02) -> None:
         super().__init__()
         self.heads = heads
         self.causal = causal
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim, std=out_std)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, n, d = x.shape
@@ -46,10 +102,10 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, out_std: float = 0.02) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim, std=out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -73,13 +129,19 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
 
     def __init__(
-        self, dim: int, heads: int, mlp_dim: int, causal: bool = False, drop_path: float = 0.0
+        self,
+        dim: int,
+        heads: int,
+        mlp_dim: int,
+        causal: bool = False,
+        drop_path: float = 0.0,
+        out_std: float = 0.02,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads, causal=causal)
+        self.attn = Attention(dim, heads, causal=causal, out_std=out_std)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, mlp_dim)
+        self.mlp = Mlp(dim, mlp_dim, out_std=out_std)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,9 +230,9 @@ class Backbone(nn.Module):
         if num_classes == 0:
             self.head = nn.Identity()
             return
-        self.head = nn.Linear(self.width, num_classes, device=param.device, dtype=param.dtype)
-        nn.init.zeros_(self.head.weight)
-        nn.init.constant_(self.head.bias, bias)
+        self.head = Linear(self.width, num_classes, std=0.0, bias_init=bias).to(
+            param.device, param.dtype
+        )
 
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Attention probabilities of every block, each (B, H, N, N), in eval mode."""
@@ -180,18 +242,6 @@ class Backbone(nn.Module):
             maps.append(block.attn.weights(block.norm1(h)))
             h = block(h)
         return maps
-
-
-def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """Truncated-normal linear weights, zero biases, unit LayerNorms (ViT / GPT-2 style)."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 def blocks_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> int:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import require
-from pipeline.models.layers import Backbone, Block, blocks_forward_flops, init_weights
+from pipeline.models.layers import Backbone, Block, Linear, PatchEmbed, blocks_forward_flops
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class ViTConfig:
     mlp_dim: int = 3072
     num_classes: int = 1000  # 0: no head, forward returns pooled features
     pool: Literal["cls", "avg"] = "cls"
+    head_bias: float = 0.0  # initial classifier bias (big_vision: -10 for sigmoid losses)
     drop_path: float = 0.0  # stochastic depth rate of the last block (linear from 0)
     grad_checkpointing: bool = False  # recompute block activations in backward
 
@@ -84,30 +85,23 @@ class VisionTransformer(Backbone):
         super().__init__(cfg.width)
         self.cfg = cfg
         d = cfg.width
-        self.patch_embed = nn.Conv2d(cfg.channels, d, cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = PatchEmbed(cfg.channels, d, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, d))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
+        nn.init.normal_(self.cls_token, std=1e-6)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_dim, drop_path=r) for r in rates)
         # timm's layout: LayerNorm on the tokens for [class] pooling, after pooling for "avg".
         self.norm = nn.LayerNorm(d, eps=1e-6) if cfg.pool == "cls" else nn.Identity()
         self.fc_norm = nn.LayerNorm(d, eps=1e-6) if cfg.pool == "avg" else nn.Identity()
-        self.head: nn.Module = nn.Linear(d, cfg.num_classes) if cfg.num_classes else nn.Identity()
-        self._init_weights()
+        # Zero head, as the ViT paper; a negative bias for sigmoid losses, as big_vision.
+        self.head: nn.Module = (
+            Linear(d, cfg.num_classes, std=0.0, bias_init=cfg.head_bias)
+            if cfg.num_classes
+            else nn.Identity()
+        )
         self.set_grad_checkpointing(cfg.grad_checkpointing)
-
-    def _init_weights(self) -> None:
-        init_weights(self)
-        # LeCun normal on the patch projection, as big_vision's ViT: std 1/sqrt(P*P*C), so patch
-        # tokens start at unit scale (0.02 made them ~10x weaker and slowed early learning).
-        w = self.patch_embed.weight
-        fan_in = w[0].numel()
-        nn.init.trunc_normal_(w, std=fan_in**-0.5, a=-2 * fan_in**-0.5, b=2 * fan_in**-0.5)
-        nn.init.zeros_(self.patch_embed.bias)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
-        if isinstance(self.head, nn.Linear):  # zero head, as in the ViT paper
-            nn.init.zeros_(self.head.weight)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens (B, 1 + H*W/P^2, D)."""

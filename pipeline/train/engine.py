@@ -55,6 +55,15 @@ def deepspeed_config(run: RunConfig, world: int) -> dict[str, Any]:
     ds, optim = run.deepspeed, run.optim
     micro, accum = batch_layout(run, world)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3:
+        # Buckets sized from the model's width, as HF's DeepSpeed integration does: the defaults
+        # (up to 5e8 elements) are buffers larger than a ViT-B's whole shard.
+        d = run.model.width
+        zero.update(
+            reduce_bucket_size=d * d,
+            stage3_prefetch_bucket_size=int(0.9 * d * d),
+            stage3_param_persistence_threshold=10 * d,
+        )
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.offload_params:
@@ -108,6 +117,21 @@ def _merge_user_config(path: str, ours: dict[str, Any]) -> dict[str, Any]:
         if prec in user and bool(user[prec].get("enabled")) != ours[prec]["enabled"]:
             raise ConfigError(f"{path}: {prec}.enabled disagrees with deepspeed.precision")
     return {**ours, **user}
+
+
+def model_init_context(run: RunConfig, world: int):
+    """Where to build the model: under ZeRO-3 inside `deepspeed.zero.Init`, so each rank only
+    ever holds its shard of the parameters (iGPT-XL is 27 GB in fp32 before sharding)."""
+    import contextlib
+
+    if run.deepspeed.zero_stage < 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    remote = "cpu" if run.deepspeed.offload_params else None
+    return deepspeed.zero.Init(
+        config_dict_or_path=deepspeed_config(run, world), remote_device=remote
+    )
 
 
 def build_engine(

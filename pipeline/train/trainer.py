@@ -30,6 +30,7 @@ from pipeline.train.engine import (
     build_engine,
     gathered_params,
     init_distributed,
+    model_init_context,
     to_universal,
 )
 from pipeline.train.objectives import OBJECTIVES
@@ -72,9 +73,13 @@ class Trainer:
         self.rank, self.world = init_distributed()
         self.micro, self.accum = batch_layout(run, self.world)
         torch.manual_seed(run.train.seed)  # the same initial weights on every rank
-        model = create_model(run.model)
-        if run.train.objective == "supervised-sigmoid":
-            model.reset_head(run.model.num_classes, bias=run.train.head_bias)
+        head = (
+            {"head_bias": run.train.head_bias}
+            if run.train.objective == "supervised-sigmoid"
+            else {}
+        )
+        with model_init_context(run, self.world):
+            model = create_model(run.model, **head)
         self.flops_per_sample = run.model.train_flops()
         self.stream = Stream(
             stream_config(run, run.data.train_split, self.micro, train=True), self.rank, self.world

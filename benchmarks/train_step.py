@@ -1,0 +1,272 @@
+"""Training step: MFU against this machine's matmul roof, memory, ZeRO sharding, checkpoint I/O.
+
+    .venv/bin/python benchmarks/train_step.py [--steps 4]
+
+Each figure is measured in its own process (so peak memory is that measurement's alone), all
+from this one run, and printed side by side:
+  roof          bf16 matmul FLOP/s of this machine (the best of square sizes 1024-3072)
+  mfu           a ViT-S/16 (224 px) training step through Tessera's DeepSpeed engine (bf16,
+                ZeRO-0, one process): analytic model FLOPs / step time / roof
+  activations   peak resident memory of that step above the memory before it, activation
+                checkpointing off and on
+  zero          per-rank memory of model + gradients + optimizer states (resident memory after
+                the first optimizer step, above the memory before the model existed) for a
+                ViT-B (86M parameters) at 2 ranks, ZeRO-3 against ZeRO-0
+  checkpoint    bytes/s of the engine writing a ViT-B checkpoint against one plain sequential
+                write of the same number of bytes to the same disk
+Targets (issue 4, 2-core CPU): MFU >= 35% of the roof; ZeRO-3 <= 0.55x ZeRO-0 per rank;
+checkpoint write >= 0.5x a sequential write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def run_config(model: dict, zero: int, batch: int, world: int = 1):
+    from pipeline.config import parse_config
+
+    return parse_config(
+        {
+            "model": model,
+            "train": {"global_batch_size": batch * world, "steps": 1000},
+            "deepspeed": {"zero_stage": zero, "precision": "bf16"},
+            "optim": {"grad_clip": 1.0},
+        }
+    )
+
+
+def engine_for(run, world: int):
+    from pipeline.models import create_model
+    from pipeline.train.engine import build_engine, model_init_context
+
+    torch.manual_seed(0)
+    with model_init_context(run, world):  # as the trainer builds it
+        model = create_model(run.model)
+    return build_engine(model, run, world, run.train.steps)[0]
+
+
+def step(engine, cfg, batch: int) -> None:
+    x = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size, dtype=torch.bfloat16)
+    y = torch.randint(0, cfg.num_classes, (batch,))
+    loss = torch.nn.functional.cross_entropy(engine(x).float(), y)
+    engine.backward(loss)
+    engine.step()
+
+
+def role_roof(_: argparse.Namespace) -> dict:
+    from pipeline.train.trainer import measure_peak_flops
+
+    best = 0.0
+    for n in (1024, 2048, 3072):
+        a = torch.randn(n, n, dtype=torch.bfloat16)
+        b = torch.randn(n, n, dtype=torch.bfloat16)
+        a @ b
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 1.0:
+            a @ b
+            count += 1
+        best = max(best, 2 * n**3 * count / (time.perf_counter() - start))
+    return {"roof_flops": max(best, measure_peak_flops(torch.bfloat16, torch.device("cpu")))}
+
+
+def role_step(args: argparse.Namespace) -> dict:
+    from pipeline.train.engine import init_distributed
+
+    init_distributed()
+    model = {"name": "vit-s16", "grad_checkpointing": args.checkpointing}
+    run = run_config(model, zero=0, batch=args.batch)
+    engine = engine_for(run, 1)
+    step(engine, run.model, args.batch)  # warm-up: allocates optimizer states
+    before = rss_gb()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step(engine, run.model, args.batch)
+    seconds = (time.perf_counter() - start) / args.steps
+    flops = run.model.train_flops() * args.batch / seconds
+    return {"step_s": seconds, "model_flops": flops, "activation_gb": peak_rss_gb() - before}
+
+
+def role_zero(args: argparse.Namespace) -> dict:
+    from pipeline.train.engine import init_distributed
+
+    rank, world = init_distributed()
+    before = rss_gb()
+    run = run_config({"name": "vit-b16", "image_size": 32}, zero=args.zero, batch=2, world=world)
+    engine = engine_for(run, world)
+    step(engine, run.model, 2)
+    state_gb = rss_gb() - before
+    torch.distributed.barrier()
+    return {"rank": rank, "state_gb": state_gb}
+
+
+def role_checkpoint(args: argparse.Namespace) -> dict:
+    from pipeline.train.engine import init_distributed
+
+    init_distributed()
+    run = run_config({"name": "vit-b16", "image_size": 32}, zero=0, batch=2)
+    engine = engine_for(run, 1)
+    step(engine, run.model, 2)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        start = time.perf_counter()
+        engine.save_checkpoint(tmp, tag="bench", save_latest=False)
+        ckpt_s = time.perf_counter() - start
+        size = sum(p.stat().st_size for p in Path(tmp, "bench").iterdir())
+        data = os.urandom(1 << 20) * (size >> 20)
+        start = time.perf_counter()
+        with open(Path(tmp, "plain.bin"), "wb") as f:
+            f.write(data)
+        plain_s = time.perf_counter() - start
+    return {
+        "bytes": size,
+        "ckpt_bytes_per_s": size / ckpt_s,
+        "plain_bytes_per_s": len(data) / plain_s,
+    }
+
+
+ROLES = {"roof": role_roof, "step": role_step, "zero": role_zero, "checkpoint": role_checkpoint}
+
+
+def child(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    result = ROLES[args.role](args)
+    # One file per process: ranks printing at once would interleave their lines.
+    Path(args.out, f"{os.getpid()}.json").write_text(json.dumps(result))
+
+
+def launch(role: str, *extra: str, ranks: int = 0, threads: int | None = None) -> list[dict]:
+    """Run one measurement in its own process(es); returns each process's result."""
+    threads = threads or os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as out:
+        me = [
+            str(Path(__file__).resolve()),
+            "--role",
+            role,
+            "--threads",
+            str(threads),
+            "--out",
+            out,
+            *extra,
+        ]
+        if ranks:
+            launcher = [
+                str(Path(sys.executable).parent / "deepspeed"),
+                "--num_gpus",
+                str(ranks),
+                "--no_local_rank",
+            ]
+            cmd = [*launcher, *me]
+        else:
+            cmd = [sys.executable, *me]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        results = [json.loads(p.read_text()) for p in sorted(Path(out).glob("*.json"))]
+    if proc.returncode != 0 or len(results) != max(ranks, 1):
+        sys.exit(f"benchmark role {role} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=4, help="timed training steps")
+    parser.add_argument("--batch", type=int, default=8, help="images per step (ViT-S/16, 224 px)")
+    parser.add_argument("--role", choices=list(ROLES), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--zero", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--dir", default=None, help="where the checkpoint I/O test writes (default: temp)"
+    )
+    args = parser.parse_args()
+    if args.role:
+        return child(args)
+
+    common = ["--steps", str(args.steps), "--batch", str(args.batch)]
+    roof = launch("roof")[0]["roof_flops"]
+    plain = launch("step", *common)[0]
+    ckpt = launch("step", *common, "--checkpointing")[0]
+    cores = os.cpu_count() or 2
+    zero0 = launch("zero", "--zero", "0", ranks=2, threads=max(1, cores // 2))
+    zero3 = launch("zero", "--zero", "3", ranks=2, threads=max(1, cores // 2))
+    io = launch("checkpoint", *(["--dir", args.dir] if args.dir else []))[0]
+
+    mfu = plain["model_flops"] / roof
+    z0 = max(r["state_gb"] for r in zero0)
+    z3 = max(r["state_gb"] for r in zero3)
+    rows = [
+        ("bf16 matmul roof", f"{roof / 1e9:.1f} GFLOP/s", ""),
+        (
+            f"ViT-S/16 train step, batch {args.batch}",
+            f"{plain['step_s']:.2f} s",
+            f"{plain['model_flops'] / 1e9:.1f} GFLOP/s",
+        ),
+        ("MFU (model FLOPs / roof)", f"{100 * mfu:.1f}%", "target >= 35%"),
+        (
+            "activations, checkpointing off",
+            f"{plain['activation_gb']:.2f} GB",
+            f"step {plain['step_s']:.2f} s",
+        ),
+        (
+            "activations, checkpointing on",
+            f"{ckpt['activation_gb']:.2f} GB",
+            f"step {ckpt['step_s']:.2f} s",
+        ),
+        ("ViT-B state per rank, ZeRO-0 x2", f"{z0:.2f} GB", ""),
+        ("ViT-B state per rank, ZeRO-3 x2", f"{z3:.2f} GB", f"{z3 / z0:.2f}x (target <= 0.55x)"),
+        (
+            "checkpoint write",
+            f"{io['ckpt_bytes_per_s'] / 1e6:.0f} MB/s",
+            f"{io['bytes'] / 1e6:.0f} MB",
+        ),
+        (
+            "plain sequential write",
+            f"{io['plain_bytes_per_s'] / 1e6:.0f} MB/s",
+            f"{io['ckpt_bytes_per_s'] / io['plain_bytes_per_s']:.2f}x (target >= 0.5x)",
+        ),
+    ]
+    print(f"{'train step (' + str(cores) + ' CPU cores)':<36} {'value':>14}  note")
+    for name, value, note in rows:
+        print(f"{name:<36} {value:>14}  {note}")
+    print(
+        json.dumps(
+            {
+                "mfu": round(mfu, 4),
+                "roof_gflops": round(roof / 1e9, 1),
+                "model_gflops": round(plain["model_flops"] / 1e9, 1),
+                "activation_gb_checkpointing_off": round(plain["activation_gb"], 3),
+                "activation_gb_checkpointing_on": round(ckpt["activation_gb"], 3),
+                "activation_checkpointing_memory_ratio": round(
+                    ckpt["activation_gb"] / max(plain["activation_gb"], 1e-9), 3
+                ),
+                "zero3_vs_zero0_state_ratio": round(z3 / z0, 3),
+                "checkpoint_vs_sequential_write_ratio": round(
+                    io["ckpt_bytes_per_s"] / io["plain_bytes_per_s"], 3
+                ),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
