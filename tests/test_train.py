@@ -81,6 +81,13 @@ def losses(out):
     return {int(s): float(v) for s, v in STEP_LINE.findall(out)}
 
 
+def run_export(source: Path, dest: Path) -> str:
+    cmd = [TESSERA, "export", str(source), str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
 def kill_when(proc, path: Path, sig=signal.SIGKILL):
     deadline = time.monotonic() + TIMEOUT
     while not path.exists():
@@ -263,13 +270,7 @@ def test_two_ranks_under_the_deepspeed_launcher_resume_exactly(
     # One process, no DeepSpeed ranks, gathers the shards into one model.
     from pipeline.models import load_model
 
-    out = subprocess.run(
-        [TESSERA, "export", str(run_dir / "run"), str(run_dir / "export")],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
+    run_export(run_dir / "run", run_dir / "export")
     model = load_model(str(run_dir / "export")).eval()
     import torch
 
@@ -312,14 +313,8 @@ if __name__ == "__main__":
 def test_export_loads_without_deepspeed_and_reproduces_the_trained_weights(tmp_path, digits_url):
     config = write_config(tmp_path, digits_url, deepspeed={"precision": "fp32"}, train={"steps": 6})
     finish(pretrain(config))
-    proc = subprocess.run(
-        [TESSERA, "export", str(tmp_path / "run"), str(tmp_path / "export")],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "exported" in proc.stdout and "step-0000006" in proc.stdout
+    printed = run_export(tmp_path / "run", tmp_path / "export")
+    assert "exported" in printed and "step-0000006" in printed
     # A fresh interpreter that never imports deepspeed loads it and gets the trained weights.
     check = f"""
 import sys, torch

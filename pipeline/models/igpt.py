@@ -15,11 +15,18 @@ import torch
 from torch import nn
 
 from pipeline.errors import require
-from pipeline.models.layers import Backbone, Block, Embedding, Linear, blocks_forward_flops
+from pipeline.models.layers import (
+    Backbone,
+    Block,
+    Embedding,
+    Linear,
+    TrainFlops,
+    blocks_forward_flops,
+)
 
 
 @dataclass(frozen=True)
-class IGPTConfig:
+class IGPTConfig(TrainFlops):
     """Architecture of one ImageGPT; a registry name fills it, a run config may override fields."""
 
     family: ClassVar[str] = "igpt"
@@ -69,10 +76,6 @@ class IGPTConfig:
         """FLOPs of one forward pass per image (embedding lookups are free)."""
         lm_head = 2 * self.num_tokens * self.width * self.vocab_size
         return blocks_forward_flops(self.num_tokens, self.width, self.depth, self.mlp_dim) + lm_head
-
-    def train_flops(self) -> int:
-        """Model FLOPs of one training step per image: forward + backward (2x forward)."""
-        return 3 * self.forward_flops()
 
 
 class ImageGPT(Backbone):

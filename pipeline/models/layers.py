@@ -244,6 +244,17 @@ class Backbone(nn.Module):
         return maps
 
 
+class TrainFlops:
+    """Mixin for architecture configs that define forward_flops()."""
+
+    def forward_flops(self) -> int:
+        raise NotImplementedError
+
+    def train_flops(self) -> int:
+        """Model FLOPs of one training step per sample: forward + backward (2x forward)."""
+        return 3 * self.forward_flops()
+
+
 def blocks_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> int:
     """Forward FLOPs of `depth` blocks over `tokens` tokens, per sample (2 FLOPs per MAC).
 

@@ -14,11 +14,18 @@ import torch
 from torch import nn
 
 from pipeline.errors import require
-from pipeline.models.layers import Backbone, Block, Linear, PatchEmbed, blocks_forward_flops
+from pipeline.models.layers import (
+    Backbone,
+    Block,
+    Linear,
+    PatchEmbed,
+    TrainFlops,
+    blocks_forward_flops,
+)
 
 
 @dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(TrainFlops):
     """Architecture of one ViT; a registry name fills it, a run config may override fields."""
 
     family: ClassVar[str] = "vit"
@@ -74,10 +81,6 @@ class ViTConfig:
             + blocks_forward_flops(self.num_tokens, self.width, self.depth, self.mlp_dim)
             + head
         )
-
-    def train_flops(self) -> int:
-        """Model FLOPs of one training step per image: forward + backward (2x forward)."""
-        return 3 * self.forward_flops()
 
 
 class VisionTransformer(Backbone):

@@ -123,21 +123,19 @@ def from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     n = state["pos_embed"].shape[1]
     if round(n**0.5) ** 2 == n:  # a square grid alone: no slot for the class token
         raise ValueError("timm weights have no class-token position embedding (no_embed_class)")
-    out = {}
-    for key, value in state.items():
-        for old, new in _TIMM_RENAMES.items():
-            if key.startswith(old):
-                key = new + key[len(old) :]
-        out[key] = value
-    return out
+    return _rename(state, _TIMM_RENAMES)
 
 
 def to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Tessera's ViT layout -> timm `VisionTransformer` keys (load with timm's `load_state_dict`)."""
+    return _rename(state, {ours: theirs for theirs, ours in _TIMM_RENAMES.items()})
+
+
+def _rename(state: dict[str, torch.Tensor], prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
-        for timm_key, ours in _TIMM_RENAMES.items():
-            if key.startswith(ours):
-                key = timm_key + key[len(ours) :]
+        for old, new in prefixes.items():
+            if key.startswith(old):
+                key = new + key[len(old) :]
         out[key] = value
     return out
