@@ -3,8 +3,8 @@
 Pixels leave the loader as uint8 (C, H, W): a quarter of the bytes of float32 between worker
 processes, and the conversion to floats in [-1, 1] (`model_input`) runs where the model is, on
 the accelerator. Cropping and resizing use torch's vectorised uint8 antialiased bilinear kernel
-(2.5-4x faster than PIL's), and a JPEG whose crop is at least twice the output size is decoded
-at a reduced DCT scale to begin with.
+(profiling showed PIL's resize costing more than the JPEG decode), and a JPEG whose crop is at
+least twice the output size is decoded at a reduced DCT scale to begin with.
 
 Randomness comes from a `random.Random` seeded per sample by the stream from (seed, epoch,
 sample), so an augmentation does not depend on which rank or worker reads the sample.
