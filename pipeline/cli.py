@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", default="", help="auto (newest complete checkpoint), never, or a path"
     )
-    p.set_defaults(func=cmd_pretrain)
+    p.set_defaults(func=cmd_pretrain, hard_exit=True)
 
     p = sub.add_parser(
         "export", help="checkpoint -> safetensors + model config (no DeepSpeed needed)"
@@ -172,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = _run(args)
+    if getattr(args, "hard_exit", False):
+        # Training is over and every file is closed (checkpoints complete, TensorBoard flushed,
+        # process group destroyed). Some native thread started by the communication stack can
+        # still be alive, and Python's normal teardown then aborts the process ("terminate
+        # called without an active exception"), turning a finished run into exit status -6.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.func(args)
     except ConfigError as e:
