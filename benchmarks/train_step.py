@@ -77,17 +77,11 @@ def step(engine, cfg, batch: int) -> None:
 def role_roof(_: argparse.Namespace) -> dict:
     from pipeline.train.trainer import measure_peak_flops
 
-    best = 0.0
-    for n in (1024, 2048, 3072):
-        a = torch.randn(n, n, dtype=torch.bfloat16)
-        b = torch.randn(n, n, dtype=torch.bfloat16)
-        a @ b
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < 1.0:
-            a @ b
-            count += 1
-        best = max(best, 2 * n**3 * count / (time.perf_counter() - start))
-    return {"roof_flops": max(best, measure_peak_flops(torch.bfloat16, torch.device("cpu")))}
+    cpu = torch.device("cpu")
+    best = max(
+        measure_peak_flops(torch.bfloat16, cpu, seconds=1.0, n=n) for n in (1024, 2048, 3072)
+    )
+    return {"roof_flops": best}
 
 
 def role_step(args: argparse.Namespace) -> dict:

@@ -29,6 +29,7 @@ missing, none twice.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 from collections import Counter
@@ -292,8 +293,6 @@ class _Reader:
         if "cls" in sample:
             return [int(sample["cls"].decode().strip())]
         if "json" in sample:
-            import json
-
             labels = json.loads(sample["json"]).get("labels")
             return [int(x) for x in labels] if isinstance(labels, list) else None
         return None

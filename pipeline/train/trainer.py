@@ -52,9 +52,12 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
-def measure_peak_flops(dtype: torch.dtype, device: torch.device, seconds: float = 0.5) -> float:
-    """The matmul roof of this device in FLOP/s: square matmuls of the training dtype."""
-    n = 1024 if device.type == "cpu" else 8192
+def measure_peak_flops(
+    dtype: torch.dtype, device: torch.device, seconds: float = 0.5, n: int = 0
+) -> float:
+    """The matmul roof of this device in FLOP/s: n x n matmuls of the training dtype (n=0: 1024
+    on a CPU, 8192 on a GPU)."""
+    n = n or (1024 if device.type == "cpu" else 8192)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm up
