@@ -118,11 +118,16 @@ class ImageGPT(Backbone):
         """Average over the pixel positions (the start token is left out), as iGPT probes do."""
         return tokens[:, 1:].mean(dim=1)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> palette logits (B, T, K), where logits[:, i] predicts pixel i.
+    def forward(self, tokens: torch.Tensor, head: str = "lm") -> torch.Tensor:
+        """Token ids (B, T) -> palette logits (B, T, K), where logits[:, i] predicts pixel i;
+        head="classes": class logits (B, num_classes) from the average-pooled tokens (finetuning).
 
         Causal: position i reads the start token and pixels < i. Bidirectional: position i reads
         every (possibly masked) pixel and predicts its own.
         """
+        if head == "classes":
+            return self.classify(tokens)
+        if head != "lm":
+            raise ValueError(f"ImageGPT heads are 'lm' and 'classes', not {head!r}")
         logits = self.lm_head(self.forward_features(tokens))
         return logits[:, :-1] if self.cfg.causal else logits[:, 1:]

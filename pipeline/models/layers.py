@@ -218,6 +218,21 @@ class Backbone(nn.Module):
             return self.norm(x)
         return [states[i] for i in wanted]
 
+    def features(self, x: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
+        """Pooled representations (B, D) of the given blocks, as linear probes read them: the
+        model's own pooling ([class] token or average over tokens) of each block's output; the
+        last block's output is normalised first, as the head sees it."""
+        wanted = self.resolve_layers(layers)
+        states = self.forward_features(x, layers=wanted)
+        last = self.depth - 1
+        return [
+            self.pool(self.norm(s) if i == last else s) for i, s in zip(wanted, states, strict=True)
+        ]
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, num_classes) from the pooled final tokens."""
+        return self.forward_head(self.forward_features(x))
+
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (B, N, D) -> pooled (B, D) if pre_logits, else class logits (B, classes)."""
         pooled = self.pool(features)

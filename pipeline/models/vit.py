@@ -123,6 +123,8 @@ class VisionTransformer(Backbone):
             return tokens[:, 0]
         return self.fc_norm(tokens[:, 1:].mean(dim=1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, head: str = "classes") -> torch.Tensor:
         """Images (B, C, H, W) -> logits (B, num_classes), or pooled (B, D) with no head."""
-        return self.forward_head(self.forward_features(x))
+        if head != "classes":
+            raise ValueError(f"a ViT has only a class head, not {head!r}")
+        return self.classify(x)

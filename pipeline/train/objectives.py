@@ -2,7 +2,8 @@
 
 Each objective takes the model and a batch dict and returns (loss, metrics): `loss` is the scalar
 to minimise, `metrics` holds detached scalars for logging. Batches:
-  supervised, supervised-sigmoid: {"image": (B, C, H, W) uint8 (or float in [-1, 1]),
+  supervised, supervised-sigmoid: {"image": (B, C, H, W) uint8 (or float in [-1, 1]) or, for
+                                   ImageGPT, "tokens": (B, T) int64,
                                    "label": (B,) int64 or (B, K) multi-hot}
   igpt-ar, igpt-bert:             {"tokens": (B, T) int64 palette ids}
 """
@@ -29,9 +30,15 @@ def _multi_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(labels, num_classes).float()
 
 
+def class_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Class logits of a batch of images (ViT) or palette tokens (ImageGPT), in fp32."""
+    inputs = batch["tokens"] if "tokens" in batch else model_input(batch["image"])
+    return model(inputs, head="classes").float()
+
+
 def supervised(model: nn.Module, batch: dict, **_: object) -> tuple[torch.Tensor, Metrics]:
     """Softmax cross-entropy; multi-hot labels become a uniform target over their classes."""
-    logits = model(model_input(batch["image"])).float()
+    logits = class_logits(model, batch)
     labels = batch["label"]
     if labels.ndim == 2:
         target = labels.float() / labels.float().sum(1, keepdim=True).clamp_min(1)
@@ -46,7 +53,7 @@ def supervised(model: nn.Module, batch: dict, **_: object) -> tuple[torch.Tensor
 def supervised_sigmoid(model: nn.Module, batch: dict, **_: object) -> tuple[torch.Tensor, Metrics]:
     """JFT-style multi-label: per-class sigmoid cross-entropy, summed over classes, mean over
     the batch (big_vision's sigmoid_xent). Pair with a negative head-bias initialisation."""
-    logits = model(model_input(batch["image"])).float()
+    logits = class_logits(model, batch)
     target = _multi_hot(batch["label"], logits.shape[-1])
     loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1).mean()
     top1 = target.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
