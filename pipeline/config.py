@@ -173,6 +173,17 @@ class LoggingConfig:
         require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0")
 
 
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Start training from pretrained weights (`tessera finetune`) instead of from scratch."""
+
+    init: str = ""  # an exported model, a complete checkpoint or a run folder; empty: from scratch
+    head_init: float = 0.0  # new head: 0 zero weights (ViT paper); s > 0 normal std s (MAE: 2e-5)
+
+    def __post_init__(self) -> None:
+        require(self.head_init >= 0, "head_init", self.head_init, "must be >= 0")
+
+
 Evaluator = Literal["linear_probe", "fewshot", "knn", "finetune", "pixels"]
 
 
@@ -184,8 +195,17 @@ class EvalConfig:
     shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])  # few-shot examples per class
     seeds: int = 3  # few-shot repetitions
     knn_k: int = 20
+    train_split: str = "train"  # the target's split probes are fitted on
+    test_split: str = ""  # the split reported; empty: "test" if the target has one, else "val"
+    holdout: float = 0.1  # fraction of train_split held out to choose the L2 strength
+    batch_size: int = 256  # images per forward during feature extraction
+    finetune_steps: int = 500  # the finetune evaluator's training steps
+    finetune: list[str] = field(default_factory=list)  # more KEY=VALUE for the finetune run
 
     def __post_init__(self) -> None:
+        require(0 < self.holdout < 1, "holdout", self.holdout, "must be in (0, 1)")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        require(self.finetune_steps >= 1, "finetune_steps", self.finetune_steps, "must be >= 1")
         require(all(s >= 1 for s in self.shots), "shots", self.shots, "each must be >= 1")
         require(self.seeds >= 1, "seeds", self.seeds, "must be >= 1")
         require(self.knn_k >= 1, "knn_k", self.knn_k, "must be >= 1")
@@ -204,6 +224,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
         objective, family = self.train.objective, self.model.family

@@ -46,9 +46,10 @@ def write_config(tmp_path, digits_url, name="run.yaml", **sections):
     return path
 
 
-def pretrain(config, *args, ranks=1, **kw):
+def pretrain(config, *args, ranks=1, command="pretrain", **kw):
+    """`tessera COMMAND CONFIG` in one process, or on `ranks` CPU ranks under deepspeed."""
     if ranks == 1:
-        cmd = [TESSERA, "pretrain", str(config), *args]
+        cmd = [TESSERA, command, str(config), *args]
     else:
         launcher = [
             str(BIN / "deepspeed"),
@@ -58,7 +59,7 @@ def pretrain(config, *args, ranks=1, **kw):
             "--master_port",
             str(_port()),
         ]
-        cmd = [*launcher, "--module", "pipeline.cli", "pretrain", str(config), *args]
+        cmd = [*launcher, "--module", "pipeline.cli", command, str(config), *args]
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw

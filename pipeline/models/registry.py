@@ -100,3 +100,23 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     if unknown:
         raise ValueError(f"model config has unknown fields {unknown} for family {family!r}")
     return cls(**data)
+
+
+# Fields a finetune may change on pretrained weights; every other field shapes the weights.
+# (A ViT's position embeddings are resampled to a new image size; ImageGPT's sequence is not.)
+ADAPTABLE = {
+    "vit": {"name", "image_size", "num_classes", "head_bias", "drop_path", "grad_checkpointing"},
+    "igpt": {"name", "num_classes", "head_bias", "drop_path", "grad_checkpointing", "causal"},
+}
+
+
+def weights_mismatch(saved: ModelConfig, wanted: ModelConfig) -> list[str]:
+    """Why weights of `saved` cannot initialise `wanted`: ["width 192 != 48", ...]; [] if they can."""
+    if saved.family != wanted.family:
+        return [f"family {saved.family} != {wanted.family}"]
+    out = []
+    for f in dataclasses.fields(saved):
+        a, b = getattr(saved, f.name), getattr(wanted, f.name)
+        if f.name not in ADAPTABLE[saved.family] and a != b:
+            out.append(f"{f.name} {a} != {b}")
+    return out

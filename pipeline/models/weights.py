@@ -23,17 +23,25 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
 
 
-def save_model(model: Backbone, url: str) -> None:
-    """Write `url/model.safetensors` and then `url/model.json`."""
+def save_model(model: Backbone, url: str, provenance: dict[str, Any] | None = None) -> None:
+    """Write `url/model.safetensors` and then `url/model.json` (with `provenance`: where the
+    weights came from, e.g. the pretraining data and step, for results tables)."""
     fs, path = filesystem(url)
     fs.makedirs(path, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     write_atomic(fs, join(path, WEIGHTS_FILE), save_safetensors(state))
     meta = {"format": "tessera-model/1", "config": config_to_dict(model.cfg)}
+    if provenance:
+        meta["provenance"] = provenance
     write_atomic(fs, join(path, CONFIG_FILE), json.dumps(meta, indent=2).encode())
 
 
 def read_model_config(url: str) -> dict[str, Any]:
+    return read_model_meta(url)["config"]
+
+
+def read_model_meta(url: str) -> dict[str, Any]:
+    """model.json of a saved model: {"config": ..., "provenance": ... (if saved with one)}."""
     try:
         with fsspec.open(join(url, CONFIG_FILE), "r") as f:
             meta = json.load(f)
@@ -42,7 +50,7 @@ def read_model_config(url: str) -> dict[str, Any]:
             f"no saved model at {url}: {CONFIG_FILE} is missing (it is written last, so the "
             "folder is absent or its save did not finish)"
         ) from None
-    return meta["config"]
+    return meta
 
 
 def load_state(url: str) -> dict[str, torch.Tensor]:

@@ -148,7 +148,9 @@ def build_engine(
         config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, run.optim.weight_decay),
+        model_parameters=param_groups(
+            model, run.optim.weight_decay, run.optim.lr, run.optim.layer_decay
+        ),
         config=config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
@@ -193,3 +195,16 @@ def gathered_params(engine):
     if engine.zero_optimization_stage() < 3:
         return contextlib.nullcontext()
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+
+
+def modifiable_params(model: nn.Module, run: RunConfig):
+    """A context in which a freshly built model's full parameters may be overwritten (loading
+    pretrained weights). Under ZeRO-3 `zero.Init` left each rank only its shard: they are gathered
+    and rank 0's values scattered back on exit."""
+    import contextlib
+
+    if run.deepspeed.zero_stage < 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0)

@@ -1,14 +1,25 @@
 """`tessera export`: a training checkpoint -> safetensors + model config, loadable without
-DeepSpeed (`pipeline.models.load_model`) by finetuning, evaluation and other tools."""
+DeepSpeed (`pipeline.models.load_model`) by finetuning, evaluation and other tools.
+
+`read_weights` is the one way finetuning and evaluation take a model: an exported folder, a
+complete checkpoint, or a run folder (its newest complete checkpoint).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from pipeline.config import parse_config
-from pipeline.models import create_model, save_model
+from pipeline.models import ModelConfig, create_model, save_model
 from pipeline.models.layers import Backbone
+from pipeline.models.registry import config_from_dict
+from pipeline.models.weights import CONFIG_FILE, load_state, read_model_meta
+from pipeline.storage import filesystem, join
 from pipeline.train import checkpoint
 from pipeline.train.engine import consolidated_state_dict
 
@@ -24,12 +35,64 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
+@dataclass
+class Weights:
+    """A model's weights and where they came from."""
+
+    config: ModelConfig
+    state: dict[str, torch.Tensor]
+    source: str  # the checkpoint or export folder read
+    provenance: dict[str, Any]  # model, data (pretraining dataset URL), step, objective
+
+    def build(self, **overrides: Any) -> Backbone:
+        """The model with these weights (head and position embeddings adapted to overrides)."""
+        from pipeline.models import load_pretrained
+
+        model = create_model(self.config, **overrides)
+        load_pretrained(model, self.state, source=self.source)
+        return model
+
+
+def _checkpoint_provenance(ckpt: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    state_file = ckpt / checkpoint.STATE
+    state = json.loads(state_file.read_text())
+    run = parse_config(state["config"], source=str(state_file))
+    return run.model, {
+        "model": run.model.name,
+        "data": run.data.url,
+        "step": state["step"],
+        "objective": run.train.objective,
+        "checkpoint": str(ckpt),
+    }
+
+
+def read_weights(source: str | Path) -> Weights:
+    """Weights from an exported model folder (any fsspec URL), a complete checkpoint, or a run
+    folder. Errors name the source and what it lacks."""
+    text = str(source)
+    fs, path = filesystem(text)
+    if fs.exists(join(path, CONFIG_FILE)):
+        meta = read_model_meta(text)
+        cfg = config_from_dict(meta["config"])
+        provenance = {"model": cfg.name, "data": "", "step": 0, "objective": ""}
+        provenance.update(meta.get("provenance", {}))
+        return Weights(cfg, load_state(text), text, provenance)
+    try:
+        ckpt = resolve_checkpoint(text)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{text}: not an exported model ({CONFIG_FILE}), a complete checkpoint or a run "
+            "folder with one"
+        ) from None
+    cfg, provenance = _checkpoint_provenance(ckpt)
+    return Weights(cfg, consolidated_state_dict(ckpt), str(ckpt), provenance)
+
+
 def export(source: str | Path, out_url: str) -> tuple[Path, Backbone]:
     """Write the weights of `source` (run or checkpoint folder) to `out_url`."""
     ckpt = resolve_checkpoint(source)
-    state_file = ckpt / checkpoint.STATE
-    run = parse_config(json.loads(state_file.read_text())["config"], source=str(state_file))
-    model = create_model(run.model)
+    cfg, provenance = _checkpoint_provenance(ckpt)
+    model = create_model(cfg)
     model.load_state_dict(consolidated_state_dict(ckpt), strict=True)
-    save_model(model, out_url)
+    save_model(model, out_url, provenance=provenance)
     return ckpt, model

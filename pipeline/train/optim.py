@@ -13,20 +13,40 @@ from pipeline.config import OptimConfig
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "tok_embed")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights with decay; norms, biases, position embeddings and tokens without."""
-    decay, no_decay = [], []
+def layer_id(name: str, depth: int) -> int:
+    """Depth of a parameter for layer-wise lr decay: 0 for the embeddings, i + 1 for block i,
+    depth + 1 for the final norm and the heads."""
+    if name.startswith(("patch_embed", "cls_token", "pos_embed", "tok_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float = 0.0, layer_decay: float = 1.0
+) -> list[dict]:
+    """AdamW groups: weights with decay; norms, biases, position embeddings and tokens without.
+
+    layer_decay < 1 (finetuning, as BEiT/MAE): each block's lr is the peak `lr` times
+    layer_decay ** (distance from the top), so the embeddings move least and the head most;
+    the groups are then split per layer and carry their own "lr".
+    """
+    depth = len(model.blocks) if hasattr(model, "blocks") else 0
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or any(n in name for n in NO_DECAY_NAMES):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        no_decay = p.ndim <= 1 or any(n in name for n in NO_DECAY_NAMES)
+        layer = layer_id(name, depth) if layer_decay < 1 else 0
+        group = groups.get((layer, no_decay))
+        if group is None:
+            group = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay}
+            if layer_decay < 1:
+                group["lr"] = lr * layer_decay ** (depth + 1 - layer)
+            groups[(layer, no_decay)] = group
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:

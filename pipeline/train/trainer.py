@@ -23,7 +23,9 @@ import torch.distributed as dist
 from pipeline.config import RunConfig, config_to_raw
 from pipeline.data.stream import Stream, merge_states, stream_config
 from pipeline.data.transforms import model_input
-from pipeline.models import create_model
+from pipeline.errors import ConfigError
+from pipeline.models import create_model, load_pretrained
+from pipeline.models.registry import weights_mismatch
 from pipeline.train import checkpoint
 from pipeline.train.engine import (
     batch_layout,
@@ -31,8 +33,10 @@ from pipeline.train.engine import (
     gathered_params,
     init_distributed,
     model_init_context,
+    modifiable_params,
     to_universal,
 )
+from pipeline.train.export import Weights, read_weights
 from pipeline.train.objectives import OBJECTIVES
 from pipeline.train.visuals import completion_panel, rollout_panel
 
@@ -70,6 +74,22 @@ def measure_peak_flops(
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
+def read_init_weights(run: RunConfig) -> Weights:
+    """finetune.init's weights, checked against run.model before anything is computed."""
+    url = run.finetune.init
+    try:
+        init = read_weights(url)
+    except FileNotFoundError as e:
+        raise ConfigError(f"finetune.init: {e}") from None
+    why = weights_mismatch(init.config, run.model)
+    if why:
+        raise ConfigError(
+            f"finetune.init: {init.source} holds a {init.config.name} whose weights do not fit "
+            f"model {run.model.name}: {'; '.join(why)} (a checkpoint of another model size?)"
+        )
+    return init
+
+
 class Trainer:
     def __init__(self, run: RunConfig, resume: str = "auto", log=print) -> None:
         self.run, self.log = run, log
@@ -81,15 +101,22 @@ class Trainer:
             if run.train.objective == "supervised-sigmoid"
             else {}
         )
-        with model_init_context(run, self.world):
-            model = create_model(run.model, **head)
-        self.flops_per_sample = run.model.train_flops()
-        self.stream = Stream(
-            stream_config(run, run.data.train_split, self.micro, train=True), self.rank, self.world
-        )
         self.output = Path(run.train.output)
         self.ckpt_root = self.output / "checkpoints"
         start = self._checkpoint_to_resume(resume)
+        init = None
+        self.init_provenance: dict[str, Any] = {}
+        if run.finetune.init and start is None:  # a resumed finetune has its weights already
+            init = read_init_weights(run)
+            self.init_provenance = init.provenance
+        self.stream = Stream(
+            stream_config(run, run.data.train_split, self.micro, train=True), self.rank, self.world
+        )
+        with model_init_context(run, self.world):
+            model = create_model(run.model, **head)
+        if init is not None:
+            self._load_init(model, init)
+        self.flops_per_sample = run.model.train_flops()
         universal = start is not None and self._needs_universal(start)
         self.engine, _, self.scheduler = build_engine(
             model, run, self.world, run.train.steps, load_universal=universal
@@ -112,6 +139,21 @@ class Trainer:
             self.writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=self.step)
 
     # -- checkpoints -----------------------------------------------------------------------
+
+    def _load_init(self, model: torch.nn.Module, init: Weights) -> None:
+        """Pretrained weights in, a new head (zero, or normal with std finetune.head_init)."""
+        state = {k: v for k, v in init.state.items() if not k.startswith("head.")}
+        with modifiable_params(model, self.run):
+            load_pretrained(model, state, source=init.source)
+            head = getattr(model, "head", None)
+            if self.run.finetune.head_init > 0 and isinstance(head, torch.nn.Linear):
+                torch.nn.init.trunc_normal_(head.weight, std=self.run.finetune.head_init)
+        if self.rank == 0:
+            p = init.provenance
+            self.log(
+                f"initialised from {init.source} ({p['model']}, step {p['step']}); new head of "
+                f"{self.run.model.num_classes} classes"
+            )
 
     def _checkpoint_to_resume(self, resume: str) -> Path | None:
         if resume == "never":
@@ -144,6 +186,7 @@ class Trainer:
         state = checkpoint.load(self.engine, path, self.rank, universal=universal)
         self.step = state["step"]
         self.skipped = state.get("skipped", 0)
+        self.init_provenance = state.get("init", {})
         self.stream.load_state_dict(state["stream"])
         if self.rank == 0:
             self.log(f"resumed from {path} at step {self.step}")
@@ -157,6 +200,7 @@ class Trainer:
             "stream": merge_states(states),
             "world": self.world,
             "config": config_to_raw(self.run),
+            "init": self.init_provenance,
         }
         return checkpoint.save(
             self.engine, self.ckpt_root, self.step, state, self.rank, self.run.checkpoint.keep_last

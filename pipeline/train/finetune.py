@@ -1,0 +1,107 @@
+"""`tessera finetune CONFIG`: pretrained weights -> a classifier, with the pretraining trainer.
+
+    finetune:
+      init: runs/vit-tiny-fmnist            # a run (its newest checkpoint), a checkpoint or an export
+      head_init: 0.0                        # new head: zero weights (ViT), or normal std (MAE 2e-5)
+    optim: {lr: 1e-3, layer_decay: 0.75}    # BEiT/MAE layer-wise learning-rate decay
+    model: {name: vit-tiny-p4, image_size: 32, num_classes: 10}   # position embeddings resampled
+
+The same DeepSpeed engine, checkpoints and resume as pretraining; at the end, top-1 on
+data.val_split is measured on every rank's share of it and written to the run's results table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import RunConfig
+from pipeline.data.shards import load_manifest
+from pipeline.data.stream import Stream, stream_config
+from pipeline.errors import ConfigError
+from pipeline.evaluate.results import Row, append_rows
+from pipeline.train.objectives import class_logits
+from pipeline.train.trainer import Trainer
+
+
+def check_classes(run: RunConfig) -> None:
+    """model.num_classes must equal the classes of the data, before any computing starts."""
+    manifest = load_manifest(run.data.url, run.data.endpoint_url)
+    for split in (run.data.train_split, run.data.val_split):
+        manifest.split(split)  # names the missing split
+    if run.model.num_classes != len(manifest.classes):
+        raise ConfigError(
+            f"model.num_classes is {run.model.num_classes} but {run.data.url} has "
+            f"{len(manifest.classes)} classes; set model.num_classes={len(manifest.classes)}"
+        )
+
+
+@torch.no_grad()
+def top1(trainer: Trainer, split: str) -> tuple[int, int]:
+    """(correct, images) over the whole split: each rank reads its share, counts are summed.
+    Multi-label data counts a prediction correct when it is one of the image's labels."""
+    cfg = stream_config(trainer.run, split, trainer.micro, train=False)
+    stream = Stream(cfg, trainer.rank, trainer.world)
+    engine = trainer.engine
+    was_training = engine.module.training
+    engine.eval()
+    counts = torch.zeros(2, dtype=torch.float64)
+    for batch in stream.iter_epoch():  # the same number of batches on every rank
+        batch = trainer._to_device(batch)
+        predicted = class_logits(engine, batch).argmax(-1, keepdim=True)
+        labels = batch["label"]
+        if labels.ndim == 2:
+            hit = labels.gather(1, predicted).squeeze(1) > 0
+        else:
+            hit = predicted.squeeze(1) == labels
+        counts += torch.tensor([hit.sum().item(), len(hit)], dtype=torch.float64)
+    dist.all_reduce(counts)
+    engine.train(was_training)
+    return int(counts[0]), int(counts[1])
+
+
+def finetune(run: RunConfig, resume: str = "auto", log=print) -> dict[str, Any] | None:
+    """Train from finetune.init; returns {"top1", "initial_top1", ...} or None if preempted."""
+    if not run.finetune.init:
+        raise ConfigError("finetune.init: is empty; name the pretrained weights to start from")
+    check_classes(run)
+    trainer = Trainer(run, resume=resume, log=log)
+    try:
+        split = run.data.val_split
+        initial = top1(trainer, split) if trainer.step == 0 else None
+        if initial and trainer.rank == 0:
+            log(f"top-1 on {split} before finetuning: {100 * initial[0] / initial[1]:.2f}%")
+        if trainer.train() != "done":
+            trainer.close()
+            return None
+        correct, total = top1(trainer, split)
+    except BaseException:
+        trainer.close(clean=False)
+        raise
+    result = {
+        "top1": correct / max(total, 1),
+        "images": total,
+        "initial_top1": initial[0] / max(initial[1], 1) if initial else None,
+        "step": trainer.step,
+    }
+    if trainer.rank == 0:
+        log(
+            f"top-1 on {split} after {trainer.step} steps: {100 * result['top1']:.2f}% ({total} images)"
+        )
+        init = trainer.init_provenance
+        append_rows(
+            run.train.output,
+            [
+                Row(
+                    model=run.model.name, pretrain_data=init.get("data", ""),
+                    pretrain_steps=init.get("step", 0), target=f"{run.data.url}:{split}",
+                    evaluator="finetune", layer="-", metric="top1", value=result["top1"],
+                    source=init.get("checkpoint", run.finetune.init),
+                    extra={"finetune_steps": trainer.step, "initial_top1": result["initial_top1"]},
+                )
+            ],
+        )  # fmt: skip
+    trainer.close()
+    return result
