@@ -103,6 +103,29 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     trainer.close()
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from pipeline.train.finetune import finetune
+
+    run = load_config(args.config, args.overrides)
+    finetune(run, resume=args.resume or run.checkpoint.resume)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pipeline.evaluate.results import RESULTS_MD
+    from pipeline.evaluate.run import evaluate, watch
+
+    run = load_config(args.config, args.overrides)
+    if args.watch:
+        watch(run, poll=args.poll, idle_timeout=args.idle_timeout)
+    else:
+        evaluate(run, args.model)
+    table = os.path.join(run.train.output, RESULTS_MD)
+    if os.path.isfile(table):
+        print(f"\n{table}:\n")
+        with open(table) as f:
+            print(f.read(), end="")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from pipeline.train.export import export
 
@@ -157,6 +180,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain, hard_exit=True)
 
     p = sub.add_parser(
+        "finetune", help="train from pretrained weights (finetune.init), then report top-1"
+    )
+    _add_config_args(p)
+    p.add_argument("--resume", default="", help="auto, never, or a checkpoint path")
+    p.set_defaults(func=cmd_finetune, hard_exit=True)
+
+    p = sub.add_parser(
+        "evaluate", help="linear probe, few-shot, kNN, finetune and pixel baseline -> results.md"
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--model", default="", help="exported model, checkpoint or run (default: the run's newest)"
+    )
+    p.add_argument(
+        "--watch", action="store_true", help="evaluate each new checkpoint as training writes it"
+    )
+    p.add_argument("--poll", type=float, default=10.0, help="--watch: seconds between looks")
+    p.add_argument(
+        "--idle-timeout", type=float, default=3600.0,
+        help="--watch: stop after this many seconds without a new checkpoint",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_evaluate, hard_exit=True)
+
+    p = sub.add_parser(
         "export", help="checkpoint -> safetensors + model config (no DeepSpeed needed)"
     )
     p.add_argument("source", help="a run folder (its newest complete checkpoint) or a checkpoint")
@@ -191,7 +238,7 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"tessera: config error: {e}", file=sys.stderr)
         return 2
-    except (DatasetError, SourceError) as e:
+    except (DatasetError, SourceError, FileNotFoundError) as e:
         print(f"tessera: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:

@@ -1,0 +1,126 @@
+"""Frozen features of a whole split, streamed through the data pipeline into files on disk.
+
+The images of a split stream in (any size of dataset); each forward's pooled features of the
+asked blocks go straight into memory-mapped .npy files, so memory holds one batch, not the
+dataset. A folder is complete once meta.json is written (last); a complete folder for the same
+weights, split and layers is reused instead of recomputed (a re-run, a second evaluator).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.data.stream import Stream, StreamConfig
+from pipeline.data.transforms import model_input
+
+META = "meta.json"
+
+Extractor = Callable[[dict[str, Any]], dict[str, torch.Tensor]]  # batch -> name -> (B, D)
+
+
+@dataclass
+class FeatureSet:
+    """Labels (N,) and named feature arrays (N, D) of one split, memory-mapped read-only."""
+
+    labels: np.ndarray
+    arrays: dict[str, np.ndarray]
+
+    def __getitem__(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.arrays[name], self.labels
+
+
+def _load(folder: Path, names: list[str], fingerprint: str) -> FeatureSet | None:
+    meta_path = folder / META
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta["fingerprint"] != fingerprint or not set(names) <= set(meta["names"]):
+        return None
+    n = meta["samples"]
+    labels = np.load(folder / "labels.npy", mmap_mode="r")[:n]
+    arrays = {k: np.load(folder / f"{k}.npy", mmap_mode="r")[:n] for k in names}
+    return FeatureSet(labels, arrays)
+
+
+def extract(
+    fn: Extractor, names: list[str], cfg: StreamConfig, folder: Path, fingerprint: str, log=print
+) -> FeatureSet:
+    """Features `names` of every image of cfg.split, computed by `fn` or reused from `folder`.
+    `fingerprint` names the weights and settings: a folder made for other ones is recomputed."""
+    found = _load(folder, names, fingerprint)
+    if found is not None:
+        return found
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    stream = Stream(cfg, rank=0, world=1)
+    total = stream.split.samples
+    labels = np.lib.format.open_memmap(folder / "labels.npy", "w+", np.int64, (total,))
+    arrays: dict[str, np.ndarray] = {}
+    n, start, shown = 0, time.perf_counter(), 0.0
+    with torch.inference_mode():
+        for batch in stream.iter_epoch():
+            b = len(batch["key"])
+            if b == 0:
+                continue
+            out = fn(batch)
+            for name in names:
+                f = out[name].float().cpu().numpy()
+                if name not in arrays:
+                    arrays[name] = np.lib.format.open_memmap(
+                        folder / f"{name}.npy", "w+", np.float32, (total, f.shape[1])
+                    )
+                arrays[name][n : n + b] = f
+            label = batch["label"]
+            if label.ndim != 1:
+                raise ValueError(f"{cfg.url} ({cfg.split}): probes need one label per image")
+            labels[n : n + b] = label.numpy()
+            n += b
+            now = time.perf_counter()
+            if now - shown > 10 or n == total:
+                rate = n / max(now - start, 1e-9)
+                log(f"  features {cfg.split}: {n}/{total} images ({rate:.0f}/s)")
+                shown = now
+    for a in [labels, *arrays.values()]:
+        a.flush()
+    meta = {"fingerprint": fingerprint, "names": names, "samples": n, "skipped": total - n}
+    (folder / META).write_text(json.dumps(meta))
+    return _load(folder, names, fingerprint)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast where the device has fast bf16 matmuls; features are kept in fp32."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def model_extractor(model: torch.nn.Module, layers: list[int], device: torch.device) -> Extractor:
+    """Pooled features of each block in `layers`, named "layer{i}"."""
+
+    def fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if "tokens" in batch:
+            x = batch["tokens"].to(device)
+        else:
+            x = model_input(batch["image"].to(device))
+        with autocast(device):
+            feats = model.features(x, layers)
+        return {f"layer{i}": f for i, f in zip(layers, feats, strict=True)}
+
+    return fn
+
+
+def pixel_extractor(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The raw-pixel baseline: images flattened to vectors in [0, 1]."""
+    return {"pixels": batch["image"].flatten(1).float() / 255}

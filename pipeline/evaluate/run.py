@@ -1,0 +1,381 @@
+"""`tessera evaluate CONFIG`: a checkpoint or exported model -> the numbers a paper reports.
+
+    eval:
+      evaluators: [linear_probe, fewshot, knn, finetune, pixels]
+      target: runs/data/digits        # empty: the pretraining data
+      layers: [1, 2, 3]               # blocks to probe (a sweep); empty: the last
+      shots: [1, 5, 10, 25]
+
+Each evaluator is a function `(Context) -> Iterator[Measurement]`: it asks the context for
+features (extracted once per layer and split, streamed to disk, shared by every evaluator) and
+yields metrics. The raw-pixel baseline is always computed: its own row, and beside every other
+row the same evaluator run on pixels. Rows go to the run folder's results.json / results.md and to
+TensorBoard (run `eval`).
+
+Every check that can fail (weights of another size, a layer out of range, a target without the
+splits or with another class count) runs before any feature is computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import RunConfig, config_to_raw, parse_config
+from pipeline.data.shards import DatasetError, load_manifest
+from pipeline.data.stream import StreamConfig, stream_config
+from pipeline.errors import ConfigError
+from pipeline.evaluate import probes
+from pipeline.evaluate.features import FeatureSet, extract, model_extractor, pixel_extractor
+from pipeline.evaluate.results import Row, append_rows, read_rows
+from pipeline.models.registry import weights_mismatch
+from pipeline.storage import join
+from pipeline.train import checkpoint
+from pipeline.train.export import Weights, read_weights
+
+PIXEL_SIDE = 32  # the raw-pixel baseline sees images at most this many pixels a side
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str
+    train_split: str
+    test_split: str
+    classes: int
+    endpoint_url: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def resolve_target(run: RunConfig) -> Target:
+    """eval.target (or the pretraining data) with its splits checked; single-label only."""
+    url = run.eval.target or run.data.url
+    manifest = load_manifest(url, run.data.endpoint_url)
+    if manifest.multi_label:
+        raise ConfigError(
+            f"eval.target: {url} is multi-label; probes, few-shot and kNN need one label per image"
+        )
+    test = run.eval.test_split or ("test" if "test" in manifest.splits else "val")
+    for key, split in (("eval.train_split", run.eval.train_split), ("eval.test_split", test)):
+        if split not in manifest.splits:
+            raise ConfigError(
+                f"{key}: {url} has no split {split!r}; it has {', '.join(manifest.splits)}"
+            )
+    return Target(url, run.eval.train_split, test, len(manifest.classes), run.data.endpoint_url)
+
+
+def weights_fingerprint(weights: Weights) -> str:
+    h = hashlib.sha256()
+    for k in sorted(weights.state):
+        v = weights.state[k]
+        h.update(f"{k}:{tuple(v.shape)}:{float(v.float().sum()):.6e};".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Measurement:
+    evaluator: str
+    layer: str  # block index or "-"
+    metric: str
+    value: float
+    baseline: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Context:
+    """What evaluators share: the model, the target, cached features and pixel baselines."""
+
+    def __init__(self, run: RunConfig, weights: Weights, target: Target, log=print) -> None:
+        self.run, self.weights, self.target, self.log = run, weights, target, log
+        self.model = weights.build().eval()
+        try:
+            self.layers = self.model.resolve_layers(run.eval.layers or [-1])
+        except IndexError as e:
+            raise ConfigError(f"eval.layers: {e}") from None
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.fingerprint = weights_fingerprint(weights)
+        self.cache = Path(run.train.output) / "eval" / "features"
+        self._features: dict[str, FeatureSet] = {}
+        self._baselines: dict[tuple[str, str], float] = {}
+        self.finetune_run = (
+            finetune_config(run, weights, target, self.fingerprint)
+            if "finetune" in run.eval.evaluators
+            else None
+        )
+
+    def _stream(self, split: str, **changes: Any) -> StreamConfig:
+        cfg = self.weights.config
+        base = stream_config(self.run, split, self.run.eval.batch_size, train=False)
+        changes.setdefault("image_size", cfg.image_size)
+        if cfg.family == "vit":
+            changes.setdefault("channels", cfg.channels)
+        return dataclasses.replace(
+            base, url=self.target.url, endpoint_url=self.target.endpoint_url, labels=True,
+            augment=False, **changes,
+        )  # fmt: skip
+
+    def _split(self, split: str) -> FeatureSet:
+        if split not in self._features:
+            names = [f"layer{i}" for i in self.layers]
+            folder = self.cache / self.fingerprint / f"{self.target.name}-{split}"
+            fn = model_extractor(self.model, self.layers, self.device)
+            self._features[split] = extract(
+                fn, names, self._stream(split), folder, self.fingerprint, self.log
+            )
+        return self._features[split]
+
+    def features(self, layer: int) -> tuple[tuple, tuple]:
+        """((x_train, y_train), (x_test, y_test)) of one block."""
+        name = f"layer{layer}"
+        return self._split(self.target.train_split)[name], self._split(self.target.test_split)[name]
+
+    def pixels(self) -> tuple[tuple, tuple]:
+        manifest = load_manifest(self.target.url, self.target.endpoint_url)
+        side = min(manifest.image_size[0] if manifest.image_size else PIXEL_SIDE, PIXEL_SIDE)
+        out = []
+        for split in (self.target.train_split, self.target.test_split):
+            key = f"pixels-{split}"
+            if key not in self._features:
+                cfg = self._stream(split, image_size=side, channels=manifest.channels, palette=None)
+                folder = self.cache / "pixels" / f"{self.target.name}-{split}-{side}"
+                self._features[key] = extract(
+                    pixel_extractor, ["pixels"], cfg, folder, f"pixels-{side}", self.log
+                )
+            out.append(self._features[key]["pixels"])
+        return out[0], out[1]
+
+    def baseline(self, evaluator: str, metric: str, compute: Callable[[], float]) -> float:
+        if (evaluator, metric) not in self._baselines:
+            self._baselines[(evaluator, metric)] = compute()
+        return self._baselines[(evaluator, metric)]
+
+    def pixel_probe(self) -> float:
+        def compute() -> float:
+            train, test = self.pixels()
+            return probes.logistic_probe(train, test, self.target.classes, self.run.eval.holdout)[0]
+
+        return self.baseline("linear_probe", "top1", compute)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluators
+
+
+def linear_probe(ctx: Context) -> Iterator[Measurement]:
+    """iGPT's linear probe, on every block in eval.layers."""
+    for layer in ctx.layers:
+        train, test = ctx.features(layer)
+        top1, info = probes.logistic_probe(train, test, ctx.target.classes, ctx.run.eval.holdout)
+        yield Measurement("linear_probe", str(layer), "top1", top1, ctx.pixel_probe(), info)
+
+
+def fewshot(ctx: Context) -> Iterator[Measurement]:
+    """big_vision's few-shot ridge regression on the last block asked for."""
+    layer = ctx.layers[-1]
+    cfg = ctx.run.eval
+    train, test = ctx.features(layer)
+    scores = probes.fewshot(train, test, ctx.target.classes, cfg.shots, cfg.seeds)
+    pixel_scores: dict[int, list[float]] = {}
+    for k, accs in scores.items():
+
+        def compute(k: int = k) -> float:
+            if not pixel_scores:
+                px_train, px_test = ctx.pixels()
+                pixel_scores.update(
+                    probes.fewshot(px_train, px_test, ctx.target.classes, cfg.shots, cfg.seeds)
+                )
+            return float(np.mean(pixel_scores[k]))
+
+        base = ctx.baseline("fewshot", f"{k}-shot top1", compute)
+        extra = {"std": float(np.std(accs)), "seeds": len(accs)}
+        yield Measurement(
+            "fewshot", str(layer), f"{k}-shot top1", float(np.mean(accs)), base, extra
+        )
+
+
+def knn(ctx: Context) -> Iterator[Measurement]:
+    layer = ctx.layers[-1]
+    k = ctx.run.eval.knn_k
+    train, test = ctx.features(layer)
+    top1 = probes.knn(train, test, ctx.target.classes, k)
+
+    def compute() -> float:
+        px_train, px_test = ctx.pixels()
+        return probes.knn(px_train, px_test, ctx.target.classes, k)
+
+    yield Measurement(
+        "knn", str(layer), "top1", top1, ctx.baseline("knn", "top1", compute), {"k": k}
+    )
+
+
+def pixels(ctx: Context) -> Iterator[Measurement]:
+    """The same logistic regression on raw pixels: what pretraining has to beat."""
+    top1 = ctx.pixel_probe()
+    yield Measurement("pixels", "-", "top1", top1, top1)
+
+
+def finetune(ctx: Context) -> Iterator[Measurement]:
+    """Transfer by finetuning the whole network (`tessera finetune`) on the target."""
+    from pipeline.train.finetune import finetune as run_finetune
+
+    result = run_finetune(ctx.finetune_run, log=ctx.log)
+    if result is None:
+        return
+    extra = {"steps": result["step"], "initial_top1": result["initial_top1"]}
+    yield Measurement("finetune", "-", "top1", result["top1"], ctx.pixel_probe(), extra)
+
+
+EVALUATORS: dict[str, Callable[[Context], Iterator[Measurement]]] = {
+    "linear_probe": linear_probe,
+    "fewshot": fewshot,
+    "knn": knn,
+    "pixels": pixels,
+    "finetune": finetune,
+}
+
+
+def finetune_config(run: RunConfig, weights: Weights, target: Target, tag: str) -> RunConfig:
+    """The finetune evaluator's run: the pretraining run's model, engine and data settings on
+    the target, from these weights, with eval.finetune's KEY=VALUE overrides last."""
+    raw = config_to_raw(run)
+    steps = run.eval.finetune_steps
+    raw["model"]["num_classes"] = target.classes
+    raw["train"].update(
+        objective="supervised", steps=steps,
+        output=str(Path(run.train.output) / "finetune" / f"{target.name}-{tag}"),
+    )  # fmt: skip
+    raw["data"].update(url=target.url, train_split=target.train_split, val_split=target.test_split)
+    if run.model.family == "igpt" and run.data.palette == "kmeans":  # the pretraining palette
+        manifest = load_manifest(run.data.url, run.data.endpoint_url)
+        raw["data"]["palette"] = join(run.data.url, manifest.palette)
+    raw["optim"]["warmup_steps"] = steps // 10
+    raw["checkpoint"].update(every_steps=steps, keep_last=1)
+    raw["eval"] = {}
+    raw["finetune"] = {"init": weights.source, "head_init": 0.0}
+    return parse_config(raw, source="eval.finetune", overrides=run.eval.finetune)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs
+
+
+def _source_of(run: RunConfig, source: str) -> str:
+    if source:
+        return source
+    found = checkpoint.find_latest(Path(run.train.output) / "checkpoints")
+    if found is None:
+        raise ConfigError(
+            f"train.output: {run.train.output} has no complete checkpoint to evaluate; pass "
+            "--model with an exported model, a checkpoint or a run folder"
+        )
+    return str(found)
+
+
+def evaluate(run: RunConfig, source: str = "", log=print) -> list[Row]:
+    """Run eval.evaluators on `source` (default: the run's newest complete checkpoint); returns
+    the rows added to the run's results table."""
+    try:
+        weights = read_weights(_source_of(run, source))
+    except FileNotFoundError as e:
+        raise ConfigError(f"--model: {e}") from None
+    why = weights_mismatch(weights.config, run.model)
+    if why:
+        raise ConfigError(
+            f"{weights.source} holds a {weights.config.name} but the config's model is "
+            f"{run.model.name}: {'; '.join(why)} (a checkpoint of another model size?)"
+        )
+    try:
+        target = resolve_target(run)
+    except DatasetError as e:
+        raise ConfigError(f"eval.target: {e}") from None
+    ctx = Context(run, weights, target, log)
+    names = list(dict.fromkeys([*run.eval.evaluators, "pixels"]))  # the baseline row, always
+    p = weights.provenance
+    log(
+        f"evaluating {weights.source} ({p['model']}, step {p['step']}) on {target.url} "
+        f"({target.train_split} -> {target.test_split}): {', '.join(names)}"
+    )
+    rows: list[Row] = []
+    writer = _writer(run)
+    for name in names:
+        started = time.perf_counter()
+        for m in EVALUATORS[name](ctx):
+            row = Row(
+                model=p["model"], pretrain_data=p.get("data", ""), pretrain_steps=p["step"],
+                target=f"{target.name}:{target.test_split}", evaluator=m.evaluator,
+                layer=m.layer, metric=m.metric, value=m.value, baseline=m.baseline,
+                source=weights.source, extra=m.extra,
+            )  # fmt: skip
+            rows.append(row)
+            base = "" if m.baseline is None else f" (raw pixels {100 * m.baseline:.2f}%)"
+            log(f"  {m.evaluator} layer {m.layer} {m.metric}: {100 * m.value:.2f}%{base}")
+            if writer:
+                layer = "" if m.layer == "-" else f"/layer{m.layer}"
+                tag = f"eval/{target.name}/{m.evaluator}/{m.metric.replace(' ', '_')}{layer}"
+                writer.add_scalar(tag, m.value, p["step"])
+        log(f"  ({name}: {time.perf_counter() - started:.0f}s)")
+    append_rows(run.train.output, rows)
+    if writer:
+        writer.close()
+    _prune_features(ctx)
+    return rows
+
+
+def _writer(run: RunConfig):
+    if not run.logging.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(Path(run.train.output) / "tensorboard" / "eval"))
+
+
+def _prune_features(ctx: Context) -> None:
+    """Keep the features of the weights just evaluated (a re-run reuses them) and the pixels."""
+    for folder in ctx.cache.glob("*"):
+        if folder.name not in (ctx.fingerprint, "pixels"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def watch(run: RunConfig, poll: float = 10.0, idle_timeout: float = 3600.0, log=print) -> list[Row]:
+    """Evaluate each new complete checkpoint of the run as it appears, oldest first, in this
+    process (training is not blocked: it only writes checkpoints). Returns once the final step
+    has been evaluated, or after `idle_timeout` seconds without a new checkpoint."""
+    root = Path(run.train.output) / "checkpoints"
+    done = {r.source for r in read_rows(run.train.output)}
+    rows: list[Row] = []
+    last_new = time.monotonic()
+    log(f"watching {root} for complete checkpoints (every {poll:g}s)")
+    while True:
+        for ckpt in checkpoint.complete_checkpoints(root):
+            if str(ckpt) in done:
+                continue
+            try:
+                state = checkpoint.read_state(ckpt)
+                rows += evaluate(run, str(ckpt), log)
+            except (FileNotFoundError, OSError, RuntimeError) as e:
+                if checkpoint.is_complete(ckpt):
+                    raise
+                log(f"{ckpt} was removed while being read (keep_last pruning); skipped: {e}")
+                continue
+            finally:
+                done.add(str(ckpt))
+            last_new = time.monotonic()
+            if state["step"] >= state["config"]["train"]["steps"]:
+                log(f"evaluated the final checkpoint {ckpt.name}; done watching")
+                return rows
+        if time.monotonic() - last_new > idle_timeout:
+            log(f"no new checkpoint for {idle_timeout:g}s; done watching")
+            return rows
+        time.sleep(poll)

@@ -1,0 +1,292 @@
+"""Finetuning and evaluation: probes that can tell signal from noise, one results table,
+`tessera finetune` from exported weights, `evaluate --watch`, and errors before any work."""
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from conftest import BIN, TESSERA
+from test_train import TIMEOUT, finish, pretrain, run_export, write_config
+
+from pipeline.evaluate import probes
+from pipeline.evaluate.results import Row, append_rows, read_rows
+from pipeline.models import create_model, model_config
+from pipeline.models.registry import weights_mismatch
+from pipeline.train.optim import param_groups
+
+# -- probes on features whose answer is known ----------------------------------------------------
+
+
+def separable(n=1200, d=32, classes=8, noise=0.3, seed=0):
+    """Features that are a linear function of the labels plus noise: a probe should be ~100%."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    x = rng.normal(size=(classes, d))[y] + noise * rng.normal(size=(n, d))
+    return (x[:1000].astype(np.float32), y[:1000]), (x[1000:].astype(np.float32), y[1000:])
+
+
+def noise(n=1200, d=32, classes=8, seed=1):
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(n, d)).astype(np.float32), rng.integers(0, classes, n)
+    return (x[:1000], y[:1000]), (x[1000:], y[1000:])
+
+
+def test_linear_probe_finds_a_linear_signal_and_not_noise():
+    top1, info = probes.logistic_probe(*separable(), classes=8)
+    assert top1 > 0.98 and info["l2"] in probes.LOGISTIC_L2
+    assert probes.logistic_probe(*noise(), classes=8)[0] < 0.25  # chance is 0.125
+
+
+def test_fewshot_and_knn_find_the_signal_and_not_noise():
+    scores = probes.fewshot(*separable(), classes=8, shots=[1, 5], seeds=3)
+    assert set(scores) == {1, 5} and all(len(s) == 3 for s in scores.values())
+    assert np.mean(scores[5]) > 0.95
+    random = probes.fewshot(*noise(), classes=8, shots=[5], seeds=3)
+    assert np.mean(random[5]) < 0.3
+    assert probes.knn(*separable(), classes=8, k=10) > 0.98
+    assert probes.knn(*noise(), classes=8, k=10) < 0.3
+
+
+def test_fewshot_needs_enough_images_of_every_class():
+    (x, y), test = separable()
+    y = y.copy()
+    y[y == 3] = 2
+    y[0] = 3  # class 3 has one training image
+    with pytest.raises(ValueError, match=r"classes \[3\] have fewer"):
+        probes.fewshot((x, y), test, classes=8, shots=[5])
+
+
+def test_probe_streams_features_from_disk_with_the_same_result(tmp_path, monkeypatch):
+    """Features larger than the memory budget are read chunk by chunk from a memory map."""
+    (x, y), test = separable(n=1200, d=16)
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    held = probes.logistic_probe((x, y), test, classes=8)
+    monkeypatch.setattr(probes, "MEMORY_BUDGET", 0)
+    monkeypatch.setattr(probes, "CHUNK", 128)
+    streamed = probes.logistic_probe((mapped, y), test, classes=8)
+    assert streamed[1]["l2"] == held[1]["l2"]
+    assert abs(streamed[0] - held[0]) < 0.01
+
+
+# -- models and optimiser pieces -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["vit-micro-p4", "igpt-micro"])
+def test_probe_features_of_the_last_block_are_what_the_head_sees(name):
+    model = create_model(name).eval()
+    cfg = model.cfg
+    x = (
+        torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
+        if cfg.family == "igpt"
+        else torch.randn(2, cfg.channels, cfg.image_size, cfg.image_size)
+    )
+    first, last = model.features(x, [0, -1])
+    assert first.shape == last.shape == (2, cfg.width)
+    pre_logits = model.forward_head(model.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(last, pre_logits)
+
+
+def test_layer_decay_scales_each_blocks_lr_from_the_top():
+    model = create_model("vit-micro-p4")  # 2 blocks: embeddings 0, blocks 1-2, head 3
+    groups = param_groups(model, 0.05, lr=1.0, layer_decay=0.5)
+    lr_of = {}
+    for g in groups:
+        for p in g["params"]:
+            lr_of[p] = g["lr"]
+    named = dict(model.named_parameters())
+    assert lr_of[named["head.weight"]] == 1.0
+    assert lr_of[named["blocks.1.mlp.fc1.weight"]] == 0.5
+    assert lr_of[named["blocks.0.attn.qkv.weight"]] == 0.25
+    assert lr_of[named["pos_embed"]] == lr_of[named["patch_embed.weight"]] == 0.125
+    assert all("lr" not in g for g in param_groups(model, 0.05))  # no decay: one lr for all
+
+
+def test_weights_of_another_size_do_not_fit():
+    tiny, micro = model_config("vit-tiny-p4"), model_config("vit-micro-p4")
+    assert "width 192 != 48" in weights_mismatch(tiny, micro)
+    resized = model_config("vit-micro-p4", image_size=16, num_classes=3)
+    assert weights_mismatch(micro, resized) == []  # resampled embeddings, a new head
+    igpt = model_config("igpt-micro")
+    assert weights_mismatch(igpt, model_config("igpt-micro", image_size=8))  # no resampling
+    assert weights_mismatch(micro, igpt) == ["family vit != igpt"]
+
+
+# -- the results table -----------------------------------------------------------------------------
+
+
+def test_results_rows_replace_their_own_key_and_the_table_lists_each(tmp_path):
+    def row(evaluator, value, layer="-", source="ckpt-a"):
+        return Row("vit-micro-p4", "/d/fmnist", 10, "digits:val", evaluator, layer, "top1", value,
+                   0.9, source)  # fmt: skip
+
+    append_rows(tmp_path, [row("linear_probe", 0.5, "1"), row("pixels", 0.9)])
+    append_rows(tmp_path, [row("linear_probe", 0.6, "1"), row("knn", 0.7, "1", "ckpt-b")])
+    rows = read_rows(tmp_path)
+    assert len(rows) == 3
+    assert [r.value for r in rows if r.evaluator == "linear_probe"] == [0.6]
+    table = (tmp_path / "results.md").read_text()
+    assert "| linear_probe | 1 | top1 | 60.00 | 90.00 |" in table
+    assert "| pixels |" in table and "| knn |" in table and "fmnist" in table
+
+
+# -- end to end: pretrain, evaluate, finetune ------------------------------------------------------
+
+
+def run_tessera(*args, check=True):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    proc = subprocess.run(
+        [TESSERA, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT, env=env
+    )
+    if check:
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc
+
+
+EVAL = {
+    "evaluators": ["linear_probe", "fewshot", "knn", "finetune", "pixels"],
+    "layers": [0, 1],
+    "shots": [1, 5],
+    "seeds": 2,
+    "finetune_steps": 60,
+    "finetune": ["optim.lr=3e-3", "train.global_batch_size=64"],
+}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, digits_url):
+    """A tiny ViT pretrained for 40 steps on digits, and its export."""
+    tmp = tmp_path_factory.mktemp("pretrained")
+    config = write_config(tmp, digits_url, train={"steps": 40}, checkpoint={"every_steps": 20},
+                          logging={"every_steps": 10}, eval=EVAL)  # fmt: skip
+    finish(pretrain(config))
+    run_export(tmp / "run", tmp / "export")
+    return config, tmp / "run", tmp / "export"
+
+
+def test_evaluate_writes_every_evaluator_and_the_pixel_baseline(pretrained):
+    config, run, _ = pretrained
+    out = run_tessera("evaluate", config).stdout
+    rows = read_rows(run)
+    by = {(r.evaluator, r.layer, r.metric): r for r in rows}
+    assert {("linear_probe", "0", "top1"), ("linear_probe", "1", "top1"), ("knn", "1", "top1"),
+            ("fewshot", "1", "1-shot top1"), ("fewshot", "1", "5-shot top1"),
+            ("finetune", "-", "top1"), ("pixels", "-", "top1")} <= set(by)  # fmt: skip
+    pixels = by[("pixels", "-", "top1")].value
+    assert pixels > 0.9  # logistic regression on 8x8 digits
+    assert all(r.baseline is not None for r in rows)
+    assert by[("linear_probe", "1", "top1")].baseline == pixels
+    assert all(r.pretrain_steps == 40 and r.model == "vit-micro-p4" for r in rows)
+    ft = by[("finetune", "-", "top1")]
+    assert ft.value > ft.extra["initial_top1"] + 0.1  # 60 steps from a zero head
+    table = (run / "results.md").read_text()
+    for evaluator in EVAL["evaluators"]:
+        assert f"| {evaluator} |" in table
+    assert "results.md" in out and "| pixels |" in out
+    events = list((run / "tensorboard" / "eval").glob("events.out.tfevents.*"))
+    assert events
+    # A second run reuses the extracted features (no "features" progress) and keeps one row each.
+    again = run_tessera("evaluate", config, "--set", "eval.evaluators=[linear_probe]").stdout
+    assert "features train" not in again
+    assert len(read_rows(run)) == len(rows)
+
+
+def test_finetune_from_an_export_improves_over_its_start(pretrained, tmp_path, digits_url):
+    _, _, export = pretrained
+    config = write_config(tmp_path, digits_url, train={"steps": 60, "global_batch_size": 64},
+                          optim={"lr": 3e-3, "layer_decay": 0.75, "warmup_steps": 6},
+                          finetune={"init": str(export)}, checkpoint={"every_steps": 60})  # fmt: skip
+    out = run_tessera("finetune", config).stdout
+    before = float(out.split("before finetuning: ")[1].split("%")[0])
+    after = float(out.split("after 60 steps: ")[1].split("%")[0])
+    assert after > before + 10, out[-2000:]
+    (row,) = read_rows(tmp_path / "run")
+    assert row.evaluator == "finetune" and row.value == pytest.approx(after / 100, abs=1e-4)
+    assert row.pretrain_steps == 40
+
+
+def test_zero3_on_two_ranks_starts_from_the_exported_weights(pretrained, tmp_path, digits_url):
+    """Under ZeRO-3 each rank holds a shard; the loaded weights must still be the export's."""
+    from pipeline.models import load_model
+
+    _, _, export = pretrained
+    config = write_config(tmp_path, digits_url, train={"steps": 1}, optim={"lr": 1e-9, "warmup_steps": 0},
+                          deepspeed={"zero_stage": 3}, finetune={"init": str(export)})  # fmt: skip
+    out = finish(pretrain(config, ranks=2, command="finetune"))
+    assert "initialised from" in out
+    run_export(tmp_path / "run", tmp_path / "after")
+    start, after = (
+        load_model(str(export)).state_dict(),
+        load_model(str(tmp_path / "after")).state_dict(),
+    )
+    for key, value in start.items():
+        if key.startswith("head."):
+            continue
+        # bf16 engines keep fp32 masters made from bf16 copies: equal to bf16 precision.
+        torch.testing.assert_close(
+            after[key], value, atol=1e-2 * value.abs().max().item() + 1e-6, rtol=0
+        )
+    assert float(after["head.weight"].abs().max()) < 1e-6  # the new head starts at zero
+
+
+def test_watch_evaluates_checkpoints_as_training_writes_them(tmp_path, digits_url):
+    config = write_config(tmp_path, digits_url, train={"steps": 8}, checkpoint={"every_steps": 4},
+                          eval={"evaluators": ["knn"], "layers": [-1]})  # fmt: skip
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    watcher = subprocess.Popen(
+        [TESSERA, "evaluate", str(config), "--watch", "--poll", "0.5", "--idle-timeout", "300"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        finish(pretrain(config))
+        out, _ = watcher.communicate(timeout=TIMEOUT)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 0, out[-3000:]
+    assert "done watching" in out
+    sources = {r.source.rsplit("/", 1)[-1] for r in read_rows(tmp_path / "run")}
+    assert "step-0000008" in sources
+
+
+# -- errors before any work ------------------------------------------------------------------------
+
+
+def test_bad_evaluations_fail_before_computing_anything(pretrained, tmp_path, digits_url):
+    config, run, export = pretrained
+    features = run / "eval" / "features"
+
+    def fails(cfg, *args):
+        proc = run_tessera("evaluate", cfg, *args, check=False)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        return proc.stderr
+
+    before = sorted(p.name for p in features.glob("*")) if features.exists() else []
+    assert "layer 5 is out of range" in fails(config, "--set", "eval.layers=[5]")
+    other = write_config(tmp_path, digits_url, name="tiny.yaml",
+                         model={"name": "vit-tiny-p4", "image_size": 16, "channels": 1,
+                                "num_classes": 10}, eval=EVAL)  # fmt: skip
+    err = fails(other, "--model", export)
+    assert "vit-micro-p4" in err and "width 48 != 192" in err
+    assert "no split 'nope'" in fails(config, "--set", "eval.test_split=nope")
+    after = sorted(p.name for p in features.glob("*")) if features.exists() else []
+    assert before == after
+
+    wrong = write_config(tmp_path, digits_url, name="ft.yaml", finetune={"init": str(export)},
+                         model={"name": "vit-micro-p4", "image_size": 16, "channels": 1,
+                                "num_classes": 7})  # fmt: skip
+    proc = run_tessera("finetune", wrong, check=False)
+    assert (
+        proc.returncode == 2
+        and "model.num_classes is 7" in proc.stderr
+        and "10 classes" in proc.stderr
+    )
+    assert not (tmp_path / "run").exists()
+    sized = write_config(tmp_path, digits_url, name="ft2.yaml", finetune={"init": str(export)},
+                         model={"name": "vit-tiny-p4", "image_size": 16, "channels": 1,
+                                "num_classes": 10})  # fmt: skip
+    proc = run_tessera("finetune", sized, check=False)
+    assert (
+        proc.returncode == 2 and "finetune.init" in proc.stderr and "width 48 != 192" in proc.stderr
+    )
