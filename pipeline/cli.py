@@ -191,7 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument(
-        "--model", default="", help="exported model, checkpoint or run (default: the run's newest)"
+        "--model",
+        default="",
+        help="exported model, checkpoint or run (default: the run's newest checkpoint); "
+        "`untrained`: the same network at its initialisation, the baseline pretraining must beat",
     )
     p.add_argument(
         "--watch", action="store_true", help="evaluate each new checkpoint as training writes it"
@@ -239,6 +242,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"tessera: config error: {e}", file=sys.stderr)
         return 2
     except (DatasetError, SourceError, FileNotFoundError) as e:
+        print(f"tessera: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        from pipeline.evaluate.run import EvalError
+
+        if not isinstance(e, EvalError):
+            raise
         print(f"tessera: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:

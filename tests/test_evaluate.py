@@ -250,6 +250,28 @@ def test_watch_evaluates_checkpoints_as_training_writes_them(tmp_path, digits_ur
     assert "step-0000008" in sources
 
 
+def test_imagegpt_layer_sweep_finetune_and_the_untrained_baseline(tmp_path, digits_url):
+    config = write_config(
+        tmp_path, digits_url,
+        model={"name": "igpt-micro", "image_size": 8, "vocab_size": 16, "causal": True},
+        data={"palette": "grey", "palette_size": 16},
+        train={"objective": "igpt-ar", "steps": 30},
+        optim={"lr": 3e-3, "schedule": "constant"},
+        checkpoint={"every_steps": 30},
+        eval={"evaluators": ["linear_probe", "finetune"], "layers": [0, 1], "finetune_steps": 10},
+    )  # fmt: skip
+    finish(pretrain(config))
+    run_tessera("evaluate", config)
+    out = run_tessera("evaluate", config, "--model", "untrained").stdout
+    rows = read_rows(tmp_path / "run")
+    trained = {(r.evaluator, r.layer) for r in rows if r.pretrain_steps == 30}
+    untrained = {(r.evaluator, r.layer) for r in rows if r.source == "untrained"}
+    expected = {("linear_probe", "0"), ("linear_probe", "1"), ("finetune", "-"), ("pixels", "-")}
+    assert trained == untrained == expected
+    assert all(0 <= r.value <= 1 for r in rows)
+    assert "igpt-micro (untrained)" in out
+
+
 # -- errors before any work ------------------------------------------------------------------------
 
 
@@ -272,6 +294,12 @@ def test_bad_evaluations_fail_before_computing_anything(pretrained, tmp_path, di
     assert "no split 'nope'" in fails(config, "--set", "eval.test_split=nope")
     after = sorted(p.name for p in features.glob("*")) if features.exists() else []
     assert before == after
+
+    # An evaluator that fails after others finished keeps their rows.
+    err = fails(config, "--set", "eval.evaluators=[knn, fewshot]", "--set", "eval.shots=[500]",
+                "--set", "eval.knn_k=3")  # fmt: skip
+    assert "fewshot on" in err and "have fewer" in err
+    assert any(r.evaluator == "knn" and r.extra.get("k") == 3 for r in read_rows(run))
 
     wrong = write_config(tmp_path, digits_url, name="ft.yaml", finetune={"init": str(export)},
                          model={"name": "vit-micro-p4", "image_size": 16, "channels": 1,

@@ -230,7 +230,7 @@ def finetune(ctx: Context) -> Iterator[Measurement]:
     """Transfer by finetuning the whole network (`tessera finetune`) on the target."""
     from pipeline.train.finetune import finetune as run_finetune
 
-    result = run_finetune(ctx.finetune_run, log=ctx.log)
+    result = run_finetune(ctx.finetune_run, log=ctx.log, scratch=True)
     if result is None:
         return
     extra = {"steps": result["step"], "initial_top1": result["initial_top1"]}
@@ -263,12 +263,26 @@ def finetune_config(run: RunConfig, weights: Weights, target: Target, tag: str) 
     raw["optim"]["warmup_steps"] = steps // 10
     raw["checkpoint"].update(every_steps=steps, keep_last=1)
     raw["eval"] = {}
-    raw["finetune"] = {"init": weights.source, "head_init": 0.0}
+    init = "" if weights.source == UNTRAINED else weights.source  # untrained: from scratch
+    raw["finetune"] = {"init": init, "head_init": 0.0}
     return parse_config(raw, source="eval.finetune", overrides=run.eval.finetune)
 
 
 # ---------------------------------------------------------------------------------------------
 # Jobs
+
+
+UNTRAINED = "untrained"
+
+
+def untrained_weights(run: RunConfig) -> Weights:
+    """The run's model at its seeded initialisation: what pretraining is measured against."""
+    from pipeline.models import create_model
+
+    torch.manual_seed(run.train.seed)
+    model = create_model(run.model)
+    provenance = {"model": f"{run.model.name} (untrained)", "data": "", "step": 0}
+    return Weights(run.model, model.state_dict(), UNTRAINED, provenance)
 
 
 def _source_of(run: RunConfig, source: str) -> str:
@@ -284,10 +298,12 @@ def _source_of(run: RunConfig, source: str) -> str:
 
 
 def evaluate(run: RunConfig, source: str = "", log=print) -> list[Row]:
-    """Run eval.evaluators on `source` (default: the run's newest complete checkpoint); returns
-    the rows added to the run's results table."""
+    """Run eval.evaluators on `source` (default: the run's newest complete checkpoint; "untrained":
+    the same network at its initialisation); returns the rows added to the run's results table."""
     try:
-        weights = read_weights(_source_of(run, source))
+        weights = (
+            untrained_weights(run) if source == UNTRAINED else read_weights(_source_of(run, source))
+        )
     except FileNotFoundError as e:
         raise ConfigError(f"--model: {e}") from None
     why = weights_mismatch(weights.config, run.model)
@@ -309,28 +325,40 @@ def evaluate(run: RunConfig, source: str = "", log=print) -> list[Row]:
     )
     rows: list[Row] = []
     writer = _writer(run)
-    for name in names:
-        started = time.perf_counter()
-        for m in EVALUATORS[name](ctx):
-            row = Row(
-                model=p["model"], pretrain_data=p.get("data", ""), pretrain_steps=p["step"],
-                target=f"{target.name}:{target.test_split}", evaluator=m.evaluator,
-                layer=m.layer, metric=m.metric, value=m.value, baseline=m.baseline,
-                source=weights.source, extra=m.extra,
-            )  # fmt: skip
-            rows.append(row)
-            base = "" if m.baseline is None else f" (raw pixels {100 * m.baseline:.2f}%)"
-            log(f"  {m.evaluator} layer {m.layer} {m.metric}: {100 * m.value:.2f}%{base}")
-            if writer:
-                layer = "" if m.layer == "-" else f"/layer{m.layer}"
-                tag = f"eval/{target.name}/{m.evaluator}/{m.metric.replace(' ', '_')}{layer}"
-                writer.add_scalar(tag, m.value, p["step"])
-        log(f"  ({name}: {time.perf_counter() - started:.0f}s)")
-    append_rows(run.train.output, rows)
-    if writer:
-        writer.close()
+    try:
+        for name in names:
+            started = time.perf_counter()
+            try:
+                for m in EVALUATORS[name](ctx):
+                    rows.append(_record(m, p, target, weights.source, writer, log))
+            except ValueError as e:  # e.g. too few images of a class for the shots asked
+                raise EvalError(f"{name} on {target.url}: {e}") from None
+            log(f"  ({name}: {time.perf_counter() - started:.0f}s)")
+    finally:  # what finished is kept, even when a later evaluator fails
+        append_rows(run.train.output, rows)
+        if writer:
+            writer.close()
     _prune_features(ctx)
     return rows
+
+
+class EvalError(ValueError):
+    """An evaluator could not run on this target (names the evaluator and the target)."""
+
+
+def _record(m: Measurement, p: dict, target: Target, source: str, writer, log) -> Row:
+    row = Row(
+        model=p["model"], pretrain_data=p.get("data", ""), pretrain_steps=p["step"],
+        target=f"{target.name}:{target.test_split}", evaluator=m.evaluator, layer=m.layer,
+        metric=m.metric, value=m.value, baseline=m.baseline, source=source, extra=m.extra,
+    )  # fmt: skip
+    base = "" if m.baseline is None else f" (raw pixels {100 * m.baseline:.2f}%)"
+    log(f"  {m.evaluator} layer {m.layer} {m.metric}: {100 * m.value:.2f}%{base}")
+    if writer:
+        layer = "" if m.layer == "-" else f"/layer{m.layer}"
+        tag = f"eval/{target.name}/{m.evaluator}/{m.metric.replace(' ', '_')}{layer}"
+        writer.add_scalar(tag, m.value, p["step"])
+    return row
 
 
 def _writer(run: RunConfig):

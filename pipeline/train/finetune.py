@@ -62,9 +62,12 @@ def top1(trainer: Trainer, split: str) -> tuple[int, int]:
     return int(counts[0]), int(counts[1])
 
 
-def finetune(run: RunConfig, resume: str = "auto", log=print) -> dict[str, Any] | None:
-    """Train from finetune.init; returns {"top1", "initial_top1", ...} or None if preempted."""
-    if not run.finetune.init:
+def finetune(
+    run: RunConfig, resume: str = "auto", log=print, scratch: bool = False
+) -> dict[str, Any] | None:
+    """Train from finetune.init; returns {"top1", "initial_top1", ...} or None if preempted.
+    scratch=True allows an empty init: the same recipe from random weights (a baseline)."""
+    if not run.finetune.init and not scratch:
         raise ConfigError("finetune.init: is empty; name the pretrained weights to start from")
     check_classes(run)
     trainer = Trainer(run, resume=resume, log=log)
