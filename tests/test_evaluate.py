@@ -207,6 +207,25 @@ def test_finetune_from_an_export_improves_over_its_start(pretrained, tmp_path, d
     assert row.pretrain_steps == 40
 
 
+def test_finetune_at_another_resolution_resamples_the_position_embeddings(
+    pretrained, tmp_path, digits_url
+):
+    from pipeline.models import load_model
+    from pipeline.models.posembed import resample_pos_embed
+
+    _, _, export = pretrained
+    config = write_config(tmp_path, digits_url, train={"steps": 1}, optim={"lr": 1e-9, "warmup_steps": 0},
+                          model={"name": "vit-micro-p4", "image_size": 24, "channels": 1,
+                                 "num_classes": 10}, finetune={"init": str(export)})  # fmt: skip
+    run_tessera("finetune", config)
+    run_export(tmp_path / "run", tmp_path / "after")
+    before = load_model(str(export)).pos_embed.detach()  # 1 + 4x4 positions
+    after = load_model(str(tmp_path / "after")).pos_embed.detach()  # 1 + 6x6 positions
+    assert before.shape[1] == 17 and after.shape[1] == 37
+    expected = resample_pos_embed(before, (6, 6))
+    torch.testing.assert_close(after, expected, atol=2e-2 * expected.abs().max().item(), rtol=0)
+
+
 def test_zero3_on_two_ranks_starts_from_the_exported_weights(pretrained, tmp_path, digits_url):
     """Under ZeRO-3 each rank holds a shard; the loaded weights must still be the export's."""
     from pipeline.models import load_model
