@@ -40,6 +40,11 @@ def join(url: str, *names: str) -> str:
     return "/".join([url.rstrip("/"), *names])
 
 
+def basename(url: str) -> str:
+    """The last path component of a URL: "s3://b/data/digits/" -> "digits"."""
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
 def write_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     """Write under a temporary name, then rename: readers never see a partial file."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"

@@ -80,10 +80,7 @@ def extract(
                         folder / f"{name}.npy", "w+", np.float32, (total, f.shape[1])
                     )
                 arrays[name][n : n + b] = f
-            label = batch["label"]
-            if label.ndim != 1:
-                raise ValueError(f"{cfg.url} ({cfg.split}): probes need one label per image")
-            labels[n : n + b] = label.numpy()
+            labels[n : n + b] = batch["label"].numpy()  # one label each (resolve_target)
             n += b
             now = time.perf_counter()
             if now - shown > 10 or n == total:

@@ -105,15 +105,6 @@ def accuracy(data: Design, w: torch.Tensor, b: torch.Tensor) -> float:
     return correct / max(data.n, 1)
 
 
-def check_labels(y: np.ndarray, classes: int, where: str) -> None:
-    if y.ndim != 1:
-        raise ValueError(f"{where}: probes need one label per image; this target is multi-label")
-    if len(y) and (y.min() < 0 or y.max() >= classes):
-        raise ValueError(
-            f"{where}: labels span {y.min()}..{y.max()} but there are {classes} classes"
-        )
-
-
 def logistic_probe(
     train: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray],

@@ -37,10 +37,9 @@ from pipeline.errors import ConfigError
 from pipeline.evaluate import probes
 from pipeline.evaluate.features import FeatureSet, extract, model_extractor, pixel_extractor
 from pipeline.evaluate.results import Row, append_rows, read_rows
-from pipeline.models.registry import weights_mismatch
-from pipeline.storage import join
+from pipeline.storage import basename, join
 from pipeline.train import checkpoint
-from pipeline.train.export import Weights, read_weights
+from pipeline.train.export import Weights, read_weights_for
 
 PIXEL_SIDE = 32  # the raw-pixel baseline sees images at most this many pixels a side
 
@@ -51,11 +50,13 @@ class Target:
     train_split: str
     test_split: str
     classes: int
+    channels: int
+    pixel_side: int  # the raw-pixel baseline's image side: native, at most PIXEL_SIDE
     endpoint_url: str = ""
 
     @property
     def name(self) -> str:
-        return self.url.rstrip("/").rsplit("/", 1)[-1]
+        return basename(self.url)
 
 
 def resolve_target(run: RunConfig) -> Target:
@@ -72,7 +73,11 @@ def resolve_target(run: RunConfig) -> Target:
             raise ConfigError(
                 f"{key}: {url} has no split {split!r}; it has {', '.join(manifest.splits)}"
             )
-    return Target(url, run.eval.train_split, test, len(manifest.classes), run.data.endpoint_url)
+    side = min(manifest.image_size[0] if manifest.image_size else PIXEL_SIDE, PIXEL_SIDE)
+    return Target(
+        url, run.eval.train_split, test, len(manifest.classes), manifest.channels, side,
+        run.data.endpoint_url,
+    )  # fmt: skip
 
 
 def weights_fingerprint(weights: Weights) -> str:
@@ -142,13 +147,13 @@ class Context:
         return self._split(self.target.train_split)[name], self._split(self.target.test_split)[name]
 
     def pixels(self) -> tuple[tuple, tuple]:
-        manifest = load_manifest(self.target.url, self.target.endpoint_url)
-        side = min(manifest.image_size[0] if manifest.image_size else PIXEL_SIDE, PIXEL_SIDE)
-        out = []
+        side, out = self.target.pixel_side, []
         for split in (self.target.train_split, self.target.test_split):
             key = f"pixels-{split}"
             if key not in self._features:
-                cfg = self._stream(split, image_size=side, channels=manifest.channels, palette=None)
+                cfg = self._stream(
+                    split, image_size=side, channels=self.target.channels, palette=None
+                )
                 folder = self.cache / "pixels" / f"{self.target.name}-{split}-{side}"
                 self._features[key] = extract(
                     pixel_extractor, ["pixels"], cfg, folder, f"pixels-{side}", self.log
@@ -300,18 +305,11 @@ def _source_of(run: RunConfig, source: str) -> str:
 def evaluate(run: RunConfig, source: str = "", log=print) -> list[Row]:
     """Run eval.evaluators on `source` (default: the run's newest complete checkpoint; "untrained":
     the same network at its initialisation); returns the rows added to the run's results table."""
-    try:
-        weights = (
-            untrained_weights(run) if source == UNTRAINED else read_weights(_source_of(run, source))
-        )
-    except FileNotFoundError as e:
-        raise ConfigError(f"--model: {e}") from None
-    why = weights_mismatch(weights.config, run.model)
-    if why:
-        raise ConfigError(
-            f"{weights.source} holds a {weights.config.name} but the config's model is "
-            f"{run.model.name}: {'; '.join(why)} (a checkpoint of another model size?)"
-        )
+    weights = (
+        untrained_weights(run)
+        if source == UNTRAINED
+        else read_weights_for(_source_of(run, source), run.model, "--model")
+    )
     try:
         target = resolve_target(run)
     except DatasetError as e:

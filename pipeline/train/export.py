@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from pipeline.config import parse_config
+from pipeline.errors import ConfigError
 from pipeline.models import ModelConfig, create_model, save_model
 from pipeline.models.layers import Backbone
-from pipeline.models.registry import config_from_dict
+from pipeline.models.registry import config_from_dict, weights_mismatch
 from pipeline.models.weights import CONFIG_FILE, load_state, read_model_meta
 from pipeline.storage import filesystem, join
 from pipeline.train import checkpoint
@@ -86,6 +87,22 @@ def read_weights(source: str | Path) -> Weights:
         ) from None
     cfg, provenance = _checkpoint_provenance(ckpt)
     return Weights(cfg, consolidated_state_dict(ckpt), str(ckpt), provenance)
+
+
+def read_weights_for(source: str | Path, model: ModelConfig, key: str) -> Weights:
+    """read_weights, checked against the model they must initialise; errors name `key` (the
+    config key or option that gave `source`) before anything is computed."""
+    try:
+        weights = read_weights(source)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    why = weights_mismatch(weights.config, model)
+    if why:
+        raise ConfigError(
+            f"{key}: {weights.source} holds a {weights.config.name} whose weights do not fit "
+            f"model {model.name}: {'; '.join(why)} (a checkpoint of another model size?)"
+        )
+    return weights
 
 
 def export(source: str | Path, out_url: str) -> tuple[Path, Backbone]:

@@ -22,6 +22,7 @@ from pipeline.data.shards import load_manifest
 from pipeline.data.stream import Stream, stream_config
 from pipeline.errors import ConfigError
 from pipeline.evaluate.results import Row, append_rows
+from pipeline.storage import basename
 from pipeline.train.objectives import class_logits
 from pipeline.train.trainer import Trainer
 
@@ -99,7 +100,7 @@ def finetune(
             [
                 Row(
                     model=run.model.name, pretrain_data=init.get("data", ""),
-                    pretrain_steps=init.get("step", 0), target=f"{run.data.url}:{split}",
+                    pretrain_steps=init.get("step", 0), target=f"{basename(run.data.url)}:{split}",
                     evaluator="finetune", layer="-", metric="top1", value=result["top1"],
                     source=init.get("checkpoint", run.finetune.init),
                     extra={"finetune_steps": trainer.step, "initial_top1": result["initial_top1"]},

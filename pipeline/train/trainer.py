@@ -23,9 +23,7 @@ import torch.distributed as dist
 from pipeline.config import RunConfig, config_to_raw
 from pipeline.data.stream import Stream, merge_states, stream_config
 from pipeline.data.transforms import model_input
-from pipeline.errors import ConfigError
 from pipeline.models import create_model, load_pretrained
-from pipeline.models.registry import weights_mismatch
 from pipeline.train import checkpoint
 from pipeline.train.engine import (
     batch_layout,
@@ -36,7 +34,7 @@ from pipeline.train.engine import (
     modifiable_params,
     to_universal,
 )
-from pipeline.train.export import Weights, read_weights
+from pipeline.train.export import Weights, read_weights_for
 from pipeline.train.objectives import OBJECTIVES
 from pipeline.train.visuals import completion_panel, rollout_panel
 
@@ -74,22 +72,6 @@ def measure_peak_flops(
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
-def read_init_weights(run: RunConfig) -> Weights:
-    """finetune.init's weights, checked against run.model before anything is computed."""
-    url = run.finetune.init
-    try:
-        init = read_weights(url)
-    except FileNotFoundError as e:
-        raise ConfigError(f"finetune.init: {e}") from None
-    why = weights_mismatch(init.config, run.model)
-    if why:
-        raise ConfigError(
-            f"finetune.init: {init.source} holds a {init.config.name} whose weights do not fit "
-            f"model {run.model.name}: {'; '.join(why)} (a checkpoint of another model size?)"
-        )
-    return init
-
-
 class Trainer:
     def __init__(self, run: RunConfig, resume: str = "auto", log=print) -> None:
         self.run, self.log = run, log
@@ -107,7 +89,7 @@ class Trainer:
         init = None
         self.init_provenance: dict[str, Any] = {}
         if run.finetune.init and start is None:  # a resumed finetune has its weights already
-            init = read_init_weights(run)
+            init = read_weights_for(run.finetune.init, run.model, "finetune.init")
             self.init_provenance = init.provenance
         self.stream = Stream(
             stream_config(run, run.data.train_split, self.micro, train=True), self.rank, self.world
