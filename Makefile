@@ -36,7 +36,9 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# DeepSpeed compiles its ops on first use: once here, not inside a timed test.
 test: lint
+	$(BIN)/tessera build-ops
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -126,6 +126,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             print(f.read(), end="")
 
 
+def cmd_build_ops(args: argparse.Namespace) -> None:
+    from pipeline.train.engine import build_ops
+
+    build_ops()
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from pipeline.train.export import export
 
@@ -212,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a run folder (its newest complete checkpoint) or a checkpoint")
     p.add_argument("output", help="folder URL for model.safetensors + model.json")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "build-ops", help="compile DeepSpeed's ops now (an image build step), not at first start"
+    )
+    p.set_defaults(func=cmd_build_ops)
 
     p = sub.add_parser("index", help="make a manifest for WebDataset tars written by another tool")
     p.add_argument("url", help="folder of .tar shards")

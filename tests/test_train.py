@@ -46,24 +46,21 @@ def write_config(tmp_path, digits_url, name="run.yaml", **sections):
     return path
 
 
+def launch(cmd, **kw) -> subprocess.Popen:
+    """A command and every process it starts in one process group, output merged."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    return subprocess.Popen(
+        list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, start_new_session=True, **kw,
+    )  # fmt: skip
+
+
 def pretrain(config, *args, ranks=1, command="pretrain", **kw):
     """`tessera COMMAND CONFIG` in one process, or on `ranks` CPU ranks under deepspeed."""
     if ranks == 1:
-        cmd = [TESSERA, command, str(config), *args]
-    else:
-        launcher = [
-            str(BIN / "deepspeed"),
-            "--num_gpus",
-            str(ranks),
-            "--no_local_rank",
-            "--master_port",
-            str(_port()),
-        ]
-        cmd = [*launcher, "--module", "pipeline.cli", command, str(config), *args]
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw
-    )
+        return launch([TESSERA, command, config, *args], **kw)
+    launcher = [BIN / "deepspeed", "--num_gpus", ranks, "--no_local_rank", "--master_port", _port()]
+    return launch([*launcher, "--module", "pipeline.cli", command, config, *args], **kw)
 
 
 def _port():
@@ -72,8 +69,19 @@ def _port():
     return free_port()
 
 
+def wait(proc) -> str:
+    """Its output once it exits. One that outlives TIMEOUT is killed with all its ranks: a
+    hung rank fails its test instead of holding the pipe, and the suite, open forever."""
+    try:
+        return proc.communicate(timeout=TIMEOUT)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0]
+    raise AssertionError(f"still running after {TIMEOUT}s:\n{out[-3000:]}")
+
+
 def finish(proc):
-    out, _ = proc.communicate(timeout=TIMEOUT)
+    out = wait(proc)
     assert proc.returncode == 0, out[-3000:]
     return out
 
@@ -92,11 +100,12 @@ def run_export(source: Path, dest: Path) -> str:
 def kill_when(proc, path: Path, sig=signal.SIGKILL):
     deadline = time.monotonic() + TIMEOUT
     while not path.exists():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"{path} never appeared:\n{proc.communicate()[0][-3000:]}")
         time.sleep(0.05)
     os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
-    return proc.communicate(timeout=TIMEOUT)[0]
+    return wait(proc)
 
 
 # -- units --------------------------------------------------------------------------------------
@@ -177,6 +186,42 @@ def test_half_written_checkpoints_are_never_chosen(tmp_path):
 # -- end to end (subprocesses, as users run them) ---------------------------------------------
 
 
+def test_only_build_locks_that_no_process_holds_are_removed(tmp_path):
+    from pipeline.train.engine import clear_stale_build_locks
+
+    stale, held = tmp_path / "py311_cpu" / "fused_adam" / "lock", tmp_path / "cpu_adam" / "lock"
+    for lock in (stale, held):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import os, time; os.open({str(held)!r}, os.O_RDONLY); "
+         "print('holding', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        said = []
+        assert clear_stale_build_locks(tmp_path, log=said.append) == [stale]
+    finally:
+        holder.kill()
+    assert not stale.exists() and held.exists()
+    assert "left by a killed process" in said[0] and str(stale) in said[0]
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_run(tmp_path, digits_url):
+    # What preemption during DeepSpeed's op build leaves behind: torch waits on it forever.
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory("fused_adam", verbose=False)) / "lock"
+    lock.touch()
+    try:
+        config = write_config(tmp_path, digits_url, train={"steps": 3}, optim={"warmup_steps": 1})
+        out = finish(pretrain(config))
+    finally:
+        lock.unlink(missing_ok=True)
+    assert f"removed {lock}" in out and sorted(losses(out)) == [1, 2, 3]
+
+
 def test_single_process_pretraining_learns_checkpoints_and_logs(tmp_path, digits_url):
     # Average pooling and a constant lr: a tiny ViT learns visibly within 60 steps that way.
     config = write_config(
@@ -227,7 +272,7 @@ def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path, digits_url):
         )
     )
     config = write_config(tmp_path / "b", digits_url) if (tmp_path / "b").mkdir() is None else None
-    proc = pretrain(config, start_new_session=True)
+    proc = pretrain(config)
     kill_when(proc, tmp_path / "b" / "run" / "checkpoints" / "step-0000008" / "COMPLETE")
     out = finish(pretrain(config))
     assert "resumed from" in out and "at step 8" in out
@@ -260,7 +305,7 @@ def test_two_ranks_under_the_deepspeed_launcher_resume_exactly(
         )
     )
     config = write_config(run_dir, digits_url, deepspeed={"zero_stage": zero}, model=model)
-    proc = pretrain(config, ranks=2, start_new_session=True)
+    proc = pretrain(config, ranks=2)
     kill_when(proc, run_dir / "run" / "checkpoints" / "step-0000004" / "COMPLETE")
     out = finish(pretrain(config, ranks=2))
     resumed = losses(out)
@@ -341,26 +386,16 @@ def _nan_run(tmp_path, digits_url, calls, steps=8):
     config = write_config(
         tmp_path, digits_url, train={"steps": steps}, checkpoint={"every_steps": 100}
     )
-    launcher = [
-        str(BIN / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--no_local_rank",
-        "--master_port",
-        str(_port()),
-    ]
+    launcher = [BIN / "deepspeed", "--num_gpus", 2, "--no_local_rank", "--master_port", _port()]
     script = Path(__file__).with_name("nan_on_one_rank.py")
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    return subprocess.run(
-        [*launcher, str(script), str(config), ",".join(map(str, calls))],
-        capture_output=True, text=True, timeout=TIMEOUT, env=env,
-    )  # fmt: skip
+    proc = launch([*launcher, script, config, ",".join(map(str, calls))])
+    return proc, wait(proc)
 
 
 def test_a_nan_on_one_rank_is_skipped_by_all_ranks_together(tmp_path, digits_url):
-    proc = _nan_run(tmp_path, digits_url, calls=[3, 4])
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert sorted(losses(proc.stdout)) == list(range(1, 9))  # no hang, every step still trained
+    proc, out = _nan_run(tmp_path, digits_url, calls=[3, 4])
+    assert proc.returncode == 0, out[-3000:]
+    assert sorted(losses(out)) == list(range(1, 9))  # no hang, every step still trained
     state = json.loads(
         (tmp_path / "run" / "checkpoints" / "step-0000008" / "trainer.json").read_text()
     )
@@ -368,12 +403,9 @@ def test_a_nan_on_one_rank_is_skipped_by_all_ranks_together(tmp_path, digits_url
 
 
 def test_non_finite_losses_in_a_row_stop_the_run_naming_the_steps(tmp_path, digits_url):
-    proc = _nan_run(tmp_path, digits_url, calls=range(3, 20))
+    proc, out = _nan_run(tmp_path, digits_url, calls=range(3, 20))
     assert proc.returncode != 0
-    assert (
-        "loss was not finite on some rank for 5 steps in a row, within steps [3, 7]"
-        in proc.stdout + proc.stderr
-    )
+    assert "loss was not finite on some rank for 5 steps in a row, within steps [3, 7]" in out
 
 
 def test_resume_at_world_size_1_from_a_checkpoint_written_at_2(tmp_path, digits_url):
@@ -382,7 +414,8 @@ def test_resume_at_world_size_1_from_a_checkpoint_written_at_2(tmp_path, digits_
     config = write_config(
         tmp_path, digits_url, train={"steps": 10}, deepspeed={"precision": "fp32"}
     )
-    proc = pretrain(config, ranks=2, start_new_session=True)
+    shm_before = set(Path("/dev/shm").glob("deepspeed_*"))
+    proc = pretrain(config, ranks=2)
     kill_when(proc, tmp_path / "run" / "checkpoints" / "step-0000004" / "COMPLETE")
     ckpt = checkpoint.find_latest(tmp_path / "run" / "checkpoints")
     written = json.loads((ckpt / "trainer.json").read_text())
@@ -414,23 +447,14 @@ print("ok")
         (tmp_path / "run" / "checkpoints" / "step-0000010" / "trainer.json").read_text()
     )
     assert state["world"] == 1 and state["stream"]["phase"]["generation"] == 1
+    # DeepSpeed's shared-memory all-reduce buffers went with the ranks, killed or not.
+    assert set(Path("/dev/shm").glob("deepspeed_*")) <= shm_before
 
 
 def test_torchrun_launches_the_same_command(tmp_path, digits_url):
     config = write_config(tmp_path, digits_url, train={"steps": 4})
-    cmd = [
-        str(BIN / "torchrun"),
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_port()),
-        "-m",
-        "pipeline.cli",
-        "pretrain",
-        str(config),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    torchrun = [BIN / "torchrun", "--nproc-per-node", 2, "--master-port", _port()]
+    finish(launch([*torchrun, "-m", "pipeline.cli", "pretrain", config]))
     shards = list((tmp_path / "run" / "checkpoints" / "step-0000004").glob("*optim_states.pt"))
     assert len(shards) == 2
 

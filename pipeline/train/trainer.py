@@ -75,7 +75,7 @@ def measure_peak_flops(
 class Trainer:
     def __init__(self, run: RunConfig, resume: str = "auto", log=print) -> None:
         self.run, self.log = run, log
-        self.rank, self.world = init_distributed()
+        self.rank, self.world = init_distributed(log)
         self.micro, self.accum = batch_layout(run, self.world)
         torch.manual_seed(run.train.seed)  # the same initial weights on every rank
         head = (
