@@ -126,6 +126,19 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             print(f.read(), end="")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from pipeline.plan import Device, make_plan, parse_bytes, report
+
+    run = load_config(args.config, args.overrides)
+    try:
+        memory = parse_bytes(args.gpu_memory)
+    except ValueError as e:
+        raise ConfigError(f"--gpu-memory: {e}") from None
+    if args.gpus < 1 or args.peak_tflops <= 0 or not 0 < args.mfu <= 1:
+        raise ConfigError("--gpus must be >= 1, --peak-tflops > 0 and --mfu in (0, 1]")
+    print(report(make_plan(run, Device(args.gpus, memory, args.peak_tflops * 1e12, args.mfu))))
+
+
 def cmd_build_ops(args: argparse.Namespace) -> None:
     from pipeline.train.engine import build_ops
 
@@ -218,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a run folder (its newest complete checkpoint) or a checkpoint")
     p.add_argument("output", help="folder URL for model.safetensors + model.json")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "plan", help="memory per GPU, step time and cost of a run config, before booking GPUs"
+    )
+    _add_config_args(p)
+    p.add_argument("--gpus", type=int, default=8, help="devices the run is spread over")
+    p.add_argument("--gpu-memory", default="80GB", help="memory per device, e.g. 80GB, 141GB")
+    p.add_argument(
+        "--peak-tflops", type=float, default=989.0,
+        help="dense bf16 peak per device (H100 SXM: 989, A100: 312)",
+    )  # fmt: skip
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser(
         "build-ops", help="compile DeepSpeed's ops now (an image build step), not at first start"

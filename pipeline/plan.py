@@ -1,0 +1,321 @@
+"""`tessera plan CONFIG --gpus N --gpu-memory 80GB --peak-tflops 989`: will it fit, and how long.
+
+Memory per device, from the run config alone (nothing is allocated):
+
+  model states  mixed-precision Adam keeps 16 bytes per parameter: 2 (bf16/fp16 weights) + 2
+                (gradients) + 12 (fp32 master weights, Adam's m and v). ZeRO-1 splits the 12 over
+                the ranks, ZeRO-2 also the gradients, ZeRO-3 also the weights (the ZeRO paper's
+                Table 1). fp32 training: 4 + 4 + 8. Offload moves the split parts to host memory.
+  activations   what autograd keeps per block for one micro-batch, with fused attention (no
+                s x s score matrices): the block's input, its normalised copy, q/k/v, the
+                attention output, the MLP input, its hidden layer before and after GELU, i.e.
+                (9 s h + 2 s m) elements for s tokens, width h, MLP width m. Without fused
+                attention add 2 a s^2 (scores and probabilities). With activation checkpointing
+                each block keeps only its input (s h); one block's full set, and the gradient of
+                its MLP hidden layer, are live while it is recomputed.
+  buffers       DeepSpeed's gradient-reduction buckets (and ZeRO-3's prefetch), as sized by the
+                DeepSpeed config the run really gets.
+
+Checked against the allocator on CPU (tests/test_plan.py): activations within 15% of the
+profiler's peak with and without checkpointing, model states within 15% at 2 ranks for ZeRO
+0/2/3 (they agree to under 1%).
+
+Compute: the model's analytic FLOPs (the same count the training log's MFU uses) x the global
+batch, at an assumed MFU of the peak, gives the step time, images/s, and time and device-hours
+to train.steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.models import create_model
+from pipeline.train.engine import batch_layout, deepspeed_config
+
+GB = 1e9
+
+
+def parse_bytes(text: str) -> float:
+    """ "80GB", "80G", "141GiB", "24e9" -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]i?[bB]?)?\s*", text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (e.g. 80GB)")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
+    base = 1024 if unit.endswith("I") else 1000
+    return float(m.group(1)) * base**power
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per device (and on the host, for offload)."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    buffers: float
+    host: float = 0.0
+
+    @property
+    def model_states(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.activations + self.buffers
+
+
+def parameter_count(run: RunConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in create_model(run.model).parameters())
+
+
+def model_state_bytes(
+    params: int,
+    stage: int,
+    world: int,
+    precision: str,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+) -> tuple[float, float, float, float]:
+    """(weights, gradients, optimizer states, host bytes) per device for this ZeRO stage."""  # fmt: skip
+    half = 4 if precision == "fp32" else 2
+    weights, grads = half * params, half * params
+    optimizer = (8 if precision == "fp32" else 12) * params  # (master +) m + v
+    if stage >= 1:
+        optimizer /= world
+    if stage >= 2:
+        grads /= world
+    if stage >= 3:
+        weights /= world
+    host = 0.0
+    if offload_optimizer:
+        host, optimizer = host + optimizer, 0.0
+    if offload_params:
+        host, weights = host + weights, 0.0
+    return weights, grads, optimizer, host
+
+
+def activation_bytes(
+    run: RunConfig, micro_batch: int, checkpointing: bool, fused_attention: bool = True
+) -> float:
+    """Peak bytes of activations for one micro-batch's forward and backward (module docstring).
+
+    Without checkpointing the peak is where backward starts: every block's saved tensors plus
+    the loss's. With it, each block keeps only its input, and the peak is either that same
+    moment or the recomputation of a block, whose full set is live with the gradients flowing
+    through its MLP (about s m elements more), whichever is larger.
+    """
+    cfg = run.model
+    s, h, m, depth = cfg.num_tokens, cfg.width, cfg.mlp_dim, cfg.depth
+    half = 4 if run.deepspeed.precision == "fp32" else 2
+    block = 9 * s * h + 2 * s * m
+    if not fused_attention:
+        block += 2 * cfg.heads * s * s
+    if cfg.family == "igpt":
+        # The embedding, the final norm's input and output; the loss in fp32 whatever the
+        # precision: log-softmax output, its gradient and the logits' gradient.
+        edges, loss = half * 3 * s * h, 3 * 4 * s * cfg.vocab_size
+    else:
+        edges, loss = half * (2 * s * h + cfg.channels * cfg.image_size**2), 0
+    if checkpointing:
+        peak = half * depth * s * h + edges + max(loss, half * (block + s * m))
+    else:
+        peak = half * depth * block + edges + loss
+    return micro_batch * peak
+
+
+def buffer_bytes(run: RunConfig, world: int, params: int) -> float:
+    """DeepSpeed's communication buffers for the DeepSpeed config this run really gets (a user's
+    file included): ZeRO-0 flattens gradients into all-reduce buckets; ZeRO-1/2 allocate one
+    reduce bucket of `reduce_bucket_size` elements (two with overlap_comm) for every backward;
+    ZeRO-3 has its reduce and prefetch buckets and one block's gathered weights."""
+    zero = deepspeed_config(run, world)["zero_optimization"]
+    stage, half = zero["stage"], 4 if run.deepspeed.precision == "fp32" else 2
+    default = 500_000_000  # DeepSpeed's default bucket sizes, in elements
+    if stage == 0:
+        return half * min(params, default)
+    if stage in (1, 2):
+        buckets = 2 if zero.get("overlap_comm", False) else 1
+        return half * buckets * zero.get("reduce_bucket_size", default)
+    block = 4 * run.model.width**2 + 2 * run.model.width * run.model.mlp_dim
+    return half * (
+        zero.get("reduce_bucket_size", default)
+        + zero.get("stage3_prefetch_bucket_size", default)
+        + block
+    )
+
+
+FIT_FRACTION = 0.9  # of device memory: the rest is the CUDA context and allocator fragmentation
+
+
+@dataclass(frozen=True)
+class Device:
+    count: int
+    memory: float  # bytes per device
+    peak_flops: float  # per device, dense bf16
+    mfu: float  # assumed model FLOPs utilisation
+
+
+@dataclass(frozen=True)
+class Plan:
+    run: RunConfig
+    device: Device
+    params: int
+    micro_batch: int
+    accum: int
+    memory: Memory
+    activations_other: float  # the same micro-batch with checkpointing switched the other way
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= FIT_FRACTION * self.device.memory
+
+    @property
+    def step_flops(self) -> float:
+        """Model FLOPs of one optimizer step (the count the training log's MFU uses)."""
+        return self.run.model.train_flops() * self.run.train.global_batch_size
+
+    @property
+    def step_seconds(self) -> float:
+        d = self.device
+        return self.step_flops / (d.count * d.peak_flops * d.mfu)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.run.train.global_batch_size / self.step_seconds
+
+    @property
+    def train_seconds(self) -> float:
+        return self.run.train.steps * self.step_seconds
+
+
+def memory_for(run: RunConfig, world: int, params: int, micro_batch: int) -> Memory:
+    ds = run.deepspeed
+    weights, grads, optimizer, host = model_state_bytes(
+        params, ds.zero_stage, world, ds.precision, ds.offload_optimizer, ds.offload_params
+    )
+    activations = activation_bytes(run, micro_batch, run.model.grad_checkpointing)
+    return Memory(weights, grads, optimizer, activations, buffer_bytes(run, world, params), host)
+
+
+def make_plan(run: RunConfig, device: Device) -> Plan:
+    params = parameter_count(run)
+    micro, accum = batch_layout(run, device.count)
+    flipped = activation_bytes(run, micro, not run.model.grad_checkpointing)
+    return Plan(run, device, params, micro, accum, memory_for(run, device.count, params, micro),
+                flipped)  # fmt: skip
+
+
+def with_changes(run: RunConfig, **deepspeed: object) -> RunConfig:
+    return dataclasses.replace(run, deepspeed=dataclasses.replace(run.deepspeed, **deepspeed))
+
+
+def suggestions(plan: Plan) -> list[str]:
+    """The smallest ZeRO stage that fits at this micro-batch, and the largest micro-batch that
+    fits at that stage (one that divides the global batch over the devices)."""
+    run, device = plan.run, plan.device
+    usable = FIT_FRACTION * device.memory
+    lines = []
+    stage = next(
+        (z for z in range(4) if memory_for(with_changes(run, zero_stage=z), device.count,
+                                           plan.params, plan.micro_batch).total <= usable),
+        None,
+    )  # fmt: skip
+    if stage is None:
+        lines.append(
+            f"no ZeRO stage fits micro-batch {plan.micro_batch}: lower deepspeed.micro_batch_size"
+            + ("" if run.model.grad_checkpointing else ", turn on model.grad_checkpointing")
+            + " or offload (deepspeed.offload_optimizer)"
+        )
+        stage = 3
+    elif stage != run.deepspeed.zero_stage:
+        lines.append(f"the smallest ZeRO stage that fits: deepspeed.zero_stage={stage}")
+    per_device = run.train.global_batch_size // device.count
+    staged = with_changes(run, zero_stage=stage)
+    fitting = [
+        m for m in range(1, per_device + 1)
+        if per_device % m == 0
+        and memory_for(staged, device.count, plan.params, m).total <= usable
+    ]  # fmt: skip
+    if run.model.grad_checkpointing and stage == run.deepspeed.zero_stage:
+        off = dataclasses.replace(
+            run, model=dataclasses.replace(run.model, grad_checkpointing=False)
+        )
+        total = memory_for(off, device.count, plan.params, plan.micro_batch).total
+        if total <= usable:
+            lines.append(
+                f"it also fits without activation checkpointing ({total / GB:.1f} GB), which saves "
+                "recomputing the forward: model.grad_checkpointing=false"
+            )
+    if fitting and fitting[-1] != plan.micro_batch:
+        lines.append(
+            f"the largest micro-batch that fits at ZeRO-{stage}: "
+            f"deepspeed.micro_batch_size={fitting[-1]} ({per_device // fitting[-1]} accumulation "
+            "steps)"
+        )
+    return lines
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:10.2f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} minutes"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds / 86400:.1f} days"
+
+
+def report(plan: Plan) -> str:
+    run, d, m = plan.run, plan.device, plan.memory
+    ds = run.deepspeed
+    stage = ds.zero_stage
+    split = {0: "", 1: "optimizer split", 2: "gradients and optimizer split",
+             3: "everything split"}[stage]  # fmt: skip
+    ckpt = "on" if run.model.grad_checkpointing else "off"
+    other = "off" if run.model.grad_checkpointing else "on"
+    lines = [
+        f"{run.model.name}: {plan.params / 1e6:,.1f}M parameters, {run.model.num_tokens} tokens; "
+        f"{d.count} devices, ZeRO-{stage} ({split or 'nothing split'}), {ds.precision}",
+        f"batch {run.train.global_batch_size} = {d.count} devices x micro-batch "
+        f"{plan.micro_batch} x {plan.accum} accumulation steps",
+        "",
+        f"{'memory per device':<44}{'GB':>10}",
+        f"{'  weights':<44}{_gb(m.params)}",
+        f"{'  gradients':<44}{_gb(m.grads)}",
+        f"{'  optimizer (fp32 master, Adam m and v)':<44}{_gb(m.optimizer)}",
+        f"{f'  activations (checkpointing {ckpt})':<44}{_gb(m.activations)}"
+        f"   ({other}: {plan.activations_other / GB:.2f})",
+        f"{'  DeepSpeed buffers':<44}{_gb(m.buffers)}",
+        f"{'  total':<44}{_gb(m.total)}   of {d.memory / GB:.0f} GB: "
+        + ("fits" if plan.fits else f"DOES NOT FIT (keeping {1 - FIT_FRACTION:.0%} free)"),
+    ]
+    if m.host:
+        lines.append(f"{'  offloaded to host memory':<44}{_gb(m.host)}")
+    flops = run.model.train_flops()
+    lines += [
+        "",
+        f"{'compute':<44}",
+        f"{'  training FLOPs per image':<44}{flops / 1e9:10.1f} G",
+        f"{'  FLOPs per step':<44}{plan.step_flops:10.3g}",
+        f"{f'  step time at {d.mfu:.0%} MFU of {d.peak_flops / 1e12:g} TFLOP/s':<44}"
+        f"{plan.step_seconds:10.3f} s",
+        f"{'  images/s':<44}{plan.images_per_second:10,.0f}",
+        f"{f'  {run.train.steps:,} steps':<44}{_duration(plan.train_seconds):>10}, "
+        f"{plan.train_seconds * d.count / 3600:,.0f} device-hours",
+    ]
+    if run.model.grad_checkpointing:
+        lines.append("  (checkpointing recomputes the forward: hardware does 4/3 of these FLOPs)")
+    advice = suggestions(plan)
+    if advice:
+        lines += ["", *advice]
+    return "\n".join(lines)
