@@ -236,7 +236,10 @@ def suggestions(plan: Plan) -> list[str]:
         )
         stage = 3
     elif stage != run.deepspeed.zero_stage:
-        lines.append(f"the smallest ZeRO stage that fits: deepspeed.zero_stage={stage}")
+        lines.append(
+            f"the smallest ZeRO stage that fits: deepspeed.zero_stage={stage} (ZeRO-1 and 2 "
+            "communicate as much as ZeRO-0, ZeRO-3 half as much again)"
+        )
     per_device = run.train.global_batch_size // device.count
     staged = with_changes(run, zero_stage=stage)
     fitting = [
@@ -244,7 +247,7 @@ def suggestions(plan: Plan) -> list[str]:
         if per_device % m == 0
         and memory_for(staged, device.count, plan.params, m).total <= usable
     ]  # fmt: skip
-    if run.model.grad_checkpointing and stage == run.deepspeed.zero_stage:
+    if run.model.grad_checkpointing:
         off = dataclasses.replace(
             run, model=dataclasses.replace(run.model, grad_checkpointing=False)
         )
@@ -304,7 +307,7 @@ def report(plan: Plan) -> str:
     flops = run.model.train_flops()
     lines += [
         "",
-        f"{'compute':<44}",
+        "compute",
         f"{'  training FLOPs per image':<44}{flops / 1e9:10.1f} G",
         f"{'  FLOPs per step':<44}{plan.step_flops:10.3g}",
         f"{f'  step time at {d.mfu:.0%} MFU of {d.peak_flops / 1e12:g} TFLOP/s':<44}"

@@ -115,15 +115,19 @@ def test_each_large_config_fits_the_cluster_it_states_in_the_time_it_states(path
 
 def test_plan_command_prints_memory_compute_and_what_would_fit(tmp_path):
     config = CONFIGS / "vit-h14-jft.yaml"
-    args = [TESSERA, "plan", config, "--gpus", 64, "--gpu-memory", "24GB"]
+    args = [TESSERA, "plan", config, "--gpus", 64, "--gpu-memory", "80GB"]
     out = subprocess.run(list(map(str, args)), capture_output=True, text=True, check=True).stdout
-    for line in ("weights", "gradients", "optimizer", "activations (checkpointing on)",
-                 "DeepSpeed buffers", "images/s", "device-hours"):  # fmt: skip
+    for line in ("weights", "gradients", "optimizer", "activations (checkpointing off)",
+                 "DeepSpeed buffers", "images/s", "device-hours", "of 80 GB: fits"):  # fmt: skip
         assert line in out, out
-    assert "of 24 GB: fits" in out
+    args[-1] = "24GB"  # ViT-H's 23 GB of activations at micro-batch 64 no longer leave room
+    out = subprocess.run(list(map(str, args)), capture_output=True, text=True, check=True).stdout
+    assert "no ZeRO stage fits micro-batch 64" in out and "model.grad_checkpointing" in out
+    assert "deepspeed.micro_batch_size=32" in out, out
     # 8 GPUs of 12 GB cannot hold ViT-H at ZeRO-0 with micro-batch 64: the plan says what would.
     args = [TESSERA, "plan", config, "--gpus", 8, "--gpu-memory", "12GB",
-            "--set", "deepspeed.zero_stage=0", "--set", "train.global_batch_size=1024"]  # fmt: skip
+            "--set", "deepspeed.zero_stage=0", "--set", "train.global_batch_size=1024",
+            "--set", "model.grad_checkpointing=true"]  # fmt: skip
     out = subprocess.run(list(map(str, args)), capture_output=True, text=True, check=True).stdout
     assert "DOES NOT FIT" in out
     assert "deepspeed.zero_stage=1" in out and "deepspeed.micro_batch_size=128" in out, out
