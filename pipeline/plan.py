@@ -76,6 +76,21 @@ def parameter_count(run: RunConfig) -> int:
         return sum(p.numel() for p in create_model(run.model).parameters())
 
 
+def live_tensor_bytes(device: str = "cpu") -> int:
+    """What the plan predicts, measured: the bytes of every tensor Python can reach on `device`,
+    each storage counted once (views share one). Taken between backward and the optimizer step,
+    it is a rank's model states (tests/plan_states.py, benchmarks/train_step.py)."""
+    import gc
+
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == device:
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def model_state_bytes(
     params: int,
     stage: int,
