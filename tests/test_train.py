@@ -1,6 +1,7 @@
 """Training: DeepSpeed on CPU ranks, complete-or-ignored checkpoints, exact resume, preemption."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -382,20 +383,25 @@ print("ok")
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def _nan_run(tmp_path, digits_url, calls, steps=8):
+def _nan_run(tmp_path, digits_url, calls, where="loss", zero=2, steps=8):
     config = write_config(
-        tmp_path, digits_url, train={"steps": steps}, checkpoint={"every_steps": 100}
-    )
+        tmp_path, digits_url, train={"steps": steps}, checkpoint={"every_steps": 100},
+        deepspeed={"zero_stage": zero},
+    )  # fmt: skip
     launcher = [BIN / "deepspeed", "--num_gpus", 2, "--no_local_rank", "--master_port", _port()]
     script = Path(__file__).with_name("nan_on_one_rank.py")
-    proc = launch([*launcher, script, config, ",".join(map(str, calls))])
+    proc = launch([*launcher, script, config, ",".join(map(str, calls)), where])
     return proc, wait(proc)
 
 
-def test_a_nan_on_one_rank_is_skipped_by_all_ranks_together(tmp_path, digits_url):
-    proc, out = _nan_run(tmp_path, digits_url, calls=[3, 4])
+@pytest.mark.parametrize(("where", "zero"), [("loss", 2), ("grad", 2), ("grad", 3)])
+def test_a_nan_on_one_rank_is_skipped_by_all_ranks_together(tmp_path, digits_url, where, zero):
+    # "grad": the loss is finite and only the gradients are not, found after backward.
+    proc, out = _nan_run(tmp_path, digits_url, calls=[3, 4], where=where, zero=zero)
     assert proc.returncode == 0, out[-3000:]
-    assert sorted(losses(out)) == list(range(1, 9))  # no hang, every step still trained
+    logged = losses(out)
+    assert sorted(logged) == list(range(1, 9))  # no hang, every step still trained
+    assert all(math.isfinite(v) for v in logged.values())  # no poisoned weights
     state = json.loads(
         (tmp_path / "run" / "checkpoints" / "step-0000008" / "trainer.json").read_text()
     )
@@ -405,7 +411,7 @@ def test_a_nan_on_one_rank_is_skipped_by_all_ranks_together(tmp_path, digits_url
 def test_non_finite_losses_in_a_row_stop_the_run_naming_the_steps(tmp_path, digits_url):
     proc, out = _nan_run(tmp_path, digits_url, calls=range(3, 20))
     assert proc.returncode != 0
-    assert "loss was not finite on some rank for 5 steps in a row, within steps [3, 7]" in out
+    assert "not finite on some rank for 5 steps in a row, within steps [3, 7]" in out
 
 
 def test_resume_at_world_size_1_from_a_checkpoint_written_at_2(tmp_path, digits_url):

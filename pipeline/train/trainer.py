@@ -232,6 +232,10 @@ class Trainer:
             self.engine.step()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / self.accum
+        # A finite loss can still give non-finite gradients. DeepSpeed checks the global
+        # gradient norm (the same on every rank) and skips the update; count it as skipped.
+        if not self.engine.was_step_applied():
+            return None
         return totals
 
     def train(self) -> str:
@@ -250,8 +254,8 @@ class Trainer:
                     in_a_row += 1
                     if in_a_row >= MAX_NONFINITE_IN_A_ROW:
                         raise NonFiniteError(
-                            f"loss was not finite on some rank for {in_a_row} steps in a row, within "
-                            f"steps [{self.step + 1}, {self.step + in_a_row}]; stopping"
+                            f"loss or gradients not finite on some rank for {in_a_row} steps in a "
+                            f"row, within steps [{self.step + 1}, {self.step + in_a_row}]; stopping"
                         )
                     continue
                 in_a_row = 0
