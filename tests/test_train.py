@@ -383,10 +383,10 @@ print("ok")
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def _nan_run(tmp_path, digits_url, calls, where="loss", zero=2, steps=8):
+def _nan_run(tmp_path, digits_url, calls, where="loss", zero=2, precision="bf16", steps=8):
     config = write_config(
         tmp_path, digits_url, train={"steps": steps}, checkpoint={"every_steps": 100},
-        deepspeed={"zero_stage": zero},
+        deepspeed={"zero_stage": zero, "precision": precision},
     )  # fmt: skip
     launcher = [BIN / "deepspeed", "--num_gpus", 2, "--no_local_rank", "--master_port", _port()]
     script = Path(__file__).with_name("nan_on_one_rank.py")
@@ -394,10 +394,17 @@ def _nan_run(tmp_path, digits_url, calls, where="loss", zero=2, steps=8):
     return proc, wait(proc)
 
 
-@pytest.mark.parametrize(("where", "zero"), [("loss", 2), ("grad", 2), ("grad", 3)])
-def test_a_nan_on_one_rank_is_skipped_by_all_ranks_together(tmp_path, digits_url, where, zero):
+@pytest.mark.parametrize(
+    ("where", "zero", "precision"),
+    [("loss", 2, "bf16"), ("grad", 2, "bf16"), ("grad", 3, "bf16"), ("grad", 0, "fp32")],
+)
+def test_a_nan_on_one_rank_is_skipped_by_all_ranks_together(
+    tmp_path, digits_url, where, zero, precision
+):
     # "grad": the loss is finite and only the gradients are not, found after backward.
-    proc, out = _nan_run(tmp_path, digits_url, calls=[3, 4], where=where, zero=zero)
+    proc, out = _nan_run(
+        tmp_path, digits_url, calls=[3, 4], where=where, zero=zero, precision=precision
+    )
     assert proc.returncode == 0, out[-3000:]
     logged = losses(out)
     assert sorted(logged) == list(range(1, 9))  # no hang, every step still trained

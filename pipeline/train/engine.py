@@ -236,7 +236,27 @@ def build_engine(
         config=config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
+    if run.deepspeed.zero_stage == 0 and run.deepspeed.precision == "fp32":
+        _skip_non_finite_updates(optimizer)
     return engine, optimizer, scheduler
+
+
+def _skip_non_finite_updates(optimizer) -> None:
+    """DeepSpeed checks the gradients for inf/NaN before every update (and skips it) except with
+    fp32 at ZeRO-0, where it calls the plain optimizer. There, do the same: the gradients are
+    already all-reduced, so every rank decides alike; the engine reads `overflow` after the step
+    (no update, no scheduler step, counted in `was_step_applied`)."""
+    update = optimizer.step
+
+    def checked_step(*args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]  # fmt: skip
+        optimizer.overflow = bool(grads) and not bool(
+            torch.stack([g.isfinite().all() for g in grads]).all()
+        )
+        return None if optimizer.overflow else update(*args, **kwargs)
+
+    optimizer.step = checked_step
 
 
 def to_universal(checkpoint_dir, out_dir) -> None:
