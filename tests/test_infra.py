@@ -1,11 +1,16 @@
 """Cluster definitions under infra/, checked against the schemas the tools themselves ship."""
 
 import json
+import os
+import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+from conftest import BIN, free_port
 
 INFRA = Path(__file__).parent.parent / "infra"
 
@@ -55,3 +60,46 @@ def test_kuberay_rayjob_names_what_kuberay_needs():
         containers = group["template"]["spec"]["containers"]
         assert containers and all(c["image"] for c in containers)
     assert "secret" not in (INFRA / "kuberay-rayjob.yaml").read_text().lower()
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a socket listening on this TCP port, from /proc/net/tcp{,6}."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
+
+
+def test_dev_services_start_on_loopback_only_and_stop(tmp_path):
+    ports = {"S3_PORT": free_port(), "RAY_PORT": free_port(), "DASHBOARD_PORT": free_port()}
+    env = {**os.environ, **{k: str(v) for k, v in ports.items()},
+           "BIN": str(BIN), "TESSERA_DEV_STATE": str(tmp_path), "RAY_CPUS": "1"}  # fmt: skip
+    script = str(INFRA / "dev-services.sh")
+    try:
+        started = subprocess.run([script, "start"], env=env, capture_output=True, text=True,
+                                 timeout=300)  # fmt: skip
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert f"export AWS_ENDPOINT_URL=http://127.0.0.1:{ports['S3_PORT']}" in started.stdout
+        for port in (ports["S3_PORT"], ports["DASHBOARD_PORT"]):
+            bound = listening_addresses(port)
+            assert bound and bound <= LOOPBACK, (port, bound)
+        # Token authentication is on: no answer without the token, the version with it.
+        version = f"http://127.0.0.1:{ports['DASHBOARD_PORT']}/api/version"
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(version, timeout=5)
+        token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+        request = urllib.request.Request(version, headers={"Authorization": f"Bearer {token}"})
+        assert json.loads(urllib.request.urlopen(request, timeout=5).read())["ray_version"]
+    finally:
+        stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True,
+                                 timeout=120)  # fmt: skip
+    assert stopped.returncode == 0
+    assert not listening_addresses(ports["S3_PORT"])
+    assert not listening_addresses(ports["DASHBOARD_PORT"])
