@@ -71,6 +71,11 @@ class Memory:
         return self.model_states + self.activations + self.buffers
 
 
+def element_bytes(precision: str) -> int:
+    """Bytes of one weight, gradient or activation element in the training precision."""
+    return 4 if precision == "fp32" else 2
+
+
 def parameter_count(run: RunConfig) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in create_model(run.model).parameters())
@@ -100,7 +105,7 @@ def model_state_bytes(
     offload_params: bool = False,
 ) -> tuple[float, float, float, float]:
     """(weights, gradients, optimizer states, host bytes) per device for this ZeRO stage."""  # fmt: skip
-    half = 4 if precision == "fp32" else 2
+    half = element_bytes(precision)
     weights, grads = half * params, half * params
     optimizer = (8 if precision == "fp32" else 12) * params  # (master +) m + v
     if stage >= 1:
@@ -129,7 +134,7 @@ def activation_bytes(
     """
     cfg = run.model
     s, h, m, depth = cfg.num_tokens, cfg.width, cfg.mlp_dim, cfg.depth
-    half = 4 if run.deepspeed.precision == "fp32" else 2
+    half = element_bytes(run.deepspeed.precision)
     block = 9 * s * h + 2 * s * m
     if not fused_attention:
         block += 2 * cfg.heads * s * s
@@ -152,7 +157,7 @@ def buffer_bytes(run: RunConfig, world: int, params: int) -> float:
     reduce bucket of `reduce_bucket_size` elements (two with overlap_comm) for every backward;
     ZeRO-3 has its reduce and prefetch buckets and one block's gathered weights."""
     zero = deepspeed_config(run, world)["zero_optimization"]
-    stage, half = zero["stage"], 4 if run.deepspeed.precision == "fp32" else 2
+    stage, half = zero["stage"], element_bytes(run.deepspeed.precision)
     default = 500_000_000  # DeepSpeed's default bucket sizes, in elements
     if stage == 0:
         return half * min(params, default)
@@ -256,17 +261,16 @@ def suggestions(plan: Plan) -> list[str]:
             "communicate as much as ZeRO-0, ZeRO-3 half as much again)"
         )
     per_device = run.train.global_batch_size // device.count
-    staged = with_changes(run, zero_stage=stage)
+    staged = memory_for(with_changes(run, zero_stage=stage), device.count, plan.params,
+                        plan.micro_batch)  # fmt: skip
+    fixed = staged.total - staged.activations  # what the micro-batch does not change
+    checkpointing = run.model.grad_checkpointing
     fitting = [
         m for m in range(1, per_device + 1)
-        if per_device % m == 0
-        and memory_for(staged, device.count, plan.params, m).total <= usable
+        if per_device % m == 0 and fixed + activation_bytes(run, m, checkpointing) <= usable
     ]  # fmt: skip
-    if run.model.grad_checkpointing:
-        off = dataclasses.replace(
-            run, model=dataclasses.replace(run.model, grad_checkpointing=False)
-        )
-        total = memory_for(off, device.count, plan.params, plan.micro_batch).total
+    if checkpointing:
+        total = plan.memory.total - plan.memory.activations + plan.activations_other
         if total <= usable:
             lines.append(
                 f"it also fits without activation checkpointing ({total / GB:.1f} GB), which saves "
