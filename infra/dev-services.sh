@@ -36,7 +36,7 @@ except urllib.error.HTTPError:
 env_lines() {
   echo "export AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT"
   echo "export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1"
-  echo "export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT"
+  echo "export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT RAY_AUTH_MODE=$RAY_AUTH_MODE"
 }
 
 case "${1:-}" in
@@ -49,7 +49,8 @@ case "${1:-}" in
       echo $! >"$STATE/moto.pid"
     fi
     [ "$RAY_AUTH_MODE" != token ] || "$BIN/ray" get-auth-token --generate >/dev/null
-    "$BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
+    # Jobs' entrypoints (`tessera run`) and workers find this environment's commands first.
+    PATH="$(cd "$BIN" && pwd):$PATH" "$BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
       --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --num-cpus "$RAY_CPUS" \
       --disable-usage-stats >"$STATE/ray.log" 2>&1 \
       || { echo "dev-services: ray start failed, see $STATE/ray.log" >&2; exit 1; }

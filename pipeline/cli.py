@@ -126,6 +126,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             print(f.read(), end="")
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    from pipeline.config import parse_config
+    from pipeline.orchestrate.job import absolute_paths, run_job
+
+    run = load_config(args.config, args.overrides)
+    root = args.root or os.environ.get("TESSERA_ROOT") or os.getcwd()
+    run_job(parse_config(absolute_paths(config_to_raw(run), root), source=args.config))
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     from pipeline.plan import Device, make_plan, parse_bytes, report
 
@@ -233,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
+        "run", help="the whole job: prepare, pretrain, export, finetune, evaluate (resumable)"
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--root", default="",
+        help="where relative paths in the config start (default: TESSERA_ROOT, else here)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_run, hard_exit=True)
+
+    p = sub.add_parser(
         "plan", help="memory per GPU, step time and cost of a run config, before booking GPUs"
     )
     _add_config_args(p)
@@ -290,9 +309,10 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except RuntimeError as e:
         from pipeline.data.stream import DataError
+        from pipeline.orchestrate.job import StageError
         from pipeline.train.trainer import NonFiniteError
 
-        if not isinstance(e, (DataError, NonFiniteError)):
+        if not isinstance(e, (DataError, NonFiniteError, StageError)):
             raise
         print(f"tessera: {e}", file=sys.stderr)
         return 1

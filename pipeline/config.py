@@ -211,6 +211,61 @@ class EvalConfig:
         require(self.knn_k >= 1, "knn_k", self.knn_k, "must be >= 1")
 
 
+SourceFormat = Literal["auto", "idx", "folder", "digits", "jsonl"]
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """One dataset `tessera run` writes first (as `tessera prepare SOURCE OUTPUT` would)."""
+
+    source: str  # IDX folder, image folder, `digits`, or a JSONL file (path or URL)
+    output: str  # dataset URL
+    format: SourceFormat = "auto"
+    seed: int = 0
+    shard_size: str = "64MB"  # target tar size
+    samples_per_shard: int = 0  # a fixed count instead of a size
+    val_fraction: float = 0.0  # carve a "val" split out of "train"
+    palette: int = 0  # fit a k-colour palette (iGPT); 0: none
+
+    def __post_init__(self) -> None:
+        require(bool(self.source), "source", self.source, "must name a source")
+        require(bool(self.output), "output", self.output, "must name a dataset URL")
+        require(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in [0, 1)")
+        require(
+            self.samples_per_shard >= 0, "samples_per_shard", self.samples_per_shard, "must be >= 0"
+        )
+        require(self.palette >= 0, "palette", self.palette, "must be >= 0")
+
+
+Stage = Literal["prepare", "pretrain", "export", "finetune", "evaluate"]
+STAGES: tuple[str, ...] = typing.get_args(Stage)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """`tessera run`: the stages it runs, and the workers that train (Ray Train in a cluster)."""
+
+    stages: list[Stage] = field(default_factory=lambda: list(STAGES))
+    executor: Literal["auto", "ray", "local"] = "auto"  # auto: ray when RAY_ADDRESS is set
+    workers: int = 1  # training ranks: Ray Train workers (ray) or processes (local)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # 1 on GPU nodes; 0: CPU ranks (gloo)
+    max_failures: int = 2  # worker deaths survived per training stage (resume from checkpoint)
+    finetune: list[str] = field(default_factory=list)  # KEY=VALUE for the finetune stage's run
+    finetune_steps: int = 0  # 0: eval.finetune_steps
+    untrained_baseline: bool = True  # also evaluate the network at its initialisation
+
+    def __post_init__(self) -> None:
+        require(len(self.stages) > 0, "stages", self.stages, f"name at least one of {STAGES}")
+        order = [STAGES.index(s) for s in self.stages]
+        require(order == sorted(set(order)), "stages", self.stages, f"in the order {STAGES}")
+        require(self.workers >= 1, "workers", self.workers, "must be >= 1")
+        require(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        require(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, "must be >= 0")
+        require(self.max_failures >= 0, "max_failures", self.max_failures, "must be >= 0")
+        require(self.finetune_steps >= 0, "finetune_steps", self.finetune_steps, "must be >= 0")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One run: a model, its data and how it is trained, checkpointed, logged and evaluated."""
@@ -225,6 +280,8 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    prepare: list[PrepareSpec] = field(default_factory=list)  # datasets `tessera run` writes
+    job: JobConfig = field(default_factory=JobConfig)
 
     def __post_init__(self) -> None:
         objective, family = self.train.objective, self.model.family

@@ -22,7 +22,7 @@ import dataclasses
 import hashlib
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,11 +114,13 @@ class Context:
         self.cache = Path(run.train.output) / "eval" / "features"
         self._features: dict[str, FeatureSet] = {}
         self._baselines: dict[tuple[str, str], float] = {}
-        self.finetune_run = (
-            finetune_config(run, weights, target, self.fingerprint)
-            if "finetune" in run.eval.evaluators
-            else None
-        )
+        self.finetune_run = None
+        if "finetune" in run.eval.evaluators:
+            self.finetune_run = finetune_config(
+                run, "" if weights.source == UNTRAINED else weights.source, target,
+                output=str(Path(run.train.output) / "finetune" / f"{target.name}-{self.fingerprint}"),
+                steps=run.eval.finetune_steps, overrides=run.eval.finetune, source="eval.finetune",
+            )  # fmt: skip
 
     def _stream(self, split: str, **changes: Any) -> StreamConfig:
         cfg = self.weights.config
@@ -251,26 +253,25 @@ EVALUATORS: dict[str, Callable[[Context], Iterator[Measurement]]] = {
 }
 
 
-def finetune_config(run: RunConfig, weights: Weights, target: Target, tag: str) -> RunConfig:
-    """The finetune evaluator's run: the pretraining run's model, engine and data settings on
-    the target, from these weights, with eval.finetune's KEY=VALUE overrides last."""
+def finetune_config(
+    run: RunConfig, init: str, target: Target, output: str, steps: int,
+    overrides: Sequence[str] = (), source: str = "finetune",
+) -> RunConfig:  # fmt: skip
+    """A finetuning run: the pretraining run's model, engine and data settings on the target,
+    from `init` (empty: from scratch), writing to `output`, with `overrides` (KEY=VALUE) last;
+    errors in them name `source`."""
     raw = config_to_raw(run)
-    steps = run.eval.finetune_steps
     raw["model"]["num_classes"] = target.classes
-    raw["train"].update(
-        objective="supervised", steps=steps,
-        output=str(Path(run.train.output) / "finetune" / f"{target.name}-{tag}"),
-    )  # fmt: skip
+    raw["train"].update(objective="supervised", steps=steps, output=output)
     raw["data"].update(url=target.url, train_split=target.train_split, val_split=target.test_split)
     if run.model.family == "igpt" and run.data.palette == "kmeans":  # the pretraining palette
         manifest = load_manifest(run.data.url, run.data.endpoint_url)
         raw["data"]["palette"] = join(run.data.url, manifest.palette)
     raw["optim"]["warmup_steps"] = steps // 10
     raw["checkpoint"].update(every_steps=steps, keep_last=1)
-    raw["eval"] = {}
-    init = "" if weights.source == UNTRAINED else weights.source  # untrained: from scratch
+    raw["eval"], raw["prepare"] = {}, []
     raw["finetune"] = {"init": init, "head_init": 0.0}
-    return parse_config(raw, source="eval.finetune", overrides=run.eval.finetune)
+    return parse_config(raw, source=source, overrides=overrides)
 
 
 # ---------------------------------------------------------------------------------------------

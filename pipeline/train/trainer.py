@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -241,7 +242,10 @@ class Trainer:
     def train(self) -> str:
         """Train to train.steps; returns "done", or "preempted" after SIGTERM (checkpoint saved)."""
         run = self.run
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # SIGTERM (preemption) saves a checkpoint first. Only the main thread may set handlers;
+        # a Ray Train worker runs this in another thread, and Ray stops workers itself.
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if in_main else None
         batches = iter(self.stream)
         window: dict[str, float] = {}
         n_window, t_window, in_a_row = 0, time.perf_counter(), 0
@@ -279,7 +283,8 @@ class Trainer:
                     return "preempted"
             return "done"
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
             if self.writer:
                 self.writer.flush()
 

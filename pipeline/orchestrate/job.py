@@ -1,0 +1,397 @@
+"""`tessera run CONFIG`: the whole pipeline as one job, which continues where it stopped.
+
+    stage     runs as                                  skipped when
+    prepare   Ray tasks, one per shard                 the dataset's manifest exists (written last)
+    pretrain  job.workers training ranks               a complete checkpoint at train.steps exists
+    export    the job's own process                    export/model.json is of that final step
+    finetune  job.workers training ranks               finetune/results.json has its top-1 row
+    evaluate  one task with a training rank's share    results.json has each evaluator's rows
+
+Inside a Ray cluster (`ray job submit` sets RAY_ADDRESS) the training ranks are Ray Train workers
+(`TorchTrainer`), each running the same Trainer and DeepSpeed engine as the deepspeed launcher. A
+worker that dies is replaced, and the stage resumes from its newest complete checkpoint, up to
+job.max_failures times (`FailureConfig`). Elsewhere they are local processes, restarted the same
+way. Resubmitting a failed or cancelled job skips every finished stage.
+
+Relative local paths in the config are taken from the directory the job was started in (`--root`,
+or TESSERA_ROOT, which `launch/ray-submit.sh` sets): a Ray job itself runs in a temporary copy of
+the working directory, where outputs would be lost.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import RunConfig, config_to_raw, parse_config
+from pipeline.errors import ConfigError
+from pipeline.storage import filesystem, join
+
+RESULTS = "results.md"
+
+
+class StageError(RuntimeError):
+    """A stage failed after its retries; names the stage and where its log is."""
+
+
+def say(message: str) -> None:
+    print(f"tessera run: {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+
+
+def absolute_paths(raw: dict[str, Any], root: str) -> dict[str, Any]:
+    """The config with every relative local path made absolute against `root`."""
+
+    def fix(url: str, must_exist: bool = False) -> str:
+        if not url or "://" in url or os.path.isabs(url):
+            return url
+        path = os.path.join(root, url)
+        return path if not must_exist or os.path.exists(path) else url
+
+    for section, key in (("data", "url"), ("train", "output"), ("eval", "target")):
+        if key in raw.get(section, {}):
+            raw[section][key] = fix(raw[section][key])
+    if raw.get("finetune", {}).get("init"):
+        raw["finetune"]["init"] = fix(raw["finetune"]["init"])
+    for spec in raw.get("prepare", []):
+        spec["output"] = fix(spec["output"])
+        spec["source"] = fix(spec["source"], must_exist=True)  # `digits` is a name, not a path
+    return raw
+
+
+def export_url(run: RunConfig) -> str:
+    return join(run.train.output, "export")
+
+
+def finetune_output(run: RunConfig) -> str:
+    return join(run.train.output, "finetune")
+
+
+# ---------------------------------------------------------------------------------------------
+# What is already done
+
+
+def final_checkpoint(run: RunConfig) -> Path | None:
+    """The run's complete checkpoint at train.steps, if training finished."""
+    from pipeline.train import checkpoint
+
+    latest = checkpoint.find_latest(Path(run.train.output) / "checkpoints")
+    if latest is not None and checkpoint.read_state(latest)["step"] >= run.train.steps:
+        return latest
+    return None
+
+
+def exported_step(run: RunConfig) -> int | None:
+    from pipeline.models.weights import read_model_meta
+
+    try:
+        return read_model_meta(export_url(run)).get("provenance", {}).get("step")
+    except FileNotFoundError:
+        return None
+
+
+def weights_source(run: RunConfig) -> str:
+    """What finetune and evaluate start from: the export, else the run's newest checkpoint."""
+    return export_url(run) if exported_step(run) is not None else run.train.output
+
+
+def finetune_run(run: RunConfig) -> RunConfig:
+    """The finetune stage's run: the pretraining data (or job.finetune's data.url) as a
+    classification task, from the exported weights, writing under finetune/."""
+    import dataclasses
+
+    from pipeline.evaluate.run import finetune_config, resolve_target
+
+    target = resolve_target(dataclasses.replace(run, eval=dataclasses.replace(run.eval, target="")))
+    steps = run.job.finetune_steps or run.eval.finetune_steps
+    return finetune_config(
+        run, weights_source(run), target, finetune_output(run), steps,
+        overrides=run.job.finetune, source="job.finetune",
+    )  # fmt: skip
+
+
+def finetuned(run: RunConfig) -> bool:
+    from pipeline.evaluate.results import read_rows
+
+    steps = run.job.finetune_steps or run.eval.finetune_steps
+    return any(
+        r.evaluator == "finetune" and r.extra.get("finetune_steps") == steps
+        for r in read_rows(finetune_output(run))
+    )
+
+
+def evaluated(run: RunConfig, source: str) -> bool:
+    from pipeline.evaluate.results import read_rows
+
+    wanted = {*run.eval.evaluators, "pixels"}
+    have = {r.evaluator for r in read_rows(run.train.output) if r.source == source}
+    return wanted <= have
+
+
+# ---------------------------------------------------------------------------------------------
+# Executors: where training ranks and evaluation run
+
+
+def _executor(run: RunConfig) -> str:
+    if run.job.executor != "auto":
+        return run.job.executor
+    return "ray" if os.environ.get("RAY_ADDRESS") else "local"
+
+
+def _train_in_process(raw: dict[str, Any], kind: str) -> None:
+    """One training rank: the same code `tessera pretrain` / `tessera finetune` runs."""
+    run = parse_config(raw, source=f"job {kind} stage")
+    if kind == "pretrain":
+        from pipeline.train.trainer import Trainer
+
+        trainer = Trainer(run, resume="auto")
+        try:
+            trainer.train()
+        except BaseException:
+            trainer.close(clean=False)
+            raise
+        trainer.close()
+    else:
+        from pipeline.train.finetune import finetune
+
+        finetune(run, resume="auto")
+
+
+def _ray_worker(config: dict[str, Any]) -> None:
+    _train_in_process(config["raw"], config["kind"])
+
+
+def train_on_ray(run: RunConfig, kind: str) -> None:
+    """job.workers Ray Train workers; a dead one is replaced and the stage resumes."""
+    from ray.train import FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    job = run.job
+    # Workers' prints reach the job's log once (Ray Train's print patch would add a copy).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    resources = {"CPU": job.cpus_per_worker}
+    if job.gpus_per_worker:
+        resources["GPU"] = job.gpus_per_worker
+    storage = os.path.abspath(os.path.join(run.train.output, "ray-train"))
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"raw": config_to_raw(run), "kind": kind},
+        scaling_config=ScalingConfig(
+            num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
+            resources_per_worker=resources,
+        ),
+        torch_config=TorchConfig(backend="nccl" if job.gpus_per_worker else "gloo"),
+        run_config=RayRunConfig(
+            name=f"{run.name}-{kind}", storage_path=storage,
+            failure_config=FailureConfig(max_failures=job.max_failures),
+        ),
+    )  # fmt: skip
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray's TrainingFailedError carries the workers' tracebacks
+        raise StageError(f"{kind}: failed after {job.max_failures} restarts: {e}") from e
+
+
+def train_locally(run: RunConfig, kind: str) -> None:
+    """job.workers local processes (as torchrun would start them), restarted as a group from
+    the newest checkpoint when one fails, up to job.max_failures times."""
+    folder = Path(run.train.output)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / f"{kind}-config.yaml"
+    config.write_text(yaml.safe_dump(config_to_raw(run), sort_keys=False))
+    for attempt in range(run.job.max_failures + 1):
+        port = free_port()
+        procs = []
+        for rank in range(run.job.workers):
+            env = {
+                **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(run.job.workers), "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }  # fmt: skip
+            cmd = [sys.executable, "-m", "pipeline.cli", kind, str(config), "--resume", "auto"]
+            procs.append(subprocess.Popen(cmd, env=env))
+        codes = _wait_all(procs)
+        if all(c == 0 for c in codes):
+            return
+        say(f"{kind}: rank exit codes {codes} (attempt {attempt + 1}/{run.job.max_failures + 1})")
+    raise StageError(f"{kind}: failed {run.job.max_failures + 1} times; see the log above")
+
+
+def _wait_all(procs: list[subprocess.Popen]) -> list[int]:
+    """Exit codes; when one rank fails the others are stopped (they would wait on it forever)."""
+    while any(p.poll() is None for p in procs):
+        if any(p.poll() not in (None, 0) for p in procs):
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.2)
+    return [p.returncode for p in procs]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _evaluate_in_process(raw: dict[str, Any], source: str) -> None:
+    from pipeline.evaluate.run import evaluate
+
+    evaluate(parse_config(raw, source="job evaluate stage"), source)
+
+
+def evaluate_on(executor: str, run: RunConfig, source: str) -> None:
+    """Evaluation needs one accelerator: on Ray, a task with one training rank's resources."""
+    if executor == "local":
+        _evaluate_in_process(config_to_raw(run), source)
+        return
+    import ray
+
+    task = ray.remote(num_cpus=run.job.cpus_per_worker, num_gpus=run.job.gpus_per_worker)(
+        _evaluate_in_process
+    )
+    ray.get(task.options(max_retries=run.job.max_failures).remote(config_to_raw(run), source))
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+def run_job(run: RunConfig) -> str:
+    """Run run.job.stages in order, each skipped when its output is complete; returns the path
+    of the results table."""
+    executor = _executor(run)
+    stages = run.job.stages
+    say(f"{run.name}: stages {' -> '.join(stages)} ({executor}, {run.job.workers} workers)")
+    started_ray = _connect_ray() if executor == "ray" else False
+    try:
+        for i, stage in enumerate(stages, 1):
+            began = time.perf_counter()
+            say(f"[{i}/{len(stages)} {stage}] started")
+            note = STAGE_FUNCTIONS[stage](run, executor)
+            say(f"[{i}/{len(stages)} {stage}] {note} ({time.perf_counter() - began:.0f}s)")
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    table = Path(run.train.output) / RESULTS
+    if table.is_file():
+        say(f"results ({table}):\n\n{table.read_text()}")
+    say(f"curves: tensorboard --logdir {Path(run.train.output) / 'tensorboard'}")
+    return str(table)
+
+
+def _connect_ray() -> bool:
+    """Joins the job's cluster (RAY_ADDRESS), or starts a local one on loopback; True if started."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return False
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+    return True
+
+
+def stage_prepare(run: RunConfig, executor: str) -> str:
+    from pipeline.data.prepare import PrepareOptions, parse_size, prepare
+    from pipeline.data.shards import MANIFEST
+    from pipeline.data.sources import open_source
+
+    if not run.prepare:
+        return "nothing to prepare (no `prepare` section)"
+    notes = []
+    for i, spec in enumerate(run.prepare):
+        endpoint = run.data.endpoint_url
+        fs, path = filesystem(spec.output, endpoint)
+        if fs.exists(join(path, MANIFEST)):
+            notes.append(f"{spec.output} complete")
+            continue
+        try:
+            shard_bytes = parse_size(spec.shard_size)
+        except ValueError as e:
+            raise ConfigError(f"prepare[{i}].shard_size: {e}") from None
+        opts = PrepareOptions(
+            seed=spec.seed, shard_bytes=shard_bytes, samples_per_shard=spec.samples_per_shard,
+            val_fraction=spec.val_fraction, palette_size=spec.palette,
+            executor="ray" if executor == "ray" else "local", endpoint_url=endpoint,
+        )  # fmt: skip
+        manifest = prepare(open_source(spec.source, spec.format, endpoint), spec.output, opts)
+        counts = ", ".join(f"{n} {s.samples}" for n, s in manifest.splits.items())
+        notes.append(f"{spec.output} written ({counts})")
+    return "; ".join(notes)
+
+
+def stage_pretrain(run: RunConfig, executor: str) -> str:
+    done = final_checkpoint(run)
+    if done is not None:
+        return f"skipped: {done} is complete"
+    (train_on_ray if executor == "ray" else train_locally)(run, "pretrain")
+    done = final_checkpoint(run)
+    if done is None:
+        raise StageError(f"pretrain: ended without a checkpoint at step {run.train.steps}")
+    return f"done: {done}"
+
+
+def stage_export(run: RunConfig, executor: str) -> str:
+    from pipeline.train.export import export
+
+    if exported_step(run) == run.train.steps:
+        return f"skipped: {export_url(run)} holds step {run.train.steps}"
+    ckpt = final_checkpoint(run)
+    if ckpt is None:
+        raise StageError(f"export: {run.train.output} has no checkpoint at step {run.train.steps}")
+    export(ckpt, export_url(run))
+    return f"done: {ckpt} -> {export_url(run)}"
+
+
+def stage_finetune(run: RunConfig, executor: str) -> str:
+    from pipeline.evaluate.results import append_rows, read_rows
+
+    ft = finetune_run(run)
+    if not finetuned(run):
+        (train_on_ray if executor == "ray" else train_locally)(ft, "finetune")
+        if not finetuned(run):
+            raise StageError(f"finetune: {ft.train.output} ended without its top-1 row")
+        note = f"done: {ft.train.output}"
+    else:
+        note = f"skipped: {ft.train.output} has its result"
+    append_rows(run.train.output, read_rows(ft.train.output))  # one table for the whole job
+    return note
+
+
+def stage_evaluate(run: RunConfig, executor: str) -> str:
+    from pipeline.evaluate.run import UNTRAINED
+
+    sources = [weights_source(run)] + ([UNTRAINED] if run.job.untrained_baseline else [])
+    notes = []
+    for source in sources:
+        if evaluated(run, source):
+            notes.append(f"{source} skipped (rows present)")
+            continue
+        evaluate_on(executor, run, source)
+        notes.append(f"{source} done")
+    return "; ".join(notes)
+
+
+STAGE_FUNCTIONS = {
+    "prepare": stage_prepare,
+    "pretrain": stage_pretrain,
+    "export": stage_export,
+    "finetune": stage_finetune,
+    "evaluate": stage_evaluate,
+}

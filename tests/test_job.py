@@ -1,0 +1,257 @@
+"""`tessera run`: the stage graph, locally and as a Ray job on a real local Ray head.
+
+The Ray tests start the head (2 CPUs) and an S3 endpoint with infra/dev-services.sh, submit with
+launch/ray-submit.sh, and read what a user reads: the job's log, its status, the run folder.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BIN, TESSERA, free_port
+from test_train import finish, launch, wait
+
+from pipeline.config import parse_config
+from pipeline.errors import ConfigError
+from pipeline.orchestrate.job import absolute_paths
+
+ROOT = Path(__file__).parent.parent
+TIMEOUT = 600
+# Keys a user might hold in their shell; they must reach S3 and nothing else.
+KEY_ID, SECRET = "AKIATESSERAFAKE7Q2Z", "tessera/Fake+Secret/9vLx2WqR"
+
+
+def job_config(folder: Path, data: str, **sections) -> Path:
+    cfg = {
+        "name": "job",
+        "model": {"name": "vit-micro-p4", "image_size": 16, "channels": 1, "num_classes": 10},
+        "prepare": [
+            {"source": "digits", "output": data, "val_fraction": 0.2, "samples_per_shard": 256}
+        ],
+        "data": {"url": data, "workers": 0, "shuffle_buffer": 256, "augment": "none"},
+        "train": {"objective": "supervised", "steps": 12, "global_batch_size": 16,
+                  "output": "run"},
+        "optim": {"lr": 2e-3, "warmup_steps": 2},
+        "deepspeed": {"zero_stage": 2, "precision": "bf16"},
+        "checkpoint": {"every_steps": 4, "keep_last": 2},
+        "logging": {"every_steps": 4},
+        "eval": {"evaluators": ["linear_probe", "knn"], "finetune_steps": 8},
+        "job": {"workers": 2, "max_failures": 1},
+    }  # fmt: skip
+    for name, changes in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **changes}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+STAGE = re.compile(r"^tessera run: \[\d/\d (\w+)\] (?!started)(.*) \(\d+s\)$", re.M)
+
+
+def stage_notes(out: str) -> dict[str, str]:
+    return dict(STAGE.findall(out))
+
+
+# -- config ---------------------------------------------------------------------------------
+
+
+def test_job_and_prepare_sections_are_checked_where_they_are_written():
+    base = {"model": {"name": "vit-micro-p4", "num_classes": 10}}
+    with pytest.raises(ConfigError, match=r"job\.stages: .*in the order"):
+        parse_config({**base, "job": {"stages": ["evaluate", "pretrain"]}}, "a.yaml")
+    with pytest.raises(ConfigError, match=r"job\.stages\[0\]: got 'train'"):
+        parse_config({**base, "job": {"stages": ["train"]}}, "a.yaml")
+    with pytest.raises(ConfigError, match=r"prepare\[1\]\.val_fraction: got 1.5"):
+        parse_config(
+            {**base, "prepare": [{"source": "digits", "output": "a"},
+                                 {"source": "digits", "output": "b", "val_fraction": 1.5}]},
+            "a.yaml",
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"prepare\[0\]: .*output"):
+        parse_config({**base, "prepare": [{"source": "digits"}]}, "a.yaml")
+
+
+def test_relative_paths_start_at_the_root_and_urls_and_names_are_kept(tmp_path):
+    (tmp_path / "images").mkdir()
+    raw = {
+        "data": {"url": "data/x"}, "train": {"output": "runs/a"},
+        "eval": {"target": "s3://bucket/digits"}, "finetune": {"init": "/abs/export"},
+        "prepare": [{"source": "digits", "output": "data/x"},
+                    {"source": "images", "output": "memory://y"}],
+    }  # fmt: skip
+    fixed = absolute_paths(raw, str(tmp_path))
+    assert fixed["data"]["url"] == str(tmp_path / "data/x")
+    assert fixed["train"]["output"] == str(tmp_path / "runs/a")
+    assert fixed["eval"]["target"] == "s3://bucket/digits"
+    assert fixed["finetune"]["init"] == "/abs/export"
+    assert fixed["prepare"][0]["source"] == "digits"  # a source name, not a path here
+    assert fixed["prepare"][1] == {"source": str(tmp_path / "images"), "output": "memory://y"}
+
+
+# -- local executor -------------------------------------------------------------------------
+
+
+def test_local_job_runs_the_stages_then_a_rerun_skips_every_one(tmp_path):
+    config = job_config(
+        tmp_path, "data/digits", job={"executor": "local", "workers": 2, "max_failures": 0,
+                                      "stages": ["prepare", "pretrain", "export", "evaluate"]},
+        eval={"evaluators": ["linear_probe"]},
+    )  # fmt: skip
+    out = finish(launch([TESSERA, "run", config, "--root", tmp_path]))
+    notes = stage_notes(out)
+    assert notes["prepare"].endswith("written (train 1438, val 359)"), out[-3000:]
+    assert notes["pretrain"] == f"done: {tmp_path}/run/checkpoints/step-0000012"
+    assert notes["export"].startswith("done:")
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "| vit-micro-p4 | digits | 12 | digits:val | linear_probe | 1 | top1 |" in table
+    assert "| vit-micro-p4 (untrained) | - | 0 | digits:val | linear_probe |" in table
+    assert table in out  # the job ends by printing the table
+
+    again = finish(launch([TESSERA, "run", config, "--root", tmp_path]))
+    notes = stage_notes(again)
+    assert notes["prepare"] == f"{tmp_path}/data/digits complete"
+    assert notes["pretrain"].startswith("skipped:") and notes["export"].startswith("skipped:")
+    assert "skipped (rows present); untrained skipped" in notes["evaluate"]
+    assert "step 4/12" not in again  # nothing was trained twice
+
+
+# -- Ray ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A Ray head (2 CPUs, token auth) and moto, both on loopback; started without any AWS keys
+    in their environment, so a job can only reach S3 with the keys its submitter passes."""
+    state = tmp_path_factory.mktemp("dev-services")
+    ports = {"S3_PORT": free_port(), "RAY_PORT": free_port(), "DASHBOARD_PORT": free_port()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+    env.update({k: str(v) for k, v in ports.items()}, BIN=str(BIN), RAY_CPUS="2",
+               TESSERA_DEV_STATE=str(state))  # fmt: skip
+    script = str(ROOT / "infra" / "dev-services.sh")
+    started = subprocess.run([script, "start"], env=env, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    client = {
+        **env, "RAY_ADDRESS": f"http://127.0.0.1:{ports['DASHBOARD_PORT']}",
+        "RAY_AUTH_MODE": "token", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['S3_PORT']}",
+        "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1", "BIN": str(BIN),
+    }  # fmt: skip
+    try:
+        yield client
+    finally:
+        subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)
+
+
+def submit(env: dict, config: Path, root: Path, *options: str) -> subprocess.Popen:
+    env = {**env, "TESSERA_ROOT": str(root), "RAY_SUBMIT_ARGS": " ".join(options)}
+    return subprocess.Popen(
+        [str(ROOT / "launch" / "ray-submit.sh"), str(config)], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def ray_cli(env: dict, *args: str, timeout: float = TIMEOUT) -> str:
+    proc = subprocess.run([str(BIN / "ray"), "job", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+    return proc.stdout + proc.stderr
+
+
+def wait_for(path: Path, what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{what}: {path} never appeared"
+        time.sleep(0.1)
+
+
+def test_ray_job_runs_every_stage_on_s3_data_and_no_key_leaks(ray_cluster, tmp_path):
+    import fsspec
+
+    env = ray_cluster
+    bucket = f"tessera-{uuid.uuid4().hex[:8]}"
+    s3 = fsspec.filesystem(
+        "s3", key=KEY_ID, secret=SECRET, skip_instance_cache=True,
+        client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]},
+    )  # fmt: skip
+    s3.mkdir(bucket)
+    config = job_config(tmp_path, f"s3://{bucket}/digits")
+    out = wait(submit(env, config, tmp_path))
+    assert "succeeded" in out, out[-5000:]
+    notes = stage_notes(out)
+    assert notes["prepare"] == f"s3://{bucket}/digits written (train 1438, val 359)"
+    assert notes["finetune"] == f"done: {tmp_path}/run/finetune"
+    assert "(ray, 2 workers)" in out
+    assert "Started training worker group of size 2" in out  # Ray Train ran the ranks
+    table = (tmp_path / "run" / "results.md").read_text()
+    for row in ("| finetune | - | top1 |", "| knn | 1 | top1 |", "| linear_probe | 1 | top1 |",
+                "| pixels | - | top1 |"):  # fmt: skip
+        assert f"| vit-micro-p4 | digits | 12 | digits:val {row}" in table, table
+    assert "| vit-micro-p4 (untrained) | - | 0 | digits:val | linear_probe |" in table
+    assert table.splitlines()[2] in out  # the table is in the job's log
+
+    # The keys reached S3 (the cluster itself has none) and went nowhere else.
+    job_id = re.search(r"Job '(raysubmit_\w+)' succeeded", out).group(1)
+    logs = ray_cli(env, "logs", job_id)
+    session = Path("/tmp/ray/session_latest/logs")
+    assert any(job_id in p.read_text(errors="ignore") for p in session.glob("job-driver-*"))
+    places = [p for p in [*tmp_path.rglob("*"), *session.rglob("*")] if p.is_file()]
+    assert len(places) > 50
+    for secret in (KEY_ID, SECRET):
+        assert secret not in out and secret not in logs
+        leaked = [p for p in places if secret.encode() in p.read_bytes()]
+        assert not leaked, f"{secret[:4]}... found in {leaked}"
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("tessera-submit.*/aws-*"))
+
+
+def test_ray_worker_killed_resumes_and_a_cancelled_job_resubmitted_skips_done_stages(
+    ray_cluster, tmp_path
+):
+    env = {k: v for k, v in ray_cluster.items() if not k.startswith("AWS_")}
+    config = job_config(
+        tmp_path, "data/digits", train={"steps": 300}, checkpoint={"every_steps": 50},
+        logging={"every_steps": 25}, eval={"evaluators": ["linear_probe"], "finetune_steps": 400},
+    )  # fmt: skip
+    first = submit(env, config, tmp_path, "--no-wait", "--submission-id", f"a-{tmp_path.name}")
+    finish(first)
+    job = f"a-{tmp_path.name}"
+    ckpts = tmp_path / "run" / "checkpoints"
+    wait_for(ckpts / "step-0000050" / "COMPLETE", "first pretraining checkpoint")
+    workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True,
+                             text=True).stdout.split()  # fmt: skip
+    assert len(workers) == 2, workers
+    os.kill(int(workers[1]), signal.SIGKILL)  # one rank dies mid-pretraining
+
+    wait_for(tmp_path / "run" / "export" / "model.json", "export", timeout=TIMEOUT)
+    time.sleep(2)  # into the finetune stage
+    ray_cli(env, "stop", job)
+    status = ray_cli(env, "status", job)
+    assert "was stopped" in status, status
+    out = ray_cli(env, "logs", job)
+    resumed = re.search(r"resumed from \S+step-(\d+) at step (\d+)", out)
+    assert resumed and int(resumed.group(1)) == int(resumed.group(2)) >= 50, out[-5000:]
+    assert "pretrain] done" in out and "finetune] done" not in out
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    curve = events.Scalars("train/loss")
+    steps = [e.step for e in curve]
+    assert steps == sorted(set(steps)) and steps[-1] == 300  # one curve through the restart
+    assert curve[-1].value < curve[0].value
+
+    again = wait(submit(env, config, tmp_path))
+    assert "succeeded" in again, again[-5000:]
+    notes = stage_notes(again)
+    assert notes["prepare"].endswith("complete")
+    assert notes["pretrain"] == f"skipped: {ckpts}/step-0000300 is complete"
+    assert notes["export"].startswith("skipped:")
+    assert notes["finetune"].startswith("done:") and "evaluate" in notes
+    assert "step 25/300" not in again
