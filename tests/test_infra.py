@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import urllib.error
 import urllib.request
@@ -103,3 +104,38 @@ def test_dev_services_start_on_loopback_only_and_stop(tmp_path):
     assert stopped.returncode == 0
     assert not listening_addresses(ports["S3_PORT"])
     assert not listening_addresses(ports["DASHBOARD_PORT"])
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (INFRA / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [tuple(line.split(None, 1)) for line in lines if line and not line.startswith("#")]
+
+
+def test_dockerfile_pins_every_version_and_copies_what_exists():
+    steps = dockerfile_instructions()
+    base = next(arg for op, arg in steps if op == "FROM")
+    assert ":" in base and not base.endswith(":latest"), base
+    args = {a.split("=")[0]: a.split("=")[1] for op, a in steps if op == "ARG" and "=" in a}
+    makefile = (INFRA.parent / "Makefile").read_text()
+    assert f"TORCH_CPU ?= torch=={args['TORCH']}" in makefile  # one torch version, CPU or CUDA
+    installs = [cmd for op, arg in steps if op == "RUN" for cmd in arg.split("&&")
+                if "pip install" in cmd]  # fmt: skip
+    assert installs
+    for cmd in installs:
+        words = cmd.split()[cmd.split().index("install") + 1 :]
+        packages = [w for w in words if not w.startswith("-") and w not in ("constraints.txt",)]
+        for package in packages:  # `.` is this project: its dependencies come from constraints
+            assert package == "." or "==" in package, f"unpinned: {cmd}"
+        if "." in packages:
+            assert "-c constraints.txt" in cmd
+    for op, arg in steps:
+        if op == "COPY":
+            for source in arg.split()[:-1]:
+                assert (INFRA.parent / source).exists(), source
+    # The image the cluster definitions run is the one this file builds.
+    tag = re.search(
+        r"docker build -f infra/Dockerfile -t (\S+)", (INFRA / "Dockerfile").read_text()
+    )
+    for definition in ("ray-cluster-aws.yaml", "kuberay-rayjob.yaml"):
+        assert f"image: {tag.group(1)}" in (INFRA / definition).read_text()

@@ -47,9 +47,9 @@ def write_config(tmp_path, digits_url, name="run.yaml", **sections):
     return path
 
 
-def launch(cmd, **kw) -> subprocess.Popen:
+def launch(cmd, env=None, **kw) -> subprocess.Popen:
     """A command and every process it starts in one process group, output merged."""
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
     return subprocess.Popen(
         list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=env, start_new_session=True, **kw,

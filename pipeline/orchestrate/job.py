@@ -290,7 +290,9 @@ def run_job(run: RunConfig) -> str:
     table = Path(run.train.output) / RESULTS
     if table.is_file():
         say(f"results ({table}):\n\n{table.read_text()}")
-    say(f"curves: tensorboard --logdir {Path(run.train.output) / 'tensorboard'}")
+    curves = Path(run.train.output) / "tensorboard"
+    if curves.is_dir():
+        say(f"curves: tensorboard --logdir {curves}")
     return str(table)
 
 

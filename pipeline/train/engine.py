@@ -70,7 +70,8 @@ def build_ops(log=print) -> list[str]:
     from deepspeed.accelerator import get_accelerator
 
     clear_stale_build_locks(log=log)
-    names = ["FusedAdamBuilder"] + ([] if torch.cuda.is_available() else ["ShareMemCommBuilder"])
+    cpu = get_accelerator().device_name() == "cpu"  # DS_ACCELERATOR=cuda builds without a GPU
+    names = ["FusedAdamBuilder"] + (["ShareMemCommBuilder"] if cpu else [])
     built = []
     for name in names:
         builder = get_accelerator().create_op_builder(name)
