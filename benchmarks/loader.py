@@ -13,6 +13,8 @@ Measured, each as samples/s, rates side by side (torch and each worker on one th
                 resized crop to 224, flip, normalise, batch): the rate of one worker
   stream w=1/2  the same with 1 and 2 DataLoader worker processes
   stream s3     the stream (2 workers) reading the same shards from an S3 server on loopback
+  ray-data      `data.ingest: ray-data`: Ray Data tasks (2 CPUs of a local Ray) read, decode and
+                augment the same shards; one consumer takes the batches, as a trainer would
 Targets (issue 3): stream w=0 >= 0.9 x decode; 2 workers >= 1.7 x 1 worker.
 """
 
@@ -84,6 +86,34 @@ def rate_stream(cfg: StreamConfig, seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
+def rate_ray_data(cfg: StreamConfig, seconds: float, cpus: int) -> float:
+    import ray
+
+    from pipeline.data.ray_ingest import decode_shard
+    from pipeline.data.shards import load_manifest
+
+    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)  # fmt: skip
+    try:
+        manifest = load_manifest(cfg.url, cfg.endpoint_url)
+        items = [{"shard": i} for i in range(len(manifest.split(cfg.split).shards))]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
+            decode_shard(cfg, manifest), num_cpus=1
+        )
+        n, start = 0, None
+        while start is None or time.perf_counter() - start < seconds:  # epochs, until time is up
+            for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
+                if start is None:  # start-up (tasks, first decodes) is not throughput
+                    start = time.perf_counter()
+                    continue
+                n += len(batch["key"])
+                if time.perf_counter() - start >= seconds:
+                    break
+        return n / (time.perf_counter() - start)
+    finally:
+        ray.shutdown()
+
+
 def start_s3() -> tuple[subprocess.Popen, str]:
     import socket
     import urllib.request
@@ -134,6 +164,9 @@ def main() -> None:
         w0 = rate_stream(StreamConfig(str(root / "ds-jpeg"), workers=0, **vit), args.seconds)
         w1 = rate_stream(StreamConfig(str(root / "ds-jpeg"), workers=1, **vit), args.seconds)
         w2 = rate_stream(StreamConfig(str(root / "ds-jpeg"), workers=2, **vit), args.seconds)
+        ray_data = rate_ray_data(
+            StreamConfig(str(root / "ds-jpeg"), workers=0, **vit), args.seconds, cpus=2
+        )
         decode_256 = rate_decode(small_jpegs, args.seconds, "RGB")
         w0_256 = rate_stream(StreamConfig(str(root / "ds-jpeg256"), workers=0, **vit), args.seconds)
         small = dict(batch_size=256, image_size=28, channels=1)
@@ -162,6 +195,7 @@ def main() -> None:
         ("stream, 1 worker process", w1, w1 / decode),
         ("stream, 2 worker processes", w2, w2 / decode),
         ("stream, 2 workers, S3 on loopback", s3, s3 / decode),
+        ("ray-data, 2 decode CPUs, 1 consumer", ray_data, ray_data / decode),
         ("decode JPEG 256x256 (bare loop)", decode_256, 1.0),
         ("stream 256x256, in process", w0_256, w0_256 / decode_256),
         ("decode PNG 28x28 (bare loop)", decode_png, 1.0),
@@ -177,12 +211,14 @@ def main() -> None:
         "stream_vs_decode_ratio": round(w0 / decode, 3),
         "two_vs_one_worker_ratio": round(w2 / w1, 3),
         "s3_vs_local_ratio": round(s3 / w2, 3),
+        "ray_data_vs_stream_2_workers_ratio": round(ray_data / w2, 3),
         "jpeg256_stream_vs_decode_ratio": round(w0_256 / decode_256, 3),
         "small_png_stream_vs_decode_ratio": round(png_w0 / decode_png, 3),
         "decode_samples_per_s": round(decode, 1),
         "stream_samples_per_s": round(w0, 1),
         "stream_2_workers_samples_per_s": round(w2, 1),
         "stream_s3_2_workers_samples_per_s": round(s3, 1),
+        "ray_data_samples_per_s": round(ray_data, 1),
     }
     print(json.dumps(figures))
 

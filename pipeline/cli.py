@@ -111,7 +111,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from pipeline.evaluate.results import RESULTS_MD
+    from pipeline.evaluate.results import RESULTS_MD, read_markdown
     from pipeline.evaluate.run import evaluate, watch
 
     run = load_config(args.config, args.overrides)
@@ -119,11 +119,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         watch(run, poll=args.poll, idle_timeout=args.idle_timeout)
     else:
         evaluate(run, args.model)
-    table = os.path.join(run.train.output, RESULTS_MD)
-    if os.path.isfile(table):
-        print(f"\n{table}:\n")
-        with open(table) as f:
-            print(f.read(), end="")
+    table = read_markdown(run.train.output, run.data.endpoint_url)
+    if table:
+        print(f"\n{run.train.output}/{RESULTS_MD}:\n\n{table}", end="")
 
 
 def cmd_run(args: argparse.Namespace) -> None:

@@ -44,6 +44,10 @@ class DataConfig:
     palette: str = "kmeans"  # ImageGPT tokens: kmeans (fitted by prepare), uniform, grey, or a URL
     palette_size: int = 512  # colours of the grey palette; kmeans and URL palettes bring their own
     max_error_rate: float = 0.01  # stop when more than this fraction of samples is unreadable
+    # stream: exactly-once resumable reader on each rank; ray-data: Ray Data decodes on CPU
+    # nodes and streams batches to the trainers (`tessera run` on Ray; resumes by epoch)
+    ingest: Literal["stream", "ray-data"] = "stream"
+    ingest_resource: str = ""  # ray-data: run decode tasks only on nodes with this resource
 
     def __post_init__(self) -> None:
         require(self.workers >= 0, "workers", self.workers, "must be >= 0")

@@ -4,6 +4,7 @@ The Ray tests start the head (2 CPUs) and an S3 endpoint with infra/dev-services
 launch/ray-submit.sh, and read what a user reads: the job's log, its status, the run folder.
 """
 
+import json
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import BIN, TESSERA, free_port
@@ -27,14 +29,14 @@ TIMEOUT = 600
 KEY_ID, SECRET = "AKIATESSERAFAKE7Q2Z", "tessera/Fake+Secret/9vLx2WqR"
 
 
-def job_config(folder: Path, data: str, **sections) -> Path:
+def job_config(folder: Path, data_url: str, **sections) -> Path:
     cfg = {
         "name": "job",
         "model": {"name": "vit-micro-p4", "image_size": 16, "channels": 1, "num_classes": 10},
         "prepare": [
-            {"source": "digits", "output": data, "val_fraction": 0.2, "samples_per_shard": 256}
+            {"source": "digits", "output": data_url, "val_fraction": 0.2, "samples_per_shard": 256}
         ],
-        "data": {"url": data, "workers": 0, "shuffle_buffer": 256, "augment": "none"},
+        "data": {"url": data_url, "workers": 0, "shuffle_buffer": 256, "augment": "none"},
         "train": {"objective": "supervised", "steps": 12, "global_batch_size": 16,
                   "output": "run"},
         "optim": {"lr": 2e-3, "warmup_steps": 2},
@@ -255,3 +257,49 @@ def test_ray_worker_killed_resumes_and_a_cancelled_job_resubmitted_skips_done_st
     assert notes["export"].startswith("skipped:")
     assert notes["finetune"].startswith("done:") and "evaluate" in notes
     assert "step 25/300" not in again
+
+
+# -- Ray Data ingestion ---------------------------------------------------------------------
+
+
+def test_ray_data_rows_are_the_streams_decoded_samples(digits_url):
+    from pipeline.data.ray_ingest import decode_shard
+    from pipeline.data.shards import load_manifest
+    from pipeline.data.stream import Stream, StreamConfig
+
+    cfg = StreamConfig(digits_url, "val", batch_size=400, train=False, image_size=8)
+    manifest = load_manifest(digits_url)
+    rows = decode_shard(cfg, manifest)({"shard": 1})
+    assert len(rows) == manifest.split("val").shards[1].samples
+    stream = next(iter(Stream(cfg).iter_epoch()))  # the whole split, in order
+    where = {key: i for i, key in enumerate(stream["key"])}
+    for row in rows:
+        i = where[row["key"]]
+        assert np.array_equal(row["x"], stream["image"][i].numpy())
+        assert row["label"] == stream["label"][i]
+
+
+def test_ray_data_ingestion_outside_a_ray_job_is_a_clear_error(tmp_path):
+    config = job_config(tmp_path, "data/digits", data={"ingest": "ray-data"},
+                        job={"executor": "local"})  # fmt: skip
+    proc = launch([TESSERA, "run", config, "--root", tmp_path])
+    out = wait(proc)
+    assert proc.returncode == 2 and "data.ingest: ray-data streams batches" in out, out[-2000:]
+
+
+def test_ray_job_trains_from_ray_data_across_epochs(ray_cluster, tmp_path):
+    env = {k: v for k, v in ray_cluster.items() if not k.startswith("AWS_")}
+    config = job_config(
+        tmp_path, "data/digits", data={"ingest": "ray-data", "shuffle_buffer": 64},
+        train={"steps": 120}, checkpoint={"every_steps": 60}, logging={"every_steps": 20},
+        # Half a CPU per trainer leaves one of the cluster's two for Ray Data's decode tasks.
+        job={"workers": 2, "cpus_per_worker": 0.5, "stages": ["prepare", "pretrain"]},
+    )  # fmt: skip
+    out = wait(submit(env, config, tmp_path))
+    assert "succeeded" in out, out[-5000:]
+    steps = [int(s) for s in re.findall(r"step (\d+)/120 loss", out)]
+    assert steps == [20, 40, 60, 80, 100, 120], out[-3000:]
+    state = json.loads((tmp_path / "run/checkpoints/step-0000120/trainer.json").read_text())
+    # 1438 images, 16 per step, equal shares: 89 steps an epoch, so step 120 is in the second.
+    assert state["stream"] == {"format": "tessera-ray-data/1", "epoch": 1, "batches": 31}
+    assert state["world"] == 2

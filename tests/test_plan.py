@@ -105,8 +105,13 @@ LARGE = sorted(p for p in CONFIGS.glob("*.yaml") if "H100" in _header(p, "Hardwa
 @pytest.mark.parametrize("path", LARGE, ids=lambda p: p.stem)
 def test_each_large_config_fits_the_cluster_it_states_in_the_time_it_states(path):
     gpus = int(re.match(r"(\d+)x H100 80GB", _header(path, "Hardware")).group(1))
-    plan = make_plan(load_config(path), Device(gpus, 80e9, 989e12, 0.4))
+    run = load_config(path)
+    plan = make_plan(run, Device(gpus, 80e9, 989e12, 0.4))
     assert plan.fits, path.name
+    assert (run.job.workers, run.job.gpus_per_worker) == (
+        gpus,
+        1,
+    )  # what `tessera run` asks Ray for
     stated = float(
         re.search(r"about (\d+) hours at 40% MFU of 989", _header(path, "Time")).group(1)
     )

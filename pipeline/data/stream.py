@@ -394,6 +394,21 @@ class _ReaderDataset(IterableDataset):
         return batch
 
 
+def make_transform(cfg: StreamConfig, manifest: Manifest) -> ImageTransform:
+    """Bytes -> model input for this stream: its side, channels, augmentation and palette."""
+    channels = cfg.channels or manifest.channels
+    size = cfg.image_size or (manifest.image_size[0] if manifest.image_size else 0)
+    if not size:
+        raise DatasetError(f"{cfg.url}: images vary in size; set an image_size for the stream")
+    if cfg.palette is not None and cfg.palette.channels != channels:
+        raise DatasetError(
+            f"the palette has {cfg.palette.channels} channels but the stream makes {channels}-channel images"
+        )
+    return ImageTransform(
+        size, channels, cfg.train and cfg.augment, cfg.crop_scale, palette=cfg.palette
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The stream and its cursor
 
@@ -437,17 +452,7 @@ class Stream:
         self.warnings = check_shards(self.manifest, cfg.split, cfg.endpoint_url)
         if self.split.samples == 0:
             raise DatasetError(f"{cfg.url}: split {cfg.split!r} has no samples")
-        channels = cfg.channels or self.manifest.channels
-        size = cfg.image_size or (self.manifest.image_size[0] if self.manifest.image_size else 0)
-        if not size:
-            raise DatasetError(f"{cfg.url}: images vary in size; set an image_size for the stream")
-        if cfg.palette is not None and cfg.palette.channels != channels:
-            raise DatasetError(
-                f"the palette has {cfg.palette.channels} channels but the stream makes {channels}-channel images"
-            )
-        self.transform = ImageTransform(
-            size, channels, cfg.train and cfg.augment, cfg.crop_scale, palette=cfg.palette
-        )
+        self.transform = make_transform(cfg, self.manifest)
         self.fingerprint = dataset_fingerprint(self.manifest, cfg.split)
         self.cursor = _Cursor(self._epoch_phase(0))
 

@@ -8,10 +8,11 @@ growing it. results.md is rewritten from results.json each time (both atomically
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipeline.storage import filesystem, join, write_atomic
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -35,34 +36,35 @@ class Row:
         return (self.source, self.target, self.evaluator, self.layer, self.metric)
 
 
-def read_rows(run_dir: str | Path) -> list[Row]:
-    path = Path(run_dir) / RESULTS_JSON
-    if not path.is_file():
+def read_rows(run_url: str | Path, endpoint_url: str = "") -> list[Row]:
+    """The rows of a run's results.json (any fsspec URL); none if it has no table yet."""
+    fs, path = filesystem(str(run_url), endpoint_url)
+    try:
+        data = fs.cat_file(join(path, RESULTS_JSON))
+    except FileNotFoundError:
         return []
-    return [Row(**r) for r in json.loads(path.read_text())["rows"]]
+    return [Row(**r) for r in json.loads(data)["rows"]]
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def read_markdown(run_url: str | Path, endpoint_url: str = "") -> str:
+    fs, path = filesystem(str(run_url), endpoint_url)
+    try:
+        return fs.cat_file(join(path, RESULTS_MD)).decode()
+    except FileNotFoundError:
+        return ""
 
 
-def append_rows(run_dir: str | Path, rows: list[Row]) -> list[Row]:
+def append_rows(run_url: str | Path, rows: list[Row], endpoint_url: str = "") -> list[Row]:
     """Merge rows into the run's results.json and rewrite results.md; returns all rows."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    merged = {r.key(): r for r in read_rows(run_dir)}
+    fs, path = filesystem(str(run_url), endpoint_url)
+    fs.makedirs(path, exist_ok=True)
+    merged = {r.key(): r for r in read_rows(run_url, endpoint_url)}
     for r in rows:
         merged[r.key()] = r
     everything = list(merged.values())
-    _write(
-        run_dir / RESULTS_JSON,
-        json.dumps(
-            {"format": "tessera-results/1", "rows": [asdict(r) for r in everything]}, indent=1
-        ),
-    )
-    _write(run_dir / RESULTS_MD, markdown(everything))
+    table = {"format": "tessera-results/1", "rows": [asdict(r) for r in everything]}
+    write_atomic(fs, join(path, RESULTS_JSON), json.dumps(table, indent=1).encode())
+    write_atomic(fs, join(path, RESULTS_MD), markdown(everything).encode())
     return everything
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import runs
 from pipeline.config import RunConfig, config_to_raw, parse_config
 from pipeline.data.shards import DatasetError, load_manifest
 from pipeline.data.stream import StreamConfig, stream_config
@@ -111,15 +112,16 @@ class Context:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         self.fingerprint = weights_fingerprint(weights)
-        self.cache = Path(run.train.output) / "eval" / "features"
+        self.cache = runs.local_dir(run.train.output) / "eval" / "features"
         self._features: dict[str, FeatureSet] = {}
         self._baselines: dict[tuple[str, str], float] = {}
         self.finetune_run = None
         if "finetune" in run.eval.evaluators:
             self.finetune_run = finetune_config(
                 run, "" if weights.source == UNTRAINED else weights.source, target,
-                output=str(Path(run.train.output) / "finetune" / f"{target.name}-{self.fingerprint}"),
-                steps=run.eval.finetune_steps, overrides=run.eval.finetune, source="eval.finetune",
+                output=join(run.train.output, "finetune", f"{target.name}-{self.fingerprint}"),
+                steps=run.eval.finetune_steps, source="eval.finetune",
+                overrides=["data.ingest=stream", *run.eval.finetune],  # runs in this process
             )  # fmt: skip
 
     def _stream(self, split: str, **changes: Any) -> StreamConfig:
@@ -294,13 +296,13 @@ def untrained_weights(run: RunConfig) -> Weights:
 def _source_of(run: RunConfig, source: str) -> str:
     if source:
         return source
-    found = checkpoint.find_latest(Path(run.train.output) / "checkpoints")
+    found = runs.latest_checkpoint(run.train.output, run.data.endpoint_url)
     if found is None:
         raise ConfigError(
             f"train.output: {run.train.output} has no complete checkpoint to evaluate; pass "
             "--model with an exported model, a checkpoint or a run folder"
         )
-    return str(found)
+    return str(runs.pull_checkpoint(run.train.output, found, run.data.endpoint_url))
 
 
 def evaluate(run: RunConfig, source: str = "", log=print) -> list[Row]:
@@ -334,9 +336,12 @@ def evaluate(run: RunConfig, source: str = "", log=print) -> list[Row]:
                 raise EvalError(f"{name} on {target.url}: {e}") from None
             log(f"  ({name}: {time.perf_counter() - started:.0f}s)")
     finally:  # what finished is kept, even when a later evaluator fails
-        append_rows(run.train.output, rows)
+        append_rows(run.train.output, rows, run.data.endpoint_url)
         if writer:
             writer.close()
+            if runs.is_remote(run.train.output):
+                board = runs.local_dir(run.train.output) / "tensorboard" / "eval"
+                runs.push_files(run.train.output, board, run.data.endpoint_url)
     _prune_features(ctx)
     return rows
 
@@ -365,7 +370,7 @@ def _writer(run: RunConfig):
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(str(Path(run.train.output) / "tensorboard" / "eval"))
+    return SummaryWriter(str(runs.local_dir(run.train.output) / "tensorboard" / "eval"))
 
 
 def _prune_features(ctx: Context) -> None:
@@ -379,6 +384,11 @@ def watch(run: RunConfig, poll: float = 10.0, idle_timeout: float = 3600.0, log=
     """Evaluate each new complete checkpoint of the run as it appears, oldest first, in this
     process (training is not blocked: it only writes checkpoints). Returns once the final step
     has been evaluated, or after `idle_timeout` seconds without a new checkpoint."""
+    if runs.is_remote(run.train.output):
+        raise ConfigError(
+            f"train.output: --watch follows a run folder on a filesystem, not {run.train.output}; "
+            "evaluate its checkpoints with `tessera evaluate` (or `tessera run`) instead"
+        )
     root = Path(run.train.output) / "checkpoints"
     done = {r.source for r in read_rows(run.train.output)}
     rows: list[Row] = []

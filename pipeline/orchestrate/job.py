@@ -24,16 +24,15 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipeline import runs
 from pipeline.config import RunConfig, config_to_raw, parse_config
 from pipeline.errors import ConfigError
+from pipeline.evaluate.results import RESULTS_MD
 from pipeline.storage import filesystem, join
-
-RESULTS = "results.md"
 
 
 class StageError(RuntimeError):
@@ -80,14 +79,12 @@ def finetune_output(run: RunConfig) -> str:
 # What is already done
 
 
-def final_checkpoint(run: RunConfig) -> Path | None:
-    """The run's complete checkpoint at train.steps, if training finished."""
-    from pipeline.train import checkpoint
+def final_checkpoint(run: RunConfig) -> str | None:
+    """The name of the run's complete checkpoint at train.steps, if training finished."""
+    from pipeline.train.checkpoint import tag
 
-    latest = checkpoint.find_latest(Path(run.train.output) / "checkpoints")
-    if latest is not None and checkpoint.read_state(latest)["step"] >= run.train.steps:
-        return latest
-    return None
+    latest = runs.latest_checkpoint(run.train.output, run.data.endpoint_url)
+    return latest if latest is not None and latest >= tag(run.train.steps) else None
 
 
 def exported_step(run: RunConfig) -> int | None:
@@ -125,7 +122,7 @@ def finetuned(run: RunConfig) -> bool:
     steps = run.job.finetune_steps or run.eval.finetune_steps
     return any(
         r.evaluator == "finetune" and r.extra.get("finetune_steps") == steps
-        for r in read_rows(finetune_output(run))
+        for r in read_rows(finetune_output(run), run.data.endpoint_url)
     )
 
 
@@ -133,7 +130,8 @@ def evaluated(run: RunConfig, source: str) -> bool:
     from pipeline.evaluate.results import read_rows
 
     wanted = {*run.eval.evaluators, "pixels"}
-    have = {r.evaluator for r in read_rows(run.train.output) if r.source == source}
+    rows = read_rows(run.train.output, run.data.endpoint_url)
+    have = {r.evaluator for r in rows if r.source == source}
     return wanted <= have
 
 
@@ -182,9 +180,24 @@ def train_on_ray(run: RunConfig, kind: str) -> None:
     resources = {"CPU": job.cpus_per_worker}
     if job.gpus_per_worker:
         resources["GPU"] = job.gpus_per_worker
-    storage = os.path.abspath(os.path.join(run.train.output, "ray-train"))
+    storage = str(runs.local_dir(run.train.output).absolute() / "ray-train")
+    datasets = {}
+    if run.data.ingest == "ray-data":
+        from pipeline.data.ray_ingest import DATASET, training_dataset
+
+        datasets[DATASET] = training_dataset(run)
+        import ray
+
+        spare = ray.cluster_resources().get("CPU", 0) - job.workers * job.cpus_per_worker
+        if spare < 1:
+            say(
+                f"warning: data.ingest ray-data: the training workers take every CPU the cluster "
+                f"has now ({spare + job.workers * job.cpus_per_worker:g}); decoding waits until "
+                "nodes with free CPUs join (lower job.cpus_per_worker, or add CPU nodes)"
+            )
     trainer = TorchTrainer(
         _ray_worker,
+        datasets=datasets,
         train_loop_config={"raw": config_to_raw(run), "kind": kind},
         scaling_config=ScalingConfig(
             num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
@@ -205,7 +218,7 @@ def train_on_ray(run: RunConfig, kind: str) -> None:
 def train_locally(run: RunConfig, kind: str) -> None:
     """job.workers local processes (as torchrun would start them), restarted as a group from
     the newest checkpoint when one fails, up to job.max_failures times."""
-    folder = Path(run.train.output)
+    folder = runs.local_dir(run.train.output)
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / f"{kind}-config.yaml"
     config.write_text(yaml.safe_dump(config_to_raw(run), sort_keys=False))
@@ -223,19 +236,25 @@ def train_locally(run: RunConfig, kind: str) -> None:
         codes = _wait_all(procs)
         if all(c == 0 for c in codes):
             return
+        if 2 in codes:  # a config or data error: another try would fail the same way
+            raise StageError(f"{kind}: stopped by a config or data error (see above); not retried")
         say(f"{kind}: rank exit codes {codes} (attempt {attempt + 1}/{run.job.max_failures + 1})")
     raise StageError(f"{kind}: failed {run.job.max_failures + 1} times; see the log above")
 
 
 def _wait_all(procs: list[subprocess.Popen]) -> list[int]:
-    """Exit codes; when one rank fails the others are stopped (they would wait on it forever)."""
-    while any(p.poll() is None for p in procs):
-        if any(p.poll() not in (None, 0) for p in procs):
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        time.sleep(0.2)
-    return [p.returncode for p in procs]
+    """Exit codes; when one rank fails the others are stopped (they would wait on it forever),
+    and so are all when this process is interrupted."""
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [p.wait() for p in procs]
 
 
 def free_port() -> int:
@@ -273,6 +292,11 @@ def run_job(run: RunConfig) -> str:
     """Run run.job.stages in order, each skipped when its output is complete; returns the path
     of the results table."""
     executor = _executor(run)
+    if run.data.ingest == "ray-data" and executor != "ray":
+        raise ConfigError(
+            "data.ingest: ray-data streams batches from Ray Data to Ray Train workers; run the "
+            "job on Ray (launch/ray-submit.sh, or job.executor=ray), or use data.ingest=stream"
+        )
     stages = run.job.stages
     say(f"{run.name}: stages {' -> '.join(stages)} ({executor}, {run.job.workers} workers)")
     started_ray = _connect_ray() if executor == "ray" else False
@@ -287,13 +311,15 @@ def run_job(run: RunConfig) -> str:
             import ray
 
             ray.shutdown()
-    table = Path(run.train.output) / RESULTS
-    if table.is_file():
-        say(f"results ({table}):\n\n{table.read_text()}")
-    curves = Path(run.train.output) / "tensorboard"
+    from pipeline.evaluate.results import read_markdown
+
+    table = read_markdown(run.train.output, run.data.endpoint_url)
+    if table:
+        say(f"results ({join(run.train.output, RESULTS_MD)}):\n\n{table}")
+    curves = runs.local_dir(run.train.output) / "tensorboard"
     if curves.is_dir():
         say(f"curves: tensorboard --logdir {curves}")
-    return str(table)
+    return join(run.train.output, RESULTS_MD)
 
 
 def _connect_ray() -> bool:
@@ -339,14 +365,15 @@ def stage_prepare(run: RunConfig, executor: str) -> str:
 
 
 def stage_pretrain(run: RunConfig, executor: str) -> str:
+    ckpts = join(run.train.output, runs.CHECKPOINTS)
     done = final_checkpoint(run)
     if done is not None:
-        return f"skipped: {done} is complete"
+        return f"skipped: {ckpts}/{done} is complete"
     (train_on_ray if executor == "ray" else train_locally)(run, "pretrain")
     done = final_checkpoint(run)
     if done is None:
         raise StageError(f"pretrain: ended without a checkpoint at step {run.train.steps}")
-    return f"done: {done}"
+    return f"done: {ckpts}/{done}"
 
 
 def stage_export(run: RunConfig, executor: str) -> str:
@@ -354,9 +381,10 @@ def stage_export(run: RunConfig, executor: str) -> str:
 
     if exported_step(run) == run.train.steps:
         return f"skipped: {export_url(run)} holds step {run.train.steps}"
-    ckpt = final_checkpoint(run)
-    if ckpt is None:
+    name = final_checkpoint(run)
+    if name is None:
         raise StageError(f"export: {run.train.output} has no checkpoint at step {run.train.steps}")
+    ckpt = runs.pull_checkpoint(run.train.output, name, run.data.endpoint_url)
     export(ckpt, export_url(run))
     return f"done: {ckpt} -> {export_url(run)}"
 
@@ -372,7 +400,8 @@ def stage_finetune(run: RunConfig, executor: str) -> str:
         note = f"done: {ft.train.output}"
     else:
         note = f"skipped: {ft.train.output} has its result"
-    append_rows(run.train.output, read_rows(ft.train.output))  # one table for the whole job
+    endpoint = run.data.endpoint_url  # one table for the whole job:
+    append_rows(run.train.output, read_rows(ft.train.output, endpoint), endpoint)
     return note
 
 

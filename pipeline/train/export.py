@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from pipeline import runs
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError
 from pipeline.models import ModelConfig, create_model, save_model
@@ -26,7 +27,17 @@ from pipeline.train.engine import consolidated_state_dict
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder (its newest complete checkpoint) or a checkpoint folder that is complete."""
+    """A run folder (its newest complete checkpoint) or a checkpoint folder that is complete;
+    a remote one (s3://...) is downloaded to the run's staging folder first."""
+    text = str(path)
+    if runs.is_remote(text):
+        parent, name = text.rstrip("/").rsplit("/", 1)
+        if name.startswith("step-") and parent.endswith(f"/{runs.CHECKPOINTS}"):
+            return runs.pull_checkpoint(parent.rsplit("/", 1)[0], name)
+        latest = runs.latest_checkpoint(text)
+        if latest is None:
+            raise FileNotFoundError(f"{text}: neither a complete checkpoint nor a run with one")
+        return runs.pull_checkpoint(text, latest)
     path = Path(path)
     if checkpoint.is_complete(path):
         return path

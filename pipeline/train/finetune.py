@@ -106,6 +106,7 @@ def finetune(
                     extra={"finetune_steps": trainer.step, "initial_top1": result["initial_top1"]},
                 )
             ],
+            run.data.endpoint_url,
         )  # fmt: skip
     trainer.close()
     return result

@@ -11,6 +11,7 @@ as one that was never stopped.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline import runs
 from pipeline.config import RunConfig, config_to_raw
 from pipeline.data.stream import Stream, merge_states, stream_config
 from pipeline.data.transforms import model_input
@@ -84,7 +86,11 @@ class Trainer:
             if run.train.objective == "supervised-sigmoid"
             else {}
         )
-        self.output = Path(run.train.output)
+        # A remote run (s3://...) trains in a local staging folder and mirrors it (pipeline.runs).
+        self.url, self.endpoint = run.train.output, run.data.endpoint_url
+        self.remote = runs.is_remote(self.url)
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.output = runs.local_dir(self.url)
         self.ckpt_root = self.output / "checkpoints"
         start = self._checkpoint_to_resume(resume)
         init = None
@@ -92,9 +98,13 @@ class Trainer:
         if run.finetune.init and start is None:  # a resumed finetune has its weights already
             init = read_weights_for(run.finetune.init, run.model, "finetune.init")
             self.init_provenance = init.provenance
-        self.stream = Stream(
-            stream_config(run, run.data.train_split, self.micro, train=True), self.rank, self.world
-        )
+        source = stream_config(run, run.data.train_split, self.micro, train=True)
+        if run.data.ingest == "ray-data":
+            from pipeline.data.ray_ingest import RayDataInput
+
+            self.stream = RayDataInput(source)
+        else:
+            self.stream = Stream(source, self.rank, self.world)
         with model_init_context(run, self.world):
             model = create_model(run.model, **head)
         if init is not None:
@@ -141,6 +151,15 @@ class Trainer:
     def _checkpoint_to_resume(self, resume: str) -> Path | None:
         if resume == "never":
             return None
+        if resume == "auto" and self.remote:
+            name = runs.latest_checkpoint(self.url, self.endpoint)
+            if name is None:
+                return None
+            self._on_each_node(
+                f"downloading {self.url}/checkpoints/{name}",
+                lambda: runs.pull_checkpoint(self.url, name, self.endpoint),
+            )
+            return self.ckpt_root / name
         if resume == "auto":
             return checkpoint.find_latest(self.ckpt_root)
         path = Path(resume)
@@ -180,14 +199,56 @@ class Trainer:
         state = {
             "step": self.step,
             "skipped": self.skipped,
-            "stream": merge_states(states),
+            "stream": getattr(self.stream, "merge_states", merge_states)(states),
             "world": self.world,
             "config": config_to_raw(self.run),
             "init": self.init_provenance,
         }
-        return checkpoint.save(
+        path = checkpoint.save(
             self.engine, self.ckpt_root, self.step, state, self.rank, self.run.checkpoint.keep_last
         )
+        if self.remote:
+            self._publish(path)
+        return path
+
+    def _on_each_node(self, what: str, fn) -> None:
+        """fn() on each node's first rank, the others waiting; a failure stops every rank with
+        the same error instead of leaving the others in a collective forever."""
+        error = ""
+        if self.local_rank == 0:
+            try:
+                fn()
+            except Exception as e:
+                error = f"{what} failed on rank {self.rank}: {e!r}"
+        errors = [""] * self.world
+        dist.all_gather_object(errors, error)
+        failed = [e for e in errors if e]
+        if failed:
+            raise OSError("; ".join(failed))
+
+    def _publish(self, path: Path) -> None:
+        """The checkpoint just written locally, to the remote run: every node's shards, then
+        (rank 0) its marker and `latest`, then TensorBoard. Complete there, or ignored."""
+        self._on_each_node(
+            f"uploading {path.name}",
+            lambda: runs.push_files(self.url, path, self.endpoint, skip=runs.WRITTEN_LAST),
+        )
+
+        def publish() -> None:
+            if self.rank == 0:
+                runs.publish_checkpoint(
+                    self.url, path.name, self.run.checkpoint.keep_last, self.endpoint
+                )
+                if self.writer:
+                    self.writer.flush()
+                    self._push_tensorboard()
+            runs.prune_local(self.url, keep=path.name)
+
+        self._on_each_node(f"publishing {path.name}", publish)
+
+    def _push_tensorboard(self) -> None:
+        if self.writer and self.remote:
+            runs.push_files(self.url, self.output / "tensorboard", self.endpoint)
 
     # -- training --------------------------------------------------------------------------
 
@@ -316,6 +377,8 @@ class Trainer:
         other ranks may be gone."""
         if self.writer:
             self.writer.close()
+            if clean:
+                self._push_tensorboard()
         if dist.is_initialized():
             if clean:
                 dist.barrier()

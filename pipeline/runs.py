@@ -1,0 +1,130 @@
+"""A run folder (`train.output`) on any URL: a local path, or object storage such as s3://.
+
+DeepSpeed, TensorBoard and the feature cache write to local files. For a remote run they write
+to a local staging folder (TESSERA_STAGING, default ~/.cache/tessera/runs, one sub-folder per
+run URL), and the remote copy is the run: nodes that share no filesystem, and a job that starts
+on a fresh machine after a preemption, resume from it.
+
+A checkpoint reaches the remote the way it is made locally, complete or ignored: every node
+uploads the shards its ranks wrote, then rank 0 uploads `COMPLETE`, then `latest`. A reader that
+finds no COMPLETE ignores the folder, as it does locally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.storage import basename, filesystem, join, with_retries, write_atomic
+from pipeline.train.checkpoint import COMPLETE, LATEST, STATE
+
+CHECKPOINTS = "checkpoints"
+WRITTEN_LAST = (STATE, COMPLETE)  # uploaded by publish_checkpoint once every shard is there
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def local_dir(url: str) -> Path:
+    """Where this process reads and writes the run's files."""
+    if not is_remote(url):
+        return Path(url.removeprefix("file://"))
+    root = os.environ.get("TESSERA_STAGING") or Path.home() / ".cache" / "tessera" / "runs"
+    digest = hashlib.sha1(url.rstrip("/").encode()).hexdigest()[:10]
+    return Path(root) / f"{basename(url)}-{digest}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def latest_checkpoint(url: str, endpoint_url: str = "") -> str | None:
+    """The name (step-NNNNNNN) of the run's newest complete checkpoint, wherever the run is."""
+    if not is_remote(url):
+        from pipeline.train.checkpoint import find_latest
+
+        found = find_latest(local_dir(url) / CHECKPOINTS)
+        return found.name if found else None
+    fs, path = filesystem(url, endpoint_url)
+    root = join(path, CHECKPOINTS)
+    try:
+        named = fs.cat_file(join(root, LATEST)).decode().strip()
+    except FileNotFoundError:
+        named = ""
+    if named and fs.exists(join(root, named, COMPLETE)):
+        return named
+    # `latest` is missing or names an unfinished folder: the newest folder with its marker.
+    try:
+        folders = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    except FileNotFoundError:
+        return None
+    complete = [f for f in folders if f.startswith("step-") and fs.exists(join(root, f, COMPLETE))]
+    return complete[-1] if complete else None
+
+
+def pull_checkpoint(url: str, name: str, endpoint_url: str = "") -> Path:
+    """A remote checkpoint as a local folder (files already here at their size are kept); its
+    COMPLETE marker is written last, so an interrupted download is never taken as complete."""
+    local = local_dir(url) / CHECKPOINTS / name
+    if not is_remote(url):
+        return local
+    fs, path = filesystem(url, endpoint_url)
+    remote = join(path, CHECKPOINTS, name)
+    files = {p: info["size"] for p, info in fs.find(remote, detail=True).items()}
+    marker = join(remote, COMPLETE)
+    if marker not in files:
+        raise FileNotFoundError(f"{join(url, CHECKPOINTS, name)} is not complete on the remote")
+    if (local / COMPLETE).is_file():
+        return local
+    for remote_file in sorted(files, key=lambda p: p == marker):  # the marker last
+        target = local / remote_file[len(remote) + 1 :]
+        if target.is_file() and target.stat().st_size == files[remote_file]:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.part")
+        with_retries(f"downloading {remote_file}", lambda r=remote_file, t=tmp: fs.get_file(r, t))
+        os.replace(tmp, target)
+    return local
+
+
+def push_files(url: str, folder: Path, endpoint_url: str = "", skip: tuple[str, ...] = ()) -> None:
+    """Upload every file under local `folder` (a path inside the run's local dir) to the same
+    place in the remote run, except names in `skip`."""
+    fs, path = filesystem(url, endpoint_url)
+    base = local_dir(url)
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if file.name in skip or file.name.endswith((".part", ".tmp")) or ".tmp-" in file.name:
+            continue
+        remote = join(path, file.relative_to(base).as_posix())
+        with_retries(f"uploading {file}", lambda f=file, r=remote: fs.put_file(str(f), r))
+
+
+def publish_checkpoint(url: str, name: str, keep_last: int, endpoint_url: str = "") -> None:
+    """After every node has pushed its shards: COMPLETE, then `latest`, then prune old ones."""
+    fs, path = filesystem(url, endpoint_url)
+    root = join(path, CHECKPOINTS)
+    local = local_dir(url) / CHECKPOINTS / name
+    for name_ in WRITTEN_LAST:
+        data = (local / name_).read_bytes()
+        with_retries(
+            f"uploading {name_}", lambda n=name_, d=data: write_atomic(fs, join(root, name, n), d)
+        )
+    with_retries("uploading latest", lambda: write_atomic(fs, join(root, LATEST), name.encode()))
+    folders = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    steps = [f for f in folders if f.startswith("step-")]
+    complete = [f for f in steps if fs.exists(join(root, f, COMPLETE))]
+    old = complete[:-keep_last] + [f for f in steps if f not in complete and f < name]
+    for folder in old:
+        with_retries(f"removing {folder}", lambda f=folder: fs.rm(join(root, f), recursive=True))
+
+
+def prune_local(url: str, keep: str) -> None:
+    """A remote run keeps only its newest checkpoint in the staging folder (the remote holds
+    the rest), so a long run does not fill the node's disk."""
+    root = local_dir(url) / CHECKPOINTS
+    for folder in root.glob("step-*"):
+        if folder.name != keep:
+            shutil.rmtree(folder, ignore_errors=True)

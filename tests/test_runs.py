@@ -1,0 +1,111 @@
+"""A run folder on object storage: checkpoints complete-or-ignored there too, resumed on a fresh
+machine, and the rest of the job (export, evaluate, results) reading and writing it."""
+
+import json
+import os
+import signal
+import time
+
+import fsspec
+import pytest
+from conftest import TESSERA
+from test_job import stage_notes
+from test_train import finish, launch, losses, pretrain, wait, write_config
+
+from pipeline import runs
+from pipeline.train.checkpoint import COMPLETE, LATEST, STATE
+
+
+def remote_run(files: dict[str, str]) -> str:
+    url = f"memory://runs/{time.monotonic_ns()}"
+    fs = fsspec.filesystem("memory")
+    for name, text in files.items():
+        fs.pipe(f"{url}/checkpoints/{name}", text.encode())
+    return url
+
+
+def test_local_dir_is_the_path_itself_or_one_staging_folder_per_url(tmp_path, monkeypatch):
+    monkeypatch.setenv("TESSERA_STAGING", str(tmp_path))
+    assert runs.local_dir("runs/a") == runs.local_dir("file://runs/a")
+    a, b = runs.local_dir("s3://bucket/runs/a"), runs.local_dir("s3://bucket/other/a")
+    assert a.parent == tmp_path and a.name.startswith("a-") and a != b
+    assert runs.local_dir("s3://bucket/runs/a/") == a
+
+
+def test_only_a_complete_remote_checkpoint_is_found_or_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("TESSERA_STAGING", str(tmp_path))
+    url = remote_run({
+        "step-0000004/shard.pt": "four", f"step-0000004/{STATE}": "{}",
+        f"step-0000004/{COMPLETE}": "{}",
+        "step-0000008/shard.pt": "eight (a kill before its marker)", LATEST: "step-0000008",
+    })  # fmt: skip
+    assert runs.latest_checkpoint(url) == "step-0000004"  # `latest` names an unfinished one
+    local = runs.pull_checkpoint(url, "step-0000004")
+    assert sorted(p.name for p in local.iterdir()) == [COMPLETE, "shard.pt", STATE]
+    assert (local / "shard.pt").read_text() == "four"
+    with pytest.raises(FileNotFoundError, match="step-0000008 is not complete on the remote"):
+        runs.pull_checkpoint(url, "step-0000008")
+    assert runs.latest_checkpoint(remote_run({})) is None
+
+
+def test_publishing_writes_the_marker_after_the_shards_and_prunes_old_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("TESSERA_STAGING", str(tmp_path))
+    url = remote_run({})
+    fs = fsspec.filesystem("memory")
+    for step in (4, 8, 12):
+        name = f"step-{step:07d}"
+        local = runs.local_dir(url) / "checkpoints" / name
+        local.mkdir(parents=True)
+        for f, text in (("shard.pt", str(step)), (STATE, "{}"), (COMPLETE, "{}")):
+            (local / f).write_text(text)
+        runs.push_files(url, local, skip=runs.WRITTEN_LAST)
+        assert not fs.exists(f"{url}/checkpoints/{name}/{COMPLETE}")  # shards first
+        assert runs.latest_checkpoint(url) in (None, f"step-{step - 4:07d}")
+        runs.publish_checkpoint(url, name, keep_last=2)
+        assert runs.latest_checkpoint(url) == name
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{url}/checkpoints", detail=False))
+    assert names == ["latest", "step-0000008", "step-0000012"]
+    runs.prune_local(url, keep="step-0000012")
+    assert [p.name for p in (runs.local_dir(url) / "checkpoints").iterdir()] == ["step-0000012"]
+
+
+def test_two_ranks_checkpoint_to_s3_and_resume_there_on_a_fresh_machine(
+    tmp_path, digits_url, s3_bucket
+):
+    run_url = f"{s3_bucket}/runs/vit"
+    config = write_config(tmp_path, digits_url, train={"output": run_url})
+    s3 = fsspec.filesystem("s3", skip_instance_cache=True)
+    marker = f"{run_url}/checkpoints/step-0000008/{COMPLETE}"
+
+    first = pretrain(config, ranks=2, env={"TESSERA_STAGING": str(tmp_path / "machine-a")})
+    deadline = time.monotonic() + 600
+    while not s3.exists(marker):
+        assert first.poll() is None and time.monotonic() < deadline, wait(first)[-3000:]
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.communicate()
+
+    out = finish(pretrain(config, ranks=2, env={"TESSERA_STAGING": str(tmp_path / "machine-b")}))
+    assert f"resumed from {tmp_path}/machine-b/vit-" in out and "at step 8" in out, out[-3000:]
+    assert sorted(losses(out)) == [9, 10, 11, 12]
+    names = sorted(p.rsplit("/", 1)[-1] for p in s3.ls(f"{run_url}/checkpoints"))
+    assert names == ["latest", "step-0000008", "step-0000012"]  # keep_last 2, on the remote
+    assert s3.cat_file(f"{run_url}/checkpoints/latest").decode() == "step-0000012"
+    state = json.loads(s3.cat_file(f"{run_url}/checkpoints/step-0000012/{STATE}"))
+    assert state["step"] == 12 and state["world"] == 2
+    assert s3.glob(f"{run_url}/tensorboard/events.out.tfevents.*")
+    staged = runs.local_dir(run_url).name
+    assert [p.name for p in (tmp_path / "machine-b" / staged / "checkpoints").glob("step-*")] == [
+        "step-0000012"
+    ]
+
+    # The rest of the job, on a third machine: export and evaluate from and to the remote run.
+    job = [TESSERA, "run", config, "--set", "job.stages=[export,evaluate]",
+           "--set", "eval.evaluators=[linear_probe]", "--set", "job.untrained_baseline=false"]  # fmt: skip
+    done = finish(launch(job, env={"TESSERA_STAGING": str(tmp_path / "machine-c")}))
+    assert stage_notes(done)["export"] == (
+        f"done: {tmp_path}/machine-c/{staged}/checkpoints/step-0000012 -> {run_url}/export"
+    )
+    table = s3.cat_file(f"{run_url}/results.md").decode()
+    assert "| ds:val | linear_probe | 1 | top1 |" in table and table in done
+    assert json.loads(s3.cat_file(f"{run_url}/export/model.json"))["provenance"]["step"] == 12
