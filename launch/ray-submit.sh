@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Submit `tessera run CONFIG` to a Ray cluster as a job and print its logs until it ends.
 #
-#   launch/ray-submit.sh configs/vit-b16-jft.yaml [--set KEY=VALUE ...]
+#   launch/ray-submit.sh configs/vit-b16-jft.yaml [MORE.yaml ...] [--set KEY=VALUE ...]
 #
 # RAY_ADDRESS       the cluster's job API (default http://127.0.0.1:8265: infra/dev-services.sh)
 # TESSERA_ROOT      where relative paths in the config start (default: this directory); on a
@@ -15,11 +15,9 @@
 # this user can read (AWS_SHARED_CREDENTIALS_FILE, removed when the job ends); a remote cluster
 # must get them from its nodes (an instance role, or their own credentials file).
 set -euo pipefail
-[ $# -ge 1 ] || { echo "usage: $0 CONFIG [--set KEY=VALUE ...]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 CONFIG [CONFIG ...] [--set KEY=VALUE ...]" >&2; exit 2; }
 BIN=${BIN:-.venv/bin}
 export RAY_ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:8265}
-config=$1
-shift
 private=$(mktemp -d "${TMPDIR:-/tmp}/tessera-submit.XXXXXX")  # mode 700
 case " ${RAY_SUBMIT_ARGS:-} " in
   *" --no-wait "*) ;;  # the job outlives this script; so must its credentials file
@@ -52,4 +50,4 @@ with open(os.path.join(private, "runtime-env.yaml"), "w") as f:  # JSON is YAML
 PY
 # shellcheck disable=SC2086  # RAY_SUBMIT_ARGS is a list of options
 "$BIN/ray" job submit --working-dir . --runtime-env "$private/runtime-env.yaml" \
-  ${RAY_SUBMIT_ARGS:-} -- tessera run "$config" "$@"
+  ${RAY_SUBMIT_ARGS:-} -- tessera run "$@"

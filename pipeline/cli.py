@@ -128,9 +128,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     from pipeline.config import parse_config
     from pipeline.orchestrate.job import absolute_paths, run_job
 
-    run = load_config(args.config, args.overrides)
     root = args.root or os.environ.get("TESSERA_ROOT") or os.getcwd()
-    run_job(parse_config(absolute_paths(config_to_raw(run), root), source=args.config))
+    jobs = []  # every config is checked before the first one starts
+    for path in args.configs:
+        run = load_config(path, args.overrides)
+        jobs.append(parse_config(absolute_paths(config_to_raw(run), root), source=path))
+    for run in jobs:
+        run_job(run)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -242,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run", help="the whole job: prepare, pretrain, export, finetune, evaluate (resumable)"
     )
-    _add_config_args(p)
+    p.add_argument("configs", nargs="+", metavar="config", help="run configs, run in order")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field in every config (repeatable)")  # fmt: skip
     p.add_argument(
         "--root", default="",
         help="where relative paths in the config start (default: TESSERA_ROOT, else here)",

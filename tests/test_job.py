@@ -115,6 +115,15 @@ def test_local_job_runs_the_stages_then_a_rerun_skips_every_one(tmp_path):
     assert "| vit-micro-p4 | digits | 12 | digits:val | linear_probe | 1 | top1 |" in table
     assert "| vit-micro-p4 (untrained) | - | 0 | digits:val | linear_probe |" in table
     assert table in out  # the job ends by printing the table
+    # Pictures a reader opens without TensorBoard: the curves, and the model's attention.
+    from PIL import Image
+
+    with Image.open(tmp_path / "run" / "curves.png") as curves:
+        assert curves.size == (640, 2 * 220 + 30)  # pretraining loss and learning rate
+        assert len(np.unique(np.asarray(curves).reshape(-1, 3), axis=0)) > 2  # not blank
+    with Image.open(tmp_path / "run/images/attention_rollout-step-0000012.png") as rollout:
+        assert rollout.size[0] == 2 * rollout.size[1] // 4  # 4 images, each beside its map
+    assert f"curves: {tmp_path}/run/curves.png" in out
 
     again = finish(launch([TESSERA, "run", config, "--root", tmp_path]))
     notes = stage_notes(again)

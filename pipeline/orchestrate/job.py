@@ -318,8 +318,36 @@ def run_job(run: RunConfig) -> str:
         say(f"results ({join(run.train.output, RESULTS_MD)}):\n\n{table}")
     curves = runs.local_dir(run.train.output) / "tensorboard"
     if curves.is_dir():
-        say(f"curves: tensorboard --logdir {curves}")
+        picture = write_curves(run)
+        say(f"curves: {picture}; all of them: tensorboard --logdir {curves}")
     return join(run.train.output, RESULTS_MD)
+
+
+def write_curves(run: RunConfig) -> str:
+    """curves.png in the run folder: pretraining loss and learning rate, finetuning loss."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.train.visuals import curves_png
+
+    local = runs.local_dir(run.train.output)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for label, folder, tag in (
+        ("pretraining loss", local / "tensorboard", "train/loss"),
+        ("learning rate", local / "tensorboard", "train/lr"),
+        ("finetuning loss", runs.local_dir(finetune_output(run)) / "tensorboard", "train/loss"),
+    ):
+        if folder.is_dir():
+            events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+            events.Reload()
+            if tag in events.Tags()["scalars"]:
+                series[label] = [(e.step, e.value) for e in events.Scalars(tag)]
+    path = local / "curves.png"
+    curves_png(series, path, title=f"{run.name} ({run.model.name}, {run.train.objective})")
+    if runs.is_remote(run.train.output):
+        fs, remote = filesystem(run.train.output, run.data.endpoint_url)
+        fs.put_file(str(path), join(remote, "curves.png"))
+        return join(run.train.output, "curves.png")
+    return str(path)
 
 
 def _connect_ray() -> bool:

@@ -39,7 +39,7 @@ from pipeline.train.engine import (
 )
 from pipeline.train.export import Weights, read_weights_for
 from pipeline.train.objectives import OBJECTIVES
-from pipeline.train.visuals import completion_panel, rollout_panel
+from pipeline.train.visuals import completion_panel, rollout_panel, save_panel
 
 MAX_NONFINITE_IN_A_ROW = 5
 
@@ -241,14 +241,16 @@ class Trainer:
                 )
                 if self.writer:
                     self.writer.flush()
-                    self._push_tensorboard()
+                    self._push_logs()
             runs.prune_local(self.url, keep=path.name)
 
         self._on_each_node(f"publishing {path.name}", publish)
 
-    def _push_tensorboard(self) -> None:
+    def _push_logs(self) -> None:
+        """TensorBoard events and the pictures, to a remote run."""
         if self.writer and self.remote:
-            runs.push_files(self.url, self.output / "tensorboard", self.endpoint)
+            for folder in ("tensorboard", "images"):
+                runs.push_files(self.url, self.output / folder, self.endpoint)
 
     # -- training --------------------------------------------------------------------------
 
@@ -370,6 +372,9 @@ class Trainer:
         model.train(was_training)
         if self.writer:
             self.writer.add_images(tag, panel.float().cpu(), self.step)
+        if self.rank == 0 and self.step == self.run.train.steps:  # also a file, at the end
+            name = f"{tag.split('/')[-1]}-step-{self.step:07d}.png"
+            save_panel(panel.float().cpu(), self.output / "images" / name)
 
     def close(self, clean: bool = True) -> None:
         """Flush logs and leave the process group, so no communication thread outlives it
@@ -378,7 +383,7 @@ class Trainer:
         if self.writer:
             self.writer.close()
             if clean:
-                self._push_tensorboard()
+                self._push_logs()
         if dist.is_initialized():
             if clean:
                 dist.barrier()

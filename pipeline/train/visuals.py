@@ -1,4 +1,5 @@
-"""Pictures for TensorBoard: ViT attention rollout, ImageGPT completions. Single-device code."""
+"""Pictures of a run: ViT attention rollout, ImageGPT completions (for TensorBoard and PNG files),
+and training curves as PNG. Single-device code."""
 
 from __future__ import annotations
 
@@ -82,3 +83,60 @@ def completion_panel(
     rows[1][:, :, s // 2 :] = 0.5  # grey: what the model was not shown
     panel = torch.cat(rows, dim=-1)
     return panel.expand(-1, 3, -1, -1) if panel.shape[1] == 1 else panel
+
+
+# ---------------------------------------------------------------------------------------------
+# PNG files in the run folder (readable without TensorBoard)
+
+
+def save_panel(panel: torch.Tensor, path) -> None:
+    """(B, 3, H, W) in [0, 1] -> one PNG, the B pictures stacked top to bottom, enlarged to at
+    least 128 pixels high each (nearest, so pixels stay visible)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    b, _, h, w = panel.shape
+    scale = max(1, -(-128 // h))
+    grid = panel.clamp(0, 1).permute(0, 2, 3, 1).reshape(b * h, w, 3)
+    pixels = (grid * 255).round().to(torch.uint8).cpu().numpy()
+    image = Image.fromarray(pixels).resize((w * scale, b * h * scale), Image.NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def curves_png(series: dict[str, list[tuple[int, float]]], path, title: str = "") -> None:
+    """Line plots, one panel per named series of (step, value), drawn with PIL (no plotting
+    library): axes with the first and last step and the value range, and the curve."""
+    from pathlib import Path
+
+    from PIL import Image, ImageDraw
+
+    names = [n for n, points in series.items() if points]
+    width, panel_h, margin = 640, 220, 56
+    image = Image.new("RGB", (width, max(1, len(names)) * panel_h + 30), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((margin, 8), title, fill="black")
+    for k, name in enumerate(names):
+        points = sorted(series[name])
+        steps, values = [p[0] for p in points], [p[1] for p in points]
+        top = 30 + k * panel_h
+        x0, x1, y0, y1 = margin, width - 16, top + 20, top + panel_h - 30
+        lo, hi = min(values), max(values)
+        span, first, last = (hi - lo) or 1.0, steps[0], steps[-1]
+        draw.rectangle((x0, y0, x1, y1), outline="black")
+        draw.text((x0, top + 4), name, fill="black")
+        draw.text((4, y0), f"{hi:.3g}", fill="black")
+        draw.text((4, y1 - 10), f"{lo:.3g}", fill="black")
+        draw.text((x0, y1 + 4), f"step {first}", fill="black")
+        draw.text((x1 - 80, y1 + 4), f"step {last}", fill="black")
+        xy = [
+            (x0 + (x1 - x0) * (s - first) / max(last - first, 1), y1 - (y1 - y0) * (v - lo) / span)
+            for s, v in points
+        ]
+        if len(xy) == 1:
+            draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill="blue")
+        else:
+            draw.line(xy, fill="blue", width=2)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
