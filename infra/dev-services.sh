@@ -6,6 +6,8 @@
 #   infra/dev-services.sh env      # the exports that point tessera and ray at them
 #   infra/dev-services.sh stop
 #
+# DEV_S3=0 starts the Ray head only. Ports: S3_PORT, RAY_PORT, DASHBOARD_PORT; RAY_CPUS.
+#
 # The S3 credentials are moto's fixed test values, good for this endpoint only. Ray's token
 # authentication is on (RAY_AUTH_MODE=token): the dashboard and job API answer 401 without the
 # token in ~/.ray/auth_token, which the `ray` CLI sends by itself.
@@ -18,6 +20,7 @@ S3_PORT=${S3_PORT:-9000}
 RAY_PORT=${RAY_PORT:-6379}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
 RAY_CPUS=${RAY_CPUS:-2}
+DEV_S3=${DEV_S3:-1}  # 0: start the Ray head only
 
 wait_http() {  # url, seconds: any HTTP answer counts (401 included)
   for _ in $(seq 1 $((2 * $2))); do
@@ -34,15 +37,19 @@ except urllib.error.HTTPError:
 }
 
 env_lines() {
-  echo "export AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT"
-  echo "export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1"
+  if [ "$DEV_S3" != 0 ]; then
+    echo "export AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT"
+    echo "export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1"
+  fi
   echo "export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT RAY_AUTH_MODE=$RAY_AUTH_MODE"
 }
 
 case "${1:-}" in
   start)
     mkdir -p "$STATE"
-    if [ -f "$STATE/moto.pid" ] && kill -0 "$(cat "$STATE/moto.pid")" 2>/dev/null; then
+    if [ "$DEV_S3" = 0 ]; then
+      :  # Ray only (the quickstart keeps its data in a local folder)
+    elif [ -f "$STATE/moto.pid" ] && kill -0 "$(cat "$STATE/moto.pid")" 2>/dev/null; then
       echo "dev-services: moto already running (pid $(cat "$STATE/moto.pid"))"
     else
       nohup "$BIN/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$STATE/moto.log" 2>&1 &
@@ -54,7 +61,7 @@ case "${1:-}" in
       --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --num-cpus "$RAY_CPUS" \
       --disable-usage-stats >"$STATE/ray.log" 2>&1 \
       || { echo "dev-services: ray start failed, see $STATE/ray.log" >&2; exit 1; }
-    wait_http "http://127.0.0.1:$S3_PORT" 30
+    [ "$DEV_S3" = 0 ] || wait_http "http://127.0.0.1:$S3_PORT" 30
     wait_http "http://127.0.0.1:$DASHBOARD_PORT/api/version" 60
     echo "dev-services: Ray on 127.0.0.1:$DASHBOARD_PORT, S3 on 127.0.0.1:$S3_PORT"
     env_lines

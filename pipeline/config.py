@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -336,7 +337,7 @@ class _Source:
         self.path, self.overrides = path, overrides
 
     def of(self, key: str) -> str:
-        parts = key.split(".")
+        parts = re.sub(r"\[(\d+)\]", r".\1", key).split(".")  # prepare[0].x is --set prepare.0.x
         for i in range(len(parts), 0, -1):
             prefix = ".".join(parts[:i])
             if prefix in self.overrides:
@@ -474,13 +475,28 @@ def _apply_override(raw: dict, item: str) -> tuple[str, str]:
         raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
     key, text = item.split("=", 1)
     parts = key.strip().split(".")
-    node = raw
+    node: Any = raw
+
+    def step(node: Any, part: str, i: int) -> tuple[Any, Any]:
+        """(container, key) for one part: a section's key, or a list's index (prepare.0.source)."""
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"--set {item}: {'.'.join(parts[:i])} is a list of {len(node)}; "
+                    f"{part!r} is not an index in it"
+                )
+            return node, int(part)
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item}: {'.'.join(parts[:i])} is not a section")
+        return node, part
+
     for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {item}: {'.'.join(parts[: i + 1])} is not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+        container, k = step(node, part, i)
+        if isinstance(container, dict):
+            container.setdefault(k, {})
+        node = container[k]
+    container, k = step(node, parts[-1], len(parts) - 1)
+    container[k] = yaml.safe_load(text) if text.strip() else ""
     return ".".join(parts), text
 
 

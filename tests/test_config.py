@@ -1,5 +1,6 @@
 """Run configs: every shipped file validates; bad input names the file, the key and the value."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,14 @@ def test_resolved_config_round_trips_through_plain_data(path):
     cfg = load_config(path)
     raw = yaml.safe_load(yaml.safe_dump(config_to_raw(cfg)))
     assert parse_config(raw, "round-trip") == cfg
+
+
+def test_set_reaches_into_lists_by_index_and_names_itself_in_errors():
+    base = {"model": {"name": "vit-micro-p4", "num_classes": 10},
+            "prepare": [{"source": "digits", "output": "a"}, {"source": "digits", "output": "b"}]}  # fmt: skip
+    run = parse_config(copy.deepcopy(base), "q.yaml", ["prepare.1.source=/data/fmnist"])
+    assert [p.source for p in run.prepare] == ["digits", "/data/fmnist"]
+    with pytest.raises(ConfigError, match=r"^--set prepare\.0\.val_fraction=2: prepare\[0\]"):
+        parse_config(copy.deepcopy(base), "q.yaml", ["prepare.0.val_fraction=2"])
+    with pytest.raises(ConfigError, match="prepare is a list of 2; '2' is not an index in it"):
+        parse_config(copy.deepcopy(base), "q.yaml", ["prepare.2.source=x"])
