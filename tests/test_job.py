@@ -162,7 +162,10 @@ def ray_cluster(tmp_path_factory):
 
 
 def submit(env: dict, config: Path, root: Path, *options: str) -> subprocess.Popen:
-    env = {**env, "TESSERA_ROOT": str(root), "RAY_SUBMIT_ARGS": " ".join(options)}
+    private = root / "submit-tmp"  # where ray-submit.sh keeps a credentials file while it waits
+    private.mkdir(exist_ok=True)
+    env = {**env, "TESSERA_ROOT": str(root), "RAY_SUBMIT_ARGS": " ".join(options),
+           "TMPDIR": str(private)}  # fmt: skip
     return subprocess.Popen(
         [str(ROOT / "launch" / "ray-submit.sh"), str(config)], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -218,7 +221,7 @@ def test_ray_job_runs_every_stage_on_s3_data_and_no_key_leaks(ray_cluster, tmp_p
         assert secret not in out and secret not in logs
         leaked = [p for p in places if secret.encode() in p.read_bytes()]
         assert not leaked, f"{secret[:4]}... found in {leaked}"
-    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("tessera-submit.*/aws-*"))
+    assert not list((tmp_path / "submit-tmp").iterdir())  # the credentials file is gone
 
 
 def test_ray_worker_killed_resumes_and_a_cancelled_job_resubmitted_skips_done_stages(
