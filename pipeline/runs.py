@@ -51,18 +51,15 @@ def latest_checkpoint(url: str, endpoint_url: str = "") -> str | None:
     fs, path = filesystem(url, endpoint_url)
     root = join(path, CHECKPOINTS)
     try:
-        named = fs.cat_file(join(root, LATEST)).decode().strip()
-    except FileNotFoundError:
-        named = ""
-    if named and fs.exists(join(root, named, COMPLETE)):
-        return named
-    # `latest` is missing or names an unfinished folder: the newest folder with its marker.
-    try:
         folders = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
     except FileNotFoundError:
         return None
-    complete = [f for f in folders if f.startswith("step-") and fs.exists(join(root, f, COMPLETE))]
-    return complete[-1] if complete else None
+    # Newest first, by their markers: a kill between a checkpoint's marker and `latest` leaves
+    # `latest` one behind, so the pointer is for people and other tools, not for this.
+    for folder in reversed([f for f in folders if f.startswith("step-")]):
+        if fs.exists(join(root, folder, COMPLETE)):
+            return folder
+    return None
 
 
 def pull_checkpoint(url: str, name: str, endpoint_url: str = "") -> Path:

@@ -40,6 +40,12 @@ def test_only_a_complete_remote_checkpoint_is_found_or_downloaded(tmp_path, monk
         "step-0000008/shard.pt": "eight (a kill before its marker)", LATEST: "step-0000008",
     })  # fmt: skip
     assert runs.latest_checkpoint(url) == "step-0000004"  # `latest` names an unfinished one
+    # A kill after a marker but before `latest` moved: the marker decides.
+    fs = fsspec.filesystem("memory")
+    fs.pipe(f"{url}/checkpoints/step-0000008/{COMPLETE}", b"{}")
+    fs.pipe(f"{url}/checkpoints/{LATEST}", b"step-0000004")
+    assert runs.latest_checkpoint(url) == "step-0000008"
+    fs.rm(f"{url}/checkpoints/step-0000008/{COMPLETE}")
     local = runs.pull_checkpoint(url, "step-0000004")
     assert sorted(p.name for p in local.iterdir()) == [COMPLETE, "shard.pt", STATE]
     assert (local / "shard.pt").read_text() == "four"
