@@ -91,16 +91,10 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from pipeline.train.trainer import Trainer
+    from pipeline.train.trainer import pretrain
 
     run = load_config(args.config, args.overrides)
-    trainer = Trainer(run, resume=args.resume or run.checkpoint.resume)
-    try:
-        trainer.train()
-    except BaseException:
-        trainer.close(clean=False)
-        raise
-    trainer.close()
+    pretrain(run, resume=args.resume or run.checkpoint.resume)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:

@@ -149,15 +149,9 @@ def _train_in_process(raw: dict[str, Any], kind: str) -> None:
     """One training rank: the same code `tessera pretrain` / `tessera finetune` runs."""
     run = parse_config(raw, source=f"job {kind} stage")
     if kind == "pretrain":
-        from pipeline.train.trainer import Trainer
+        from pipeline.train.trainer import pretrain
 
-        trainer = Trainer(run, resume="auto")
-        try:
-            trainer.train()
-        except BaseException:
-            trainer.close(clean=False)
-            raise
-        trainer.close()
+        pretrain(run, resume="auto")
     else:
         from pipeline.train.finetune import finetune
 

@@ -75,6 +75,19 @@ def measure_peak_flops(
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
+def pretrain(run: RunConfig, resume: str = "auto", log=print) -> str:
+    """`tessera pretrain` on this rank: train to the end (or SIGTERM), then leave the process
+    group; after a failure, without waiting for ranks that may be gone. Returns train()'s word."""
+    trainer = Trainer(run, resume=resume, log=log)
+    try:
+        outcome = trainer.train()
+    except BaseException:
+        trainer.close(clean=False)
+        raise
+    trainer.close()
+    return outcome
+
+
 class Trainer:
     def __init__(self, run: RunConfig, resume: str = "auto", log=print) -> None:
         self.run, self.log = run, log
