@@ -196,6 +196,7 @@ Evaluator = Literal["linear_probe", "fewshot", "knn", "finetune", "pixels"]
 class EvalConfig:
     evaluators: list[Evaluator] = field(default_factory=list)
     target: str = ""  # dataset URL of the transfer target; empty: the pretraining data
+    transfer: list[str] = field(default_factory=list)  # more dataset URLs, evaluated after target
     layers: list[int] = field(default_factory=list)  # probe these blocks; empty: the last one
     shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])  # few-shot examples per class
     seeds: int = 3  # few-shot repetitions
@@ -203,6 +204,8 @@ class EvalConfig:
     train_split: str = "train"  # the target's split probes are fitted on
     test_split: str = ""  # the split reported; empty: "test" if the target has one, else "val"
     holdout: float = 0.1  # fraction of train_split held out to choose the L2 strength
+    train_samples: int = 0  # fit on the first N images of train_split (0: all of them)
+    test_samples: int = 0  # report on the first N images of test_split (0: all of them)
     batch_size: int = 256  # images per forward during feature extraction
     finetune_steps: int = 500  # the finetune evaluator's training steps
     finetune: list[str] = field(default_factory=list)  # more KEY=VALUE for the finetune run
@@ -214,6 +217,8 @@ class EvalConfig:
         require(all(s >= 1 for s in self.shots), "shots", self.shots, "each must be >= 1")
         require(self.seeds >= 1, "seeds", self.seeds, "must be >= 1")
         require(self.knn_k >= 1, "knn_k", self.knn_k, "must be >= 1")
+        for key in ("train_samples", "test_samples"):
+            require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0 (0: all)")
 
 
 SourceFormat = Literal["auto", "idx", "folder", "digits", "jsonl"]

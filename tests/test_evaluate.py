@@ -1,6 +1,7 @@
 """Finetuning and evaluation: probes that can tell signal from noise, one results table,
 `tessera finetune` from exported weights, `evaluate --watch`, and errors before any work."""
 
+import json
 import os
 import subprocess
 
@@ -191,6 +192,35 @@ def test_evaluate_writes_every_evaluator_and_the_pixel_baseline(pretrained):
     again = run_tessera("evaluate", config, "--set", "eval.evaluators=[linear_probe]").stdout
     assert "features train" not in again
     assert len(read_rows(run)) == len(rows)
+
+
+def test_transfer_targets_and_sample_limits(pretrained, tmp_path, digits_url):
+    """eval.transfer evaluates more datasets in the same call; eval.train_samples and
+    test_samples fit and report on the first N images of each split."""
+    from pipeline.data.prepare import PrepareOptions, prepare
+    from pipeline.data.sources import open_source
+
+    config, _, export = pretrained
+    other = tmp_path / "digits-b"
+    opts = PrepareOptions(samples_per_shard=100, val_fraction=0.3, seed=1, executor="local",
+                          progress=False)  # fmt: skip
+    prepare(open_source("digits"), str(other), opts)
+    run = tmp_path / "run"
+    sets = ["eval.evaluators=[linear_probe, knn]", f"eval.transfer=[{other}]",
+            "eval.train_samples=500", "eval.test_samples=100", f"train.output={run}"]  # fmt: skip
+    args = [a for s in sets for a in ("--set", s)]
+    run_tessera("evaluate", config, "--model", export, *args)
+    by = {(r.target, r.evaluator) for r in read_rows(run)}
+    for target in ("ds:val", "digits-b:val"):
+        assert {(target, "linear_probe"), (target, "knn"), (target, "pixels")} <= by
+    metas = {p.parent.name: json.loads(p.read_text()) for p in run.rglob("meta.json")}
+    assert metas["digits-b-train"]["samples"] == 500 and metas["digits-b-val"]["samples"] == 100
+    assert metas["ds-train"]["samples"] == 500 and metas["ds-val"]["samples"] == 100
+    assert metas["digits-b-train-8"]["samples"] == 500  # the pixel baseline: the same images
+
+    proc = run_tessera("evaluate", config, "--model", export, "--set",
+                       f"eval.transfer=[{digits_url}, {tmp_path / 'nope'}]", check=False)  # fmt: skip
+    assert proc.returncode == 2 and "eval.transfer[1]" in proc.stderr and "nope" in proc.stderr
 
 
 def test_finetune_from_an_export_improves_over_its_start(pretrained, tmp_path, digits_url):

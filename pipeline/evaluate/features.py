@@ -39,12 +39,14 @@ class FeatureSet:
         return self.arrays[name], self.labels
 
 
-def _load(folder: Path, names: list[str], fingerprint: str) -> FeatureSet | None:
+def _load(folder: Path, names: list[str], fingerprint: str, limit: int) -> FeatureSet | None:
     meta_path = folder / META
     if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text())
     if meta["fingerprint"] != fingerprint or not set(names) <= set(meta["names"]):
+        return None
+    if meta.get("limit", 0) != limit:
         return None
     n = meta["samples"]
     labels = np.load(folder / "labels.npy", mmap_mode="r")[:n]
@@ -53,25 +55,29 @@ def _load(folder: Path, names: list[str], fingerprint: str) -> FeatureSet | None
 
 
 def extract(
-    fn: Extractor, names: list[str], cfg: StreamConfig, folder: Path, fingerprint: str, log=print
-) -> FeatureSet:
-    """Features `names` of every image of cfg.split, computed by `fn` or reused from `folder`.
-    `fingerprint` names the weights and settings: a folder made for other ones is recomputed."""
-    found = _load(folder, names, fingerprint)
+    fn: Extractor, names: list[str], cfg: StreamConfig, folder: Path, fingerprint: str,
+    log=print, limit: int = 0,
+) -> FeatureSet:  # fmt: skip
+    """Features `names` of every image of cfg.split (the first `limit` in the split's order when
+    limit > 0), computed by `fn` or reused from `folder`. `fingerprint` names the weights and
+    settings: a folder made for other ones is recomputed."""
+    found = _load(folder, names, fingerprint, limit)
     if found is not None:
         return found
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     stream = Stream(cfg, rank=0, world=1)
-    total = stream.split.samples
+    total = min(stream.split.samples, limit) if limit else stream.split.samples
     labels = np.lib.format.open_memmap(folder / "labels.npy", "w+", np.int64, (total,))
     arrays: dict[str, np.ndarray] = {}
     n, start, shown = 0, time.perf_counter(), 0.0
     with torch.inference_mode():
         for batch in stream.iter_epoch():
-            b = len(batch["key"])
+            b = min(len(batch["key"]), total - n)
             if b == 0:
                 continue
+            if b < len(batch["key"]):
+                batch = {k: v[:b] for k, v in batch.items()}
             out = fn(batch)
             for name in names:
                 f = out[name].float().cpu().numpy()
@@ -87,11 +93,13 @@ def extract(
                 rate = n / max(now - start, 1e-9)
                 log(f"  features {cfg.split}: {n}/{total} images ({rate:.0f}/s)")
                 shown = now
+            if n == total:
+                break
     for a in [labels, *arrays.values()]:
         a.flush()
     meta = {"fingerprint": fingerprint, "names": names, "samples": n, "skipped": total - n}
-    (folder / META).write_text(json.dumps(meta))
-    return _load(folder, names, fingerprint)
+    (folder / META).write_text(json.dumps({**meta, "limit": limit}))
+    return _load(folder, names, fingerprint, limit)
 
 
 def autocast(device: torch.device):

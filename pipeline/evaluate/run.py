@@ -2,9 +2,11 @@
 
     eval:
       evaluators: [linear_probe, fewshot, knn, finetune, pixels]
-      target: runs/data/digits        # empty: the pretraining data
+      target: runs/data/fashion-mnist # empty: the pretraining data
+      transfer: [runs/data/digits]    # more datasets, evaluated the same way (transfer)
       layers: [1, 2, 3]               # blocks to probe (a sweep); empty: the last
       shots: [1, 5, 10, 25]
+      train_samples: 10000            # fit on the first N training images (0: all)
 
 Each evaluator is a function `(Context) -> Iterator[Measurement]`: it asks the context for
 features (extracted once per layer and split, streamed to disk, shared by every evaluator) and
@@ -141,9 +143,14 @@ class Context:
             folder = self.cache / self.fingerprint / f"{self.target.name}-{split}"
             fn = model_extractor(self.model, self.layers, self.device)
             self._features[split] = extract(
-                fn, names, self._stream(split), folder, self.fingerprint, self.log
-            )
+                fn, names, self._stream(split), folder, self.fingerprint, self.log,
+                self._limit(split),
+            )  # fmt: skip
         return self._features[split]
+
+    def _limit(self, split: str) -> int:
+        cfg = self.run.eval
+        return cfg.train_samples if split == self.target.train_split else cfg.test_samples
 
     def features(self, layer: int) -> tuple[tuple, tuple]:
         """((x_train, y_train), (x_test, y_test)) of one block."""
@@ -160,8 +167,9 @@ class Context:
                 )
                 folder = self.cache / "pixels" / f"{self.target.name}-{split}-{side}"
                 self._features[key] = extract(
-                    pixel_extractor, ["pixels"], cfg, folder, f"pixels-{side}", self.log
-                )
+                    pixel_extractor, ["pixels"], cfg, folder, f"pixels-{side}", self.log,
+                    self._limit(split),
+                )  # fmt: skip
             out.append(self._features[key]["pixels"])
         return out[0], out[1]
 
@@ -305,18 +313,43 @@ def _source_of(run: RunConfig, source: str) -> str:
     return str(runs.pull_checkpoint(run.train.output, found, run.data.endpoint_url))
 
 
+def target_urls(run: RunConfig) -> list[str]:
+    """Where a run is evaluated: eval.target (or the pretraining data), then eval.transfer."""
+    return [run.eval.target or run.data.url, *run.eval.transfer]
+
+
+def resolve_targets(run: RunConfig) -> list[tuple[RunConfig, Target]]:
+    """Each target's run (eval.target set to it) and its checked splits, before any work."""
+    out = []
+    for i, url in enumerate(target_urls(run)):
+        key = "eval.target" if i == 0 else f"eval.transfer[{i - 1}]"
+        one = dataclasses.replace(run, eval=dataclasses.replace(run.eval, target=url, transfer=[]))
+        try:
+            out.append((one, resolve_target(one)))
+        except DatasetError as e:
+            raise ConfigError(f"{key}: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{key}: {str(e).removeprefix('eval.target: ')}") from None
+    return out
+
+
 def evaluate(run: RunConfig, source: str = "", log=print) -> list[Row]:
     """Run eval.evaluators on `source` (default: the run's newest complete checkpoint; "untrained":
-    the same network at its initialisation); returns the rows added to the run's results table."""
+    the same network at its initialisation), on eval.target and then each eval.transfer dataset;
+    returns the rows added to the run's results table."""
+    targets = resolve_targets(run)
     weights = (
         untrained_weights(run)
         if source == UNTRAINED
         else read_weights_for(_source_of(run, source), run.model, "--model")
     )
-    try:
-        target = resolve_target(run)
-    except DatasetError as e:
-        raise ConfigError(f"eval.target: {e}") from None
+    rows: list[Row] = []
+    for one, target in targets:
+        rows += _evaluate_target(one, weights, target, log)
+    return rows
+
+
+def _evaluate_target(run: RunConfig, weights: Weights, target: Target, log) -> list[Row]:
     ctx = Context(run, weights, target, log)
     names = list(dict.fromkeys([*run.eval.evaluators, "pixels"]))  # the baseline row, always
     p = weights.provenance

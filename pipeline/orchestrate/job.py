@@ -32,7 +32,7 @@ from pipeline import runs
 from pipeline.config import RunConfig, config_to_raw, parse_config
 from pipeline.errors import ConfigError
 from pipeline.evaluate.results import RESULTS_MD
-from pipeline.storage import filesystem, join
+from pipeline.storage import basename, filesystem, join
 
 
 class StageError(RuntimeError):
@@ -61,6 +61,8 @@ def absolute_paths(raw: dict[str, Any], root: str) -> dict[str, Any]:
             raw[section][key] = fix(raw[section][key])
     if raw.get("finetune", {}).get("init"):
         raw["finetune"]["init"] = fix(raw["finetune"]["init"])
+    if raw.get("eval", {}).get("transfer"):
+        raw["eval"]["transfer"] = [fix(url) for url in raw["eval"]["transfer"]]
     for spec in raw.get("prepare", []):
         spec["output"] = fix(spec["output"])
         spec["source"] = fix(spec["source"], must_exist=True)  # `digits` is a name, not a path
@@ -127,12 +129,18 @@ def finetuned(run: RunConfig) -> bool:
 
 
 def evaluated(run: RunConfig, source: str) -> bool:
+    """Whether every evaluator has rows for `source` on every target (eval.target, transfer)."""
     from pipeline.evaluate.results import read_rows
+    from pipeline.evaluate.run import target_urls
 
     wanted = {*run.eval.evaluators, "pixels"}
     rows = read_rows(run.train.output, run.data.endpoint_url)
-    have = {r.evaluator for r in rows if r.source == source}
-    return wanted <= have
+    for url in target_urls(run):
+        name = basename(url)
+        have = {r.evaluator for r in rows if r.source == source and r.target.split(":")[0] == name}
+        if not wanted <= have:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
