@@ -9,11 +9,13 @@ TORCH_CPU ?= torch==2.13.0
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps test lint format clean
+.PHONY: install system-deps test lint format clean quickstart
 
 install: system-deps $(VENV)/.installed
 
 system-deps:
+	@$(PYTHON) -c "import ensurepip" 2>/dev/null || $(SUDO) apt-get install -y python3-venv \
+		|| { $(SUDO) apt-get update && $(SUDO) apt-get install -y python3-venv; }
 	@test -d $(FASHION_MNIST) || $(SUDO) apt-get install -y dataset-fashion-mnist \
 		|| { $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; }
 
@@ -40,6 +42,10 @@ format: install
 test: lint
 	$(BIN)/tessera build-ops
 	$(BIN)/python -m pytest -q
+
+# The whole pipeline on Fashion-MNIST and digits, about N minutes on 2 cores (launch/quickstart.sh).
+quickstart:
+	launch/quickstart.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

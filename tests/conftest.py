@@ -1,5 +1,6 @@
 """Shared fixtures: a real S3-compatible server on loopback, tiny prepared datasets."""
 
+import gzip
 import os
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BIN = Path(sys.executable).parent
@@ -16,6 +18,27 @@ BIN = Path(sys.executable).parent
 # on PATH: `make test` calls .venv/bin/python directly).
 TESSERA = str(BIN / "tessera")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
+    path.write_bytes(gzip.compress(header + array.tobytes()))
+
+
+def fashion_mnist_subset(folder: Path, train: int, test: int):
+    """The first `train` / `test` images of Debian's Fashion-MNIST as IDX files in `folder`;
+    returns the full source."""
+    from pipeline.data.sources import open_source
+
+    src = open_source(str(FASHION_MNIST))
+    for split, prefix, n in (("train", "train", train), ("test", "t10k", test)):
+        images = src.arrays[split][:n]
+        labels = np.array([r.labels[0] for r in src.splits[split][:n]], dtype=np.uint8)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return src
 
 
 def free_port() -> int:

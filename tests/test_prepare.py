@@ -1,13 +1,12 @@
 """`tessera prepare`: sources to shards, deterministic, resumable, to local paths and S3."""
 
-import gzip
 import json
 import subprocess
 
 import fsspec
 import numpy as np
 import pytest
-from conftest import FASHION_MNIST, TESSERA
+from conftest import TESSERA, fashion_mnist_subset
 from PIL import Image
 
 from pipeline.data.prepare import PrepareOptions, parse_size, prepare
@@ -18,24 +17,11 @@ from pipeline.data.stream import Stream, StreamConfig
 LOCAL = PrepareOptions(samples_per_shard=50, executor="local", progress=False)
 
 
-def write_idx(path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape
-    )
-    path.write_bytes(gzip.compress(header + array.tobytes()))
-
-
 @pytest.fixture(scope="module")
 def fmnist_subset(tmp_path_factory):
     """The first 300 train / 100 test images of Debian's Fashion-MNIST, as IDX files."""
-    src = open_source(str(FASHION_MNIST))
     folder = tmp_path_factory.mktemp("fashion-mnist")
-    for split, prefix, n in (("train", "train", 300), ("test", "t10k", 100)):
-        images = src.arrays[split][:n]
-        labels = np.array([r.labels[0] for r in src.splits[split][:n]], dtype=np.uint8)
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return folder, src
+    return folder, fashion_mnist_subset(folder, 300, 100)
 
 
 def test_idx_round_trip_is_pixel_exact(fmnist_subset, tmp_path):

@@ -1,0 +1,142 @@
+"""The quickstart, shrunk to a few minutes: launch/quickstart.sh itself, with the shipped configs,
+on 2000 Fashion-MNIST images and fewer steps. It is interrupted with Ctrl-C during pretraining,
+run again (it resumes from the checkpoint), and run a third time (it reuses everything)."""
+
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import fashion_mnist_subset, free_port
+from PIL import Image
+from test_job import ROOT, stage_notes
+from test_train import finish
+
+from pipeline import runs
+from pipeline.evaluate.results import read_rows
+
+# The same configs, smaller: what changes is the amount of work, not the code path.
+SHRINK = [
+    "train.steps=100", "train.global_batch_size=32", "checkpoint.every_steps=10",
+    "logging.every_steps=10", "job.finetune_steps=10", "eval.train_samples=500",
+    "eval.test_samples=300", "eval.shots=[1, 5]", "prepare.0.samples_per_shard=500",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quickstart")
+    images = tmp / "fashion-mnist"
+    images.mkdir()
+    fashion_mnist_subset(images, 2000, 500)
+    (tmp / "submit-tmp").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+    env.update(
+        FASHION_MNIST=str(images), QUICKSTART_ROOT=str(tmp), TESSERA_DEV_STATE=str(tmp / "dev"),
+        RAY_PORT=str(free_port()), DASHBOARD_PORT=str(free_port()), RAY_CPUS="2",
+        TMPDIR=str(tmp / "submit-tmp"),
+    )  # fmt: skip
+    args = [ROOT / "launch" / "quickstart.sh"] + [a for s in SHRINK for a in ("--set", s)]
+    return tmp, env, args
+
+
+def start(args, env) -> subprocess.Popen:
+    """The script as a user runs it: its own process group (Ctrl-C reaches all of it)."""
+    return subprocess.Popen(
+        list(map(str, args)), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def by_config(out: str) -> dict[str, str]:
+    """The job log cut into each config's part."""
+    parts = re.split(r"^tessera run: (quickstart-\w+): stages", out, flags=re.M)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def dashboard_answers(env: dict) -> bool:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{env['DASHBOARD_PORT']}", timeout=2)
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def test_quickstart_interrupted_resumed_and_reused(quickstart):
+    tmp, env, args = quickstart
+    vit, igpt = tmp / "runs/quickstart/vit", tmp / "runs/quickstart/igpt"
+
+    # Ctrl-C once the ViT has its first checkpoint: the script stops its Ray head on the way out.
+    proc = start(args, env)
+    deadline = time.monotonic() + 600
+    while runs.latest_checkpoint(str(vit)) is None:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no ViT checkpoint within 10 minutes"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0
+    interrupted_at = int(runs.latest_checkpoint(str(vit)).split("-")[-1])
+    assert interrupted_at < 100, out[-3000:]
+    assert "fashion-mnist written (train 2000, test 500)" in out
+    assert not dashboard_answers(env), "the quickstart left its Ray head running"
+
+    # Again: prepare is reused, pretraining resumes at the checkpoint, everything else runs.
+    out = finish(start(args, env))
+    parts = by_config(out)
+    notes = stage_notes(parts["quickstart-vit"])
+    data = tmp / "runs/data"
+    assert notes["prepare"] == f"{data}/fashion-mnist complete; {data}/digits complete", out[-3000:]
+    assert f"resumed from {vit}/checkpoints/step-{interrupted_at:07d}" in parts["quickstart-vit"]
+    assert notes["pretrain"] == f"done: {vit}/checkpoints/step-0000100"
+    assert stage_notes(parts["quickstart-igpt"])["prepare"].endswith("fashion-mnist complete")
+
+    # Every row of the table, trained and untrained, next to the raw-pixel baselines.
+    want_vit = {
+        ("fashion-mnist:test", "linear_probe", "3", "top1"),
+        ("fashion-mnist:test", "fewshot", "3", "1-shot top1"),
+        ("fashion-mnist:test", "fewshot", "3", "5-shot top1"),
+        ("fashion-mnist:test", "knn", "3", "top1"),
+        ("fashion-mnist:test", "pixels", "-", "top1"),
+        ("digits:val", "linear_probe", "3", "top1"),
+        ("digits:val", "fewshot", "3", "5-shot top1"),
+        ("digits:val", "knn", "3", "top1"),
+        ("digits:val", "pixels", "-", "top1"),
+    }
+    want_igpt = {("fashion-mnist:test", "linear_probe", str(i), "top1") for i in range(4)}
+    want_igpt.add(("fashion-mnist:test", "pixels", "-", "top1"))
+    for run, want, model in ((vit, want_vit, "vit-tiny-p4"), (igpt, want_igpt, "igpt-tiny")):
+        rows = read_rows(run)
+        for untrained in (False, True):
+            name = f"{model} (untrained)" if untrained else model
+            have = {(r.target, r.evaluator, r.layer, r.metric) for r in rows if r.model == name}
+            assert want <= have, (name, sorted(want - have))
+        assert all(r.baseline is not None for r in rows)
+        table = (run / "results.md").read_text()
+        assert table in out  # printed at the end of the job
+        assert f"tensorboard --logdir {run}/tensorboard" in out
+        with Image.open(run / "curves.png") as curves:
+            assert curves.size[0] == 640
+    finetuned = [r for r in read_rows(vit) if r.evaluator == "finetune"]
+    assert len(finetuned) == 1 and finetuned[0].target == "fashion-mnist:test"
+    assert list((vit / "images").glob("attention_rollout-step-0000100.png"))
+    assert list((igpt / "images").glob("completions-step-0000100.png"))
+    assert not dashboard_answers(env)
+
+    # A third time reuses every stage's output.
+    out = finish(start(args, env))
+    for name, part in by_config(out).items():
+        for stage, note in stage_notes(part).items():
+            if stage == "prepare":
+                assert "written" not in note, (name, note)
+            elif stage == "evaluate":
+                assert note.count("skipped") == 2, (name, note)
+            else:
+                assert note.startswith("skipped"), (name, stage, note)
+    assert "step 10/100" not in out
