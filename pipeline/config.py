@@ -184,6 +184,7 @@ class FinetuneConfig:
 
     init: str = ""  # an exported model, a complete checkpoint or a run folder; empty: from scratch
     head_init: float = 0.0  # new head: 0 zero weights (ViT paper); s > 0 normal std s (MAE: 2e-5)
+    keep_head: bool = False  # keep the pretrained head (the same labels, e.g. sigmoid -> softmax)
 
     def __post_init__(self) -> None:
         require(self.head_init >= 0, "head_init", self.head_init, "must be >= 0")
@@ -198,6 +199,7 @@ class EvalConfig:
     target: str = ""  # dataset URL of the transfer target; empty: the pretraining data
     transfer: list[str] = field(default_factory=list)  # more dataset URLs, evaluated after target
     layers: list[int] = field(default_factory=list)  # probe these blocks; empty: the last one
+    concat_layers: bool = False  # one more probe on all of them side by side (held in memory)
     shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])  # few-shot examples per class
     seeds: int = 3  # few-shot repetitions
     knn_k: int = 20

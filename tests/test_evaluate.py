@@ -237,6 +237,18 @@ def test_finetune_from_an_export_improves_over_its_start(pretrained, tmp_path, d
     assert row.pretrain_steps == 40
 
 
+def test_keep_head_starts_from_the_pretrained_classifier(pretrained, tmp_path, digits_url):
+    """The same labels (e.g. sigmoid pretraining, softmax finetuning): the head is kept, so the
+    finetune starts where pretraining ended instead of at chance."""
+    _, _, export = pretrained
+    config = write_config(tmp_path, digits_url, train={"steps": 2, "global_batch_size": 64},
+                          finetune={"init": str(export), "keep_head": True},
+                          checkpoint={"every_steps": 2})  # fmt: skip
+    out = run_tessera("finetune", config).stdout
+    before = float(out.split("before finetuning: ")[1].split("%")[0])
+    assert "its head kept" in out and before > 30, out[-2000:]  # a zero head scores ~10%
+
+
 def test_finetune_at_another_resolution_resamples_the_position_embeddings(
     pretrained, tmp_path, digits_url
 ):

@@ -5,6 +5,7 @@
       target: runs/data/fashion-mnist # empty: the pretraining data
       transfer: [runs/data/digits]    # more datasets, evaluated the same way (transfer)
       layers: [1, 2, 3]               # blocks to probe (a sweep); empty: the last
+      concat_layers: true             # and all of them side by side: layer "1+2+3"
       shots: [1, 5, 10, 25]
       train_samples: 10000            # fit on the first N training images (0: all)
 
@@ -191,11 +192,21 @@ class Context:
 
 
 def linear_probe(ctx: Context) -> Iterator[Measurement]:
-    """iGPT's linear probe, on every block in eval.layers."""
+    """iGPT's linear probe, on every block in eval.layers, and (eval.concat_layers) on all of
+    them concatenated (layer "1+2+3"; the iGPT paper also concatenates layers for its best probe)."""
+    cfg = ctx.run.eval
     for layer in ctx.layers:
         train, test = ctx.features(layer)
-        top1, info = probes.logistic_probe(train, test, ctx.target.classes, ctx.run.eval.holdout)
+        top1, info = probes.logistic_probe(train, test, ctx.target.classes, cfg.holdout)
         yield Measurement("linear_probe", str(layer), "top1", top1, ctx.pixel_probe(), info)
+    if cfg.concat_layers and len(ctx.layers) > 1:
+        parts = [ctx.features(layer) for layer in ctx.layers]
+        train, test = (
+            (np.concatenate([p[i][0] for p in parts], axis=1), parts[0][i][1]) for i in (0, 1)
+        )
+        top1, info = probes.logistic_probe(train, test, ctx.target.classes, cfg.holdout)
+        name = "+".join(map(str, ctx.layers))
+        yield Measurement("linear_probe", name, "top1", top1, ctx.pixel_probe(), info)
 
 
 def fewshot(ctx: Context) -> Iterator[Measurement]:

@@ -26,6 +26,7 @@ from pipeline import runs
 from pipeline.config import RunConfig, config_to_raw
 from pipeline.data.stream import Stream, merge_states, stream_config
 from pipeline.data.transforms import model_input
+from pipeline.errors import ConfigError
 from pipeline.models import create_model, load_pretrained
 from pipeline.train import checkpoint
 from pipeline.train.engine import (
@@ -147,19 +148,26 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------
 
     def _load_init(self, model: torch.nn.Module, init: Weights) -> None:
-        """Pretrained weights in, a new head (zero, or normal with std finetune.head_init)."""
-        state = {k: v for k, v in init.state.items() if not k.startswith("head.")}
+        """Pretrained weights in, a new head (zero, or normal with std finetune.head_init), or
+        the pretrained head when finetune.keep_head says the labels are the same."""
+        keep = self.run.finetune.keep_head
+        if keep:
+            saved, wanted = init.config.num_classes, self.run.model.num_classes
+            if saved != wanted:
+                raise ConfigError(
+                    f"finetune.keep_head: {init.source} has a head of {saved} classes, this run "
+                    f"has {wanted}; keep_head needs the same labels (or set it false)"
+                )
+        state = {k: v for k, v in init.state.items() if keep or not k.startswith("head.")}
         with modifiable_params(model, self.run):
             load_pretrained(model, state, source=init.source)
             head = getattr(model, "head", None)
-            if self.run.finetune.head_init > 0 and isinstance(head, torch.nn.Linear):
+            if not keep and self.run.finetune.head_init > 0 and isinstance(head, torch.nn.Linear):
                 torch.nn.init.trunc_normal_(head.weight, std=self.run.finetune.head_init)
         if self.rank == 0:
             p = init.provenance
-            self.log(
-                f"initialised from {init.source} ({p['model']}, step {p['step']}); new head of "
-                f"{self.run.model.num_classes} classes"
-            )
+            what = "its head kept" if keep else f"new head of {self.run.model.num_classes} classes"
+            self.log(f"initialised from {init.source} ({p['model']}, step {p['step']}); {what}")
 
     def _checkpoint_to_resume(self, resume: str) -> Path | None:
         if resume == "never":
