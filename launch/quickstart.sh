@@ -38,7 +38,8 @@ set -- --set "prepare.0.source=$FASHION_MNIST" "$@"
 
 if [ -z "${RAY_ADDRESS:-}" ]; then
   export DEV_S3=0 TESSERA_DEV_STATE=${TESSERA_DEV_STATE:-.dev-services}
-  export RAY_CPUS=${RAY_CPUS:-$(nproc)} DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
+  cores=$(nproc); export RAY_CPUS=${RAY_CPUS:-$((cores < 2 ? 2 : cores))}  # 2 ranks + evaluation
+  export DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
   BIN=$BIN infra/dev-services.sh start >/dev/null
   trap 'BIN=$BIN infra/dev-services.sh stop >/dev/null' EXIT
   export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT RAY_AUTH_MODE=token

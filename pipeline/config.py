@@ -262,6 +262,7 @@ class JobConfig:
     workers: int = 1  # training ranks: Ray Train workers (ray) or processes (local)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # 1 on GPU nodes; 0: CPU ranks (gloo)
+    eval_cpus: float = 0.0  # the evaluate task's CPUs (its threads); 0: cpus_per_worker
     max_failures: int = 2  # worker deaths survived per training stage (resume from checkpoint)
     finetune: list[str] = field(default_factory=list)  # KEY=VALUE for the finetune stage's run
     finetune_steps: int = 0  # 0: eval.finetune_steps
@@ -274,6 +275,7 @@ class JobConfig:
         require(self.workers >= 1, "workers", self.workers, "must be >= 1")
         require(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "must be > 0")
         require(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, "must be >= 0")
+        require(self.eval_cpus >= 0, "eval_cpus", self.eval_cpus, "must be >= 0")
         require(self.max_failures >= 0, "max_failures", self.max_failures, "must be >= 0")
         require(self.finetune_steps >= 0, "finetune_steps", self.finetune_steps, "must be >= 0")
 
@@ -317,6 +319,15 @@ class RunConfig:
                 "model.num_classes",
                 self.model.num_classes,
                 f"must be > 0 for the {objective} objective",
+            )
+        if objective == "supervised-sigmoid":  # the trainer sets the bias from train.head_bias
+            require(
+                self.model.head_bias in (0.0, self.train.head_bias),
+                "model.head_bias",
+                self.model.head_bias,
+                f"is ignored by supervised-sigmoid, which starts the head at train.head_bias="
+                f"{self.train.head_bias:g}; "
+                "set train.head_bias instead",
             )
         require(
             self.train.steps > self.optim.warmup_steps,

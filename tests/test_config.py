@@ -103,6 +103,11 @@ def test_set_overrides_any_field_with_yaml_values(tmp_path):
         ),
         ("model: {name: vit-s16, heads: 5}\n", [], r"model\.heads: got 5; must divide width=384"),
         (
+            "model: {name: vit-b16, head_bias: -2}\ntrain: {objective: supervised-sigmoid}\n",
+            [],
+            r"model\.head_bias: got -2(\.0)?; is ignored by supervised-sigmoid, .* train\.head_bias=-10",
+        ),
+        (
             "model: {name: vit-b16}\ndeepspeed: {zero_stage: 4}\n",
             [],
             r"deepspeed\.zero_stage: got 4; allowed: 0, 1, 2, 3",

@@ -217,6 +217,15 @@ def test_transfer_targets_and_sample_limits(pretrained, tmp_path, digits_url):
     assert metas["digits-b-train"]["samples"] == 500 and metas["digits-b-val"]["samples"] == 100
     assert metas["ds-train"]["samples"] == 500 and metas["ds-val"]["samples"] == 100
     assert metas["digits-b-train-8"]["samples"] == 500  # the pixel baseline: the same images
+    # Pixel baselines are fitted once per run folder: a second source (here the untrained
+    # network) reads them back instead of fitting them again.
+    saved = run / "eval" / "features" / "pixels" / "baselines.json"
+    fits = json.loads(saved.read_text())
+    assert len(fits) == 4  # linear_probe and knn, on two targets
+    saved.write_text(json.dumps({k: 0.125 for k in fits}))
+    run_tessera("evaluate", config, "--model", "untrained", *args)
+    untrained = [r for r in read_rows(run) if r.source == "untrained"]
+    assert len(untrained) == 8 and all(r.baseline == 0.125 for r in untrained)
 
     proc = run_tessera("evaluate", config, "--model", export, "--set",
                        f"eval.transfer=[{digits_url}, {tmp_path / 'nope'}]", check=False)  # fmt: skip

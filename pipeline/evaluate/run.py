@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -175,8 +177,23 @@ class Context:
         return out[0], out[1]
 
     def baseline(self, evaluator: str, metric: str, compute: Callable[[], float]) -> float:
+        """A raw-pixel baseline, computed once per run folder and target: the trained and the
+        untrained network (and every re-run) share it. The key holds every setting it depends on."""
         if (evaluator, metric) not in self._baselines:
-            self._baselines[(evaluator, metric)] = compute()
+            cfg, t = self.run.eval, self.target
+            key = json.dumps([
+                evaluator, metric, t.url, t.train_split, t.test_split, t.pixel_side, cfg.holdout,
+                cfg.knn_k, cfg.shots, cfg.seeds, cfg.train_samples, cfg.test_samples,
+            ])  # fmt: skip
+            path = self.cache / "pixels" / "baselines.json"
+            saved = json.loads(path.read_text()) if path.is_file() else {}
+            if key not in saved:
+                saved[key] = compute()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp-{os.getpid()}")
+                tmp.write_text(json.dumps(saved, indent=1))
+                tmp.replace(path)
+            self._baselines[(evaluator, metric)] = saved[key]
         return self._baselines[(evaluator, metric)]
 
     def pixel_probe(self) -> float:

@@ -274,15 +274,15 @@ def _evaluate_in_process(raw: dict[str, Any], source: str) -> None:
 
 
 def evaluate_on(executor: str, run: RunConfig, source: str) -> None:
-    """Evaluation needs one accelerator: on Ray, a task with one training rank's resources."""
+    """Evaluation needs one accelerator: on Ray, a task with one training rank's resources (or
+    job.eval_cpus CPUs: Ray sets the task's thread count from them)."""
     if executor == "local":
         _evaluate_in_process(config_to_raw(run), source)
         return
     import ray
 
-    task = ray.remote(num_cpus=run.job.cpus_per_worker, num_gpus=run.job.gpus_per_worker)(
-        _evaluate_in_process
-    )
+    cpus = run.job.eval_cpus or run.job.cpus_per_worker
+    task = ray.remote(num_cpus=cpus, num_gpus=run.job.gpus_per_worker)(_evaluate_in_process)
     ray.get(task.options(max_retries=run.job.max_failures).remote(config_to_raw(run), source))
 
 
