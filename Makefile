@@ -43,7 +43,7 @@ test: lint
 	$(BIN)/tessera build-ops
 	$(BIN)/python -m pytest -q
 
-# The whole pipeline on Fashion-MNIST and digits, about N minutes on 2 cores (launch/quickstart.sh).
+# The whole pipeline on Fashion-MNIST and digits, under 15 minutes on 2 cores (launch/quickstart.sh).
 quickstart:
 	launch/quickstart.sh
 

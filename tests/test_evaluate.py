@@ -247,15 +247,29 @@ def test_finetune_from_an_export_improves_over_its_start(pretrained, tmp_path, d
 
 
 def test_keep_head_starts_from_the_pretrained_classifier(pretrained, tmp_path, digits_url):
-    """The same labels (e.g. sigmoid pretraining, softmax finetuning): the head is kept, so the
-    finetune starts where pretraining ended instead of at chance."""
+    """The same labels (e.g. sigmoid pretraining, softmax finetuning): the pretrained head is
+    kept instead of a zero one, so the finetune starts where pretraining ended."""
+    from safetensors.torch import load_file
+
     _, _, export = pretrained
-    config = write_config(tmp_path, digits_url, train={"steps": 2, "global_batch_size": 64},
-                          finetune={"init": str(export), "keep_head": True},
-                          checkpoint={"every_steps": 2})  # fmt: skip
-    out = run_tessera("finetune", config).stdout
-    before = float(out.split("before finetuning: ")[1].split("%")[0])
-    assert "its head kept" in out and before > 30, out[-2000:]  # a zero head scores ~10%
+    heads = {}
+    for keep in (True, False):
+        folder = tmp_path / str(keep)
+        folder.mkdir()
+        config = write_config(folder, digits_url, train={"steps": 2, "global_batch_size": 64},
+                              optim={"lr": 1e-12, "warmup_steps": 1},  # weights stay as loaded
+                              finetune={"init": str(export), "keep_head": keep},
+                              checkpoint={"every_steps": 2})  # fmt: skip
+        out = run_tessera("finetune", config).stdout
+        assert ("its head kept" in out) == keep, out[-2000:]
+        run_export(folder / "run", folder / "export")
+        heads[keep] = load_file(folder / "export" / "model.safetensors")["head.weight"]
+    pretrained_head = load_file(export / "model.safetensors")["head.weight"]
+    assert pretrained_head.abs().sum() > 0
+    assert torch.allclose(
+        heads[True].float(), pretrained_head.float(), rtol=1e-2, atol=1e-4
+    )  # bf16
+    assert heads[False].abs().max() < 1e-9  # the ViT paper's zero head (moved by lr 1e-12 only)
 
 
 def test_finetune_at_another_resolution_resamples_the_position_embeddings(

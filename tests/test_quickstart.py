@@ -21,7 +21,7 @@ from pipeline.evaluate.results import read_rows
 
 # The same configs, smaller: what changes is the amount of work, not the code path.
 SHRINK = [
-    "train.steps=100", "train.global_batch_size=32", "checkpoint.every_steps=10",
+    "train.steps=100", "train.global_batch_size=32", "optim.warmup_steps=10", "checkpoint.every_steps=10",
     "logging.every_steps=10", "job.finetune_steps=10", "eval.train_samples=500",
     "eval.test_samples=300", "eval.shots=[1, 5]", "prepare.0.samples_per_shard=500",
 ]  # fmt: skip
@@ -33,12 +33,10 @@ def quickstart(tmp_path_factory):
     images = tmp / "fashion-mnist"
     images.mkdir()
     fashion_mnist_subset(images, 2000, 500)
-    (tmp / "submit-tmp").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
     env.update(
         FASHION_MNIST=str(images), QUICKSTART_ROOT=str(tmp), TESSERA_DEV_STATE=str(tmp / "dev"),
         RAY_PORT=str(free_port()), DASHBOARD_PORT=str(free_port()), RAY_CPUS="2",
-        TMPDIR=str(tmp / "submit-tmp"),
     )  # fmt: skip
     args = [ROOT / "launch" / "quickstart.sh"] + [a for s in SHRINK for a in ("--set", s)]
     return tmp, env, args
@@ -118,7 +116,7 @@ def test_quickstart_interrupted_resumed_and_reused(quickstart):
             name = f"{model} (untrained)" if untrained else model
             have = {(r.target, r.evaluator, r.layer, r.metric) for r in rows if r.model == name}
             assert want <= have, (name, sorted(want - have))
-        assert all(r.baseline is not None for r in rows)
+        assert all(r.baseline is not None for r in rows if r.evaluator != "finetune")
         table = (run / "results.md").read_text()
         assert table in out  # printed at the end of the job
         assert f"tensorboard --logdir {run}/tensorboard" in out

@@ -187,6 +187,24 @@ def test_half_written_checkpoints_are_never_chosen(tmp_path):
 # -- end to end (subprocesses, as users run them) ---------------------------------------------
 
 
+def test_ops_build_with_the_environments_ninja_first(tmp_path, monkeypatch):
+    """Two ninja versions on one machine rebuild the ops at every switch, so every process that
+    loads them puts the environment's own first on PATH."""
+    import sys
+
+    from pipeline.train.engine import use_environment_ninja
+
+    bindir = tmp_path / "env" / "bin"
+    bindir.mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))
+    monkeypatch.setenv("PATH", f"/usr/bin:{bindir}:/bin")
+    use_environment_ninja()
+    assert os.environ["PATH"] == f"/usr/bin:{bindir}:/bin"  # no ninja there: left alone
+    (bindir / "ninja").touch()
+    use_environment_ninja()
+    assert os.environ["PATH"] == f"{bindir}:/usr/bin:/bin"
+
+
 def test_only_build_locks_that_no_process_holds_are_removed(tmp_path):
     from pipeline.train.engine import clear_stale_build_locks
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,20 @@ from torch import nn
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.train.optim import lr_schedule, param_groups
+
+
+def use_environment_ninja() -> None:
+    """Puts this environment's bin folder first on PATH when it holds `ninja`.
+
+    torch compiles DeepSpeed's ops with the first `ninja` on PATH. A machine with two (pip's in
+    the environment, the system's in /usr/bin) rebuilds the ops on every switch between them:
+    each version reads the other's build log as out of date, so a shell without the environment
+    on PATH and a Ray worker with it took turns recompiling, a minute each time here."""
+    bindir = str(Path(sys.executable).parent)
+    if not (Path(bindir) / "ninja").exists():
+        return
+    parts = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != bindir]
+    os.environ["PATH"] = os.pathsep.join([bindir, *parts])
 
 
 def clear_stale_build_locks(root: Path | None = None, log=print) -> list[Path]:
@@ -69,6 +84,7 @@ def build_ops(log=print) -> list[str]:
     instead of in the first start of every rank (minutes on a small machine)."""
     from deepspeed.accelerator import get_accelerator
 
+    use_environment_ninja()
     clear_stale_build_locks(log=log)
     cpu = get_accelerator().device_name() == "cpu"  # DS_ACCELERATOR=cuda builds without a GPU
     names = ["FusedAdamBuilder"] + (["ShareMemCommBuilder"] if cpu else [])
@@ -88,6 +104,7 @@ def init_distributed(log=print) -> tuple[int, int]:
     """(rank, world size). Starts a one-process group when no launcher set one up."""
     import deepspeed
 
+    use_environment_ninja()
     clear_stale_build_locks(log=log)
 
     os.environ.setdefault("RANK", "0")
