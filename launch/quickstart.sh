@@ -15,7 +15,7 @@
 # Everything goes under runs/ (QUICKSTART_ROOT: another folder). With AWS_ENDPOINT_URL set, it
 # goes to s3://$QUICKSTART_BUCKET (default tessera-quickstart) on that endpoint instead.
 # Run it again after an interruption: finished stages are skipped, and training resumes from its
-# newest checkpoint. --set KEY=VALUE changes both configs (train.steps=100, ...).
+# newest checkpoint. --set KEY=VALUE changes both configs (train.steps=200, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
