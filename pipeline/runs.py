@@ -114,6 +114,7 @@ def publish_checkpoint(url: str, name: str, keep_last: int, endpoint_url: str = 
     steps = [f for f in folders if f.startswith("step-")]
     complete = [f for f in steps if fs.exists(join(root, f, COMPLETE))]
     old = complete[:-keep_last] + [f for f in steps if f not in complete and f < name]
+    old += [f for f in folders if ".tmp-" in f]  # a `latest` of a writer killed mid-write
     for folder in old:
         with_retries(f"removing {folder}", lambda f=folder: fs.rm(join(root, f), recursive=True))
 

@@ -58,6 +58,7 @@ def test_publishing_writes_the_marker_after_the_shards_and_prunes_old_ones(tmp_p
     monkeypatch.setenv("TESSERA_STAGING", str(tmp_path))
     url = remote_run({})
     fs = fsspec.filesystem("memory")
+    fs.pipe(f"{url}/checkpoints/latest.tmp-0a1b2c3d", b"step-0000000")  # a writer killed
     for step in (4, 8, 12):
         name = f"step-{step:07d}"
         local = runs.local_dir(url) / "checkpoints" / name
