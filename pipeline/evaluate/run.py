@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 
@@ -43,7 +43,7 @@ from pipeline.errors import ConfigError
 from pipeline.evaluate import probes
 from pipeline.evaluate.features import FeatureSet, extract, model_extractor, pixel_extractor
 from pipeline.evaluate.results import Row, append_rows, read_rows
-from pipeline.storage import basename, join
+from pipeline.storage import basename, join, write_atomic
 from pipeline.train import checkpoint
 from pipeline.train.export import Weights, read_weights_for
 
@@ -65,13 +65,17 @@ class Target:
         return basename(self.url)
 
 
-def resolve_target(run: RunConfig) -> Target:
-    """eval.target (or the pretraining data) with its splits checked; single-label only."""
+def resolve_target(run: RunConfig, key: str = "eval.target") -> Target:
+    """eval.target (or the pretraining data) with its splits checked; single-label only.
+    Errors name `key`, the config entry the dataset came from."""
     url = run.eval.target or run.data.url
-    manifest = load_manifest(url, run.data.endpoint_url)
+    try:
+        manifest = load_manifest(url, run.data.endpoint_url)
+    except DatasetError as e:
+        raise ConfigError(f"{key}: {e}") from None
     if manifest.multi_label:
         raise ConfigError(
-            f"eval.target: {url} is multi-label; probes, few-shot and kNN need one label per image"
+            f"{key}: {url} is multi-label; probes, few-shot and kNN need one label per image"
         )
     test = run.eval.test_split or ("test" if "test" in manifest.splits else "val")
     for key, split in (("eval.train_split", run.eval.train_split), ("eval.test_split", test)):
@@ -190,9 +194,7 @@ class Context:
             if key not in saved:
                 saved[key] = compute()
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp-{os.getpid()}")
-                tmp.write_text(json.dumps(saved, indent=1))
-                tmp.replace(path)
+                write_atomic(fsspec.filesystem("file"), str(path), json.dumps(saved).encode())
             self._baselines[(evaluator, metric)] = saved[key]
         return self._baselines[(evaluator, metric)]
 
@@ -352,12 +354,7 @@ def resolve_targets(run: RunConfig) -> list[tuple[RunConfig, Target]]:
     for i, url in enumerate(target_urls(run)):
         key = "eval.target" if i == 0 else f"eval.transfer[{i - 1}]"
         one = dataclasses.replace(run, eval=dataclasses.replace(run.eval, target=url, transfer=[]))
-        try:
-            out.append((one, resolve_target(one)))
-        except DatasetError as e:
-            raise ConfigError(f"{key}: {e}") from None
-        except ConfigError as e:
-            raise ConfigError(f"{key}: {str(e).removeprefix('eval.target: ')}") from None
+        out.append((one, resolve_target(one, key)))
     return out
 
 
