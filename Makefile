@@ -18,6 +18,9 @@ system-deps:
 		|| { $(SUDO) apt-get update && $(SUDO) apt-get install -y python3-venv; }
 	@test -d $(FASHION_MNIST) || $(SUDO) apt-get install -y dataset-fashion-mnist \
 		|| { $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; }
+	@# libjpeg-turbo's headers: the loader's JPEG crop decoder (pipeline/data/jpeg.c) builds on them.
+	@test -f /usr/include/jpeglib.h || $(SUDO) apt-get install -y libjpeg62-turbo-dev \
+		|| { $(SUDO) apt-get update && $(SUDO) apt-get install -y libjpeg62-turbo-dev; }
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

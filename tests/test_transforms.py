@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.data import jpeg
 from pipeline.data.transforms import ImageTransform, model_input, random_resized_crop_box
 
 
-def jpeg(w, h, quality=95):
+def gradient_jpeg(w, h, quality=95):
     y, x = np.mgrid[0:h, 0:w]
     rgb = np.stack([x * 255 // w, y * 255 // h, (x + y) * 255 // (w + h)], -1).astype(np.uint8)
     buf = io.BytesIO()
@@ -29,7 +30,7 @@ def test_crop_boxes_stay_inside_and_respect_scale_and_ratio():
 
 
 def test_eval_transform_of_a_square_image_is_the_image():
-    data, _ = jpeg(32, 32)
+    data, _ = gradient_jpeg(32, 32)
     out = ImageTransform(32, 3, augment=False)(data, random.Random(0))
     decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).transpose(2, 0, 1)
     np.testing.assert_array_equal(out, decoded)
@@ -37,7 +38,7 @@ def test_eval_transform_of_a_square_image_is_the_image():
 
 def test_reduced_scale_decode_matches_a_full_decode_then_resize():
     """A 1024px JPEG cropped whole to 224 decodes at 1/4 scale; the result is close to the slow way."""
-    data, _ = jpeg(1024, 1024)
+    data, _ = gradient_jpeg(1024, 1024)
     fast = ImageTransform(224, 3, augment=False)(data, random.Random(0)).astype(int)
     full = torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)[
         None
@@ -52,7 +53,7 @@ def test_reduced_scale_decode_matches_a_full_decode_then_resize():
 
 @pytest.mark.parametrize("augment", [True, False])
 def test_output_shape_and_flip(augment):
-    data, _ = jpeg(120, 80)
+    data, _ = gradient_jpeg(120, 80)
     t = ImageTransform(48, 3, augment=augment, crop_scale=(1.0, 1.0))
     outs = [t(data, random.Random(seed)) for seed in range(20)]
     assert all(o.shape == (3, 48, 48) and o.dtype == np.uint8 for o in outs)
@@ -67,3 +68,79 @@ def test_model_input_maps_uint8_to_minus_one_one():
     torch.testing.assert_close(model_input(x), torch.tensor([[-1.0, 1.0, -0.6]]))
     f = torch.randn(3)
     assert model_input(f) is f
+
+
+def photo(w, h, mode="RGB", **save):
+    """A JPEG with detail at every scale (noise over gradients), so crops and chroma edges matter."""
+    rng = np.random.default_rng(w * h)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 // w, y * 255 // h, (x * y) % 256], -1)
+    pixels = np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8)
+    im = Image.fromarray(pixels).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "mode,save",
+    [
+        ("RGB", {"subsampling": 2}),  # 4:2:0, the common case
+        ("RGB", {"subsampling": 1}),  # 4:2:2
+        ("RGB", {"subsampling": 0}),  # 4:4:4
+        ("RGB", {"subsampling": 2, "progressive": True}),
+        ("L", {}),
+    ],
+)
+def test_crop_decode_gives_exactly_the_pixels_of_a_full_pil_decode(mode, save):
+    assert jpeg.available(), "the JPEG crop decoder did not build (see the log's warning)"
+    data = photo(203, 151, mode, **save)
+    rng = random.Random(0)
+    for denom in (1, 2, 4, 8):
+        with Image.open(io.BytesIO(data)) as im:
+            if denom > 1:
+                im.draft(mode, (203 // denom, 151 // denom))
+            full = np.asarray(im.convert(mode)).reshape(im.size[1], im.size[0], -1)
+        height, width = full.shape[:2]
+        assert (width, height) == jpeg.scaled_size(203, 151, denom)
+        boxes = [(0, 0, width, height), (width - 1, height - 1, width, height)]
+        for _ in range(40):
+            left, right = sorted(rng.sample(range(width + 1), 2))
+            top, bottom = sorted(rng.sample(range(height + 1), 2))
+            boxes.append((left, top, right, bottom))
+        for left, top, right, bottom in boxes:
+            crop = jpeg.decode_crop(data, (left, top, right, bottom), full.shape[2], denom)
+            np.testing.assert_array_equal(crop, full[top:bottom, left:right])
+
+
+@pytest.mark.parametrize("augment", [True, False])
+@pytest.mark.parametrize("side", [160, 1100])  # 1100: crops >= 2x the output decode reduced
+def test_fast_and_pil_transforms_make_the_same_samples(augment, side):
+    data = photo(side, side * 3 // 4)
+    fast, slow = (ImageTransform(64, 3, augment, fast_jpeg=f) for f in (True, False))
+    for seed in range(25):
+        np.testing.assert_array_equal(
+            fast(data, random.Random(seed)), slow(data, random.Random(seed))
+        )
+
+
+def test_damaged_jpegs_fall_back_to_pil_which_decides():
+    """A truncated JPEG: libjpeg only warns (and would invent grey rows); PIL refuses it, as the
+    stream's quarantine expects. Grey wanted from a colour JPEG goes to PIL's conversion."""
+    data = photo(120, 90)
+    t = ImageTransform(32, 3, augment=False)
+    with pytest.raises(OSError, match="truncated"):
+        t(data[: len(data) // 2], random.Random(0))
+    with pytest.raises(jpeg.JpegError):
+        jpeg.info(b"\xff\xd8\xff" + b"\0" * 20)
+    grey = ImageTransform(32, 1, augment=False, fast_jpeg=True)(data, random.Random(0))
+    expected = ImageTransform(32, 1, augment=False, fast_jpeg=False)(data, random.Random(0))
+    np.testing.assert_array_equal(grey, expected)
+
+
+def test_without_a_compiler_the_decoder_says_what_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("TESSERA_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")
+    with pytest.raises(RuntimeError, match="libjpeg62-turbo-dev"):
+        jpeg.build()
+    assert list(tmp_path.iterdir()) == []  # no half-written library left to load later

@@ -2,9 +2,11 @@
 
 Pixels leave the loader as uint8 (C, H, W): a quarter of the bytes of float32 between worker
 processes, and the conversion to floats in [-1, 1] (`model_input`) runs where the model is, on
-the accelerator. Cropping and resizing use torch's vectorised uint8 antialiased bilinear kernel
-(profiling showed PIL's resize costing more than the JPEG decode), and a JPEG whose crop is at
-least twice the output size is decoded at a reduced DCT scale to begin with.
+the accelerator. A JPEG is decoded only as far as its crop needs (`jpeg.decode_crop`,
+libjpeg-turbo; other formats, or without the built decoder, PIL decodes all and crops), and at a
+reduced DCT scale when the crop is at least twice the output size. Resizing uses torch's
+vectorised uint8 antialiased bilinear kernel (profiling showed PIL's resize costing more than
+the JPEG decode). Both decoders give the same pixels (tests/test_transforms.py).
 
 Randomness comes from a `random.Random` seeded per sample by the stream from (seed, epoch,
 sample), so an augmentation does not depend on which rank or worker reads the sample.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.data import jpeg
 from pipeline.data.palette import Palette
 
 
@@ -70,25 +74,63 @@ def center_square_box(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def _decode(
-    im: Image.Image, mode: str, box: tuple[int, int, int, int], size: int
-) -> tuple[np.ndarray, tuple]:
-    """Decode, at a reduced JPEG scale when the crop is >= 2x the output; the box follows."""
+def _reduction(box: tuple[int, int, int, int], size: int) -> int:
+    """The JPEG DCT scale 1/n (n = 1, 2, 4 or 8) to decode at: the largest that keeps the crop
+    at least `size` on its short side."""
     left, top, right, bottom = box
     reduce = min(right - left, bottom - top) // size
-    if im.format == "JPEG" and reduce >= 2:
-        scale = min(8, 1 << (reduce.bit_length() - 1))
+    return min(8, 1 << (reduce.bit_length() - 1)) if reduce >= 2 else 1
+
+
+def _scale_box(
+    box: tuple[int, int, int, int], size: tuple[int, int], scaled: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """A box on the full image -> the same box on the image decoded at a reduced scale."""
+    left, top, right, bottom = box
+    sx, sy = scaled[0] / size[0], scaled[1] / size[1]
+    return (
+        int(left * sx),
+        int(top * sy),
+        max(int(left * sx) + 1, round(right * sx)),
+        max(int(top * sy) + 1, round(bottom * sy)),
+    )
+
+
+def _decode_pil(
+    data: bytes, mode: str, box_of: Callable[[int, int], tuple[int, int, int, int]], size: int
+) -> np.ndarray:
+    """PIL: decode (at a reduced JPEG scale when the crop allows), crop; (h, w, C) uint8."""
+    with Image.open(io.BytesIO(data)) as im:
         w, h = im.size
-        im.draft(mode, (math.ceil(w / scale), math.ceil(h / scale)))
-        sx, sy = im.size[0] / w, im.size[1] / h
-        box = (
-            int(left * sx),
-            int(top * sy),
-            max(int(left * sx) + 1, round(right * sx)),
-            max(int(top * sy) + 1, round(bottom * sy)),
-        )
-    im = im.convert(mode) if im.mode != mode else im
-    return np.asarray(im), box
+        box = box_of(w, h)
+        scale = _reduction(box, size) if im.format == "JPEG" else 1
+        if scale > 1:  # PIL's draft takes the scale that divides the size into the one asked
+            im.draft(mode, (w // scale, h // scale))
+            box = _scale_box(box, (w, h), im.size)
+        im = im.convert(mode) if im.mode != mode else im
+        left, top, right, bottom = box
+        crop = np.array(np.asarray(im)[top:bottom, left:right])  # a copy: PIL's is read-only
+        return crop.reshape(bottom - top, right - left, -1)
+
+
+def _decode_jpeg(
+    data: bytes, channels: int, size: int, crop_box: Callable[[int, int], tuple[int, int, int, int]]
+) -> tuple[np.ndarray | None, tuple[int, int, int, int] | None]:
+    """libjpeg-turbo: decode only the crop. (crop or None, the box if one was drawn): None when
+    libjpeg refuses the data or PIL must convert the colours (grey from colour, CMYK)."""
+    try:
+        w, h, components = jpeg.info(data)
+    except jpeg.JpegError:
+        return None, None
+    box = crop_box(w, h)
+    if not (components == channels or (channels == 3 and components == 1)):
+        return None, box
+    scale = _reduction(box, size)
+    scaled = jpeg.scaled_size(w, h, scale)
+    try:
+        return jpeg.decode_crop(data, _scale_box(box, (w, h), scaled), channels, scale, (w, h)), box
+    except jpeg.JpegError:
+        return None, box
 
 
 @dataclass(frozen=True)
@@ -101,22 +143,23 @@ class ImageTransform:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: bool = True
     palette: Palette | None = None  # set: output palette tokens (ImageGPT)
+    fast_jpeg: bool = True  # decode JPEG crops with libjpeg-turbo (jpeg.py) when it is built
+
+    def crop_box(self, w: int, h: int, rng: random.Random) -> tuple[int, int, int, int]:
+        if self.augment:
+            return random_resized_crop_box(w, h, self.crop_scale, rng)
+        return center_square_box(w, h)
 
     def __call__(self, data: bytes, rng: random.Random) -> np.ndarray:
-        mode = "L" if self.channels == 1 else "RGB"
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            box = (
-                random_resized_crop_box(w, h, self.crop_scale, rng)
-                if self.augment
-                else center_square_box(w, h)
+        crop, box = None, None
+        if self.fast_jpeg and jpeg.is_jpeg(data) and jpeg.available():
+            crop, box = _decode_jpeg(
+                data, self.channels, self.size, lambda w, h: self.crop_box(w, h, rng)
             )
-            pixels, (left, top, right, bottom) = _decode(im, mode, box, self.size)
-        crop = np.array(
-            pixels[top:bottom, left:right]
-        )  # a copy of the crop: PIL's buffer is read-only
-        x = torch.from_numpy(crop.reshape(bottom - top, right - left, -1))
-        x = x.permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w), channels-last in memory
+        if crop is None:  # PIL decides whether the image is readable; a box drawn is kept
+            mode = "L" if self.channels == 1 else "RGB"
+            crop = _decode_pil(data, mode, lambda w, h: box or self.crop_box(w, h, rng), self.size)
+        x = torch.from_numpy(crop).permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w)
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(
                 x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False

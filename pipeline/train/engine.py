@@ -80,9 +80,12 @@ def clear_stale_build_locks(root: Path | None = None, log=print) -> list[Path]:
 
 def build_ops(log=print) -> list[str]:
     """Compiles (or finds compiled) the DeepSpeed ops every run loads: the optimizer's and, on
-    CPU ranks, the shared-memory all-reduce. Once per machine and environment, before a job,
-    instead of in the first start of every rank (minutes on a small machine)."""
+    CPU ranks, the shared-memory all-reduce; and the loader's JPEG crop decoder. Once per
+    machine and environment, before a job, instead of in the first start of every rank (minutes
+    on a small machine)."""
     from deepspeed.accelerator import get_accelerator
+
+    from pipeline.data import jpeg
 
     use_environment_ninja()
     clear_stale_build_locks(log=log)
@@ -97,6 +100,11 @@ def build_ops(log=print) -> list[str]:
         builder.load(verbose=False)
         log(f"{builder.NAME}: ready ({time.perf_counter() - start:.0f}s)")
         built.append(builder.NAME)
+    try:
+        log(f"JPEG crop decoder: ready ({jpeg.build(log_to=log)})")
+        built.append("jpeg")
+    except RuntimeError as e:  # not fatal: the loader decodes with PIL, slower
+        log(f"JPEG crop decoder: not built, JPEGs will decode with PIL: {e}")
     return built
 
 
