@@ -119,6 +119,41 @@ def test_resume_at_random_points_matches_the_uninterrupted_epoch(digits_url, wor
         assert resumed == uninterrupted  # same samples, same batches, same order
 
 
+@pytest.mark.parametrize("resume", ["none", "in step", "out of step", "another layout"])
+def test_workers_going_on_across_epochs_serve_what_restarted_ones_would(digits_url, resume):
+    """Iterating on, the workers go into the next epoch without a restart; the batches must be
+    those of each epoch started afresh, also after a resume mid-epoch: with the workers in step
+    (an even number of batches taken), out of step (odd), or from another layout (1 worker)."""
+    config = cfg(digits_url, workers=2, batch_size=32)
+    expected, state = [], None
+    for _ in range(3):  # every epoch from a new stream restored at its start
+        stream = Stream(config)
+        if state is not None:
+            stream.load_state_dict(state)
+        expected.append(epoch_batches(stream))
+        state = stream.state_dict()
+    got = [[], [], [], []]
+    stream = Stream(config)
+    if resume != "none":
+        before = cfg(digits_url, workers=1, batch_size=32) if resume == "another layout" else config
+        stream = Stream(before)
+        it = iter(stream)
+        got[0] = [list(next(it)["key"]) for _ in range(5 if resume == "out of step" else 6)]
+        it.close()
+        state, stream = stream.state_dict(), Stream(config)
+        stream.load_state_dict(state)
+    for batch in stream:
+        if stream.epoch == 3:
+            break
+        got[stream.epoch].append(list(batch["key"]))
+    if resume == "another layout":  # epoch 0 is dealt out afresh: the same samples, once
+        keys = Counter(k for b in got[0] for k in b)
+        assert keys == Counter(k for b in expected[0] for k in b) and max(keys.values()) == 1
+        assert got[1:3] == expected[1:3]
+    else:
+        assert got[:3] == expected
+
+
 def lockstep(streams, steps):
     iters = [iter(s.iter_epoch()) for s in streams]
     out = []

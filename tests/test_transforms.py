@@ -144,3 +144,19 @@ def test_without_a_compiler_the_decoder_says_what_is_missing(monkeypatch, tmp_pa
     with pytest.raises(RuntimeError, match="libjpeg62-turbo-dev"):
         jpeg.build()
     assert list(tmp_path.iterdir()) == []  # no half-written library left to load later
+
+
+@pytest.mark.parametrize("w,h", [(90, 60), (20, 26)])  # down, and up
+def test_samples_are_resized_by_torch_antialiased_bilinear(w, h):
+    """The crop is resized straight into the batch (the kernel's out= form): the pixels must be
+    F.interpolate's."""
+    rgb = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    out = ImageTransform(32, 3, augment=False)(buf.getvalue(), random.Random(0))
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    crop = torch.from_numpy(rgb[top : top + side, left : left + side]).permute(2, 0, 1)[None]
+    expected = torch.nn.functional.interpolate(crop, size=(32, 32), mode="bilinear", antialias=True)
+    assert out.flags.c_contiguous and out.shape == (3, 32, 32)
+    np.testing.assert_array_equal(out, expected[0].numpy())

@@ -52,7 +52,7 @@ from pipeline.data.shards import (
     read_index,
     read_samples,
 )
-from pipeline.data.transforms import ImageTransform
+from pipeline.data.transforms import ImageTransform, empty
 from pipeline.storage import filesystem, join, with_retries
 
 STATE_FORMAT = "tessera-stream/1"
@@ -218,6 +218,14 @@ class Phase:
         return cls(**d)
 
 
+def epoch_phase(cfg: StreamConfig, samples: int, readers: int, epoch: int) -> Phase:
+    """A whole epoch of a split of `samples` samples, read by `readers` readers."""
+    return Phase(
+        epoch, readers, cfg.batch_size, np.array([[0, samples]], dtype=np.int64),
+        drop_last=cfg.train, shuffle=cfg.train, lanes=cfg.shuffle_shards, window=cfg.shuffle_buffer,
+    )  # fmt: skip
+
+
 def shard_order(
     counts: np.ndarray, seed: int, epoch: int, shuffle: bool
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -299,8 +307,13 @@ class _Reader:
         return None
 
     def decode(
-        self, key: str, sample: dict[str, bytes], rng: random.Random
-    ) -> tuple[np.ndarray, list[int]]:
+        self,
+        key: str,
+        sample: dict[str, bytes],
+        rng: random.Random,
+        out: torch.Tensor | None = None,
+    ) -> tuple[np.ndarray | torch.Tensor, list[int]]:
+        """(the sample, in a new array or written into `out` (ImageTransform.into), its labels)."""
         image = next(
             (sample[e] for e in ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm") if e in sample),
             None,
@@ -313,7 +326,13 @@ class _Reader:
                 raise ValueError("no label (.cls or .json)")
             if self.num_classes and not all(0 <= lab < self.num_classes for lab in labels):
                 raise ValueError(f"label {labels} outside the {self.num_classes} classes")
-        return self.transform(image, rng), labels
+        if out is None:
+            return self.transform(image, rng), labels
+        return self.transform.into(image, rng, out), labels
+
+
+def _as_made(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
 
 
 class _BatchSlots:
@@ -322,57 +341,64 @@ class _BatchSlots:
     By default a DataLoader worker's batch reaches the main process in fresh shared memory, sent
     as a file descriptor: for 64 x 3 x 224 x 224 bytes that is ~2,400 page faults in the worker
     (about 9 ms, measured: the time to decode 20 of its images), and workers faulting at once
-    slow each other down in the kernel. Here worker w stacks its batch into one of its SLOTS
-    buffers and sends only the slot's number; the main process copies the batch out (~1 ms) and
-    marks the slot free in `busy`. A worker finding all its slots busy waits for one.
+    slow each other down in the kernel. Here worker w decodes its batch straight into one of its
+    SLOTS buffers and sends only the slot's number; the main process copies the batch out
+    (~1 ms) and marks the slot free in `busy`. A worker finding all its slots busy waits.
     """
 
     SLOTS = 3  # the DataLoader's prefetch (2 per worker) and one being filled
 
-    def __init__(self, workers: int, batch: int, sample: tuple[int, ...], dtype: torch.dtype):
+    def __init__(self, workers: int, batch: int, layout: tuple[tuple[int, ...], torch.dtype]):
+        shape, dtype = layout
         self.busy = torch.zeros(workers, self.SLOTS, dtype=torch.int8).share_memory_()
-        self.buffers = torch.empty(
-            (workers, self.SLOTS, batch, *sample), dtype=dtype
-        ).share_memory_()
+        self.buffers = torch.empty((workers, self.SLOTS, batch, *shape), dtype=dtype)
+        self.buffers.share_memory_()
 
-    def put(self, worker: int, xs: list[np.ndarray]) -> int:
-        """In worker `worker`: `xs` stacked into a free slot of its own; the slot's number."""
+    def acquire(self, worker: int) -> tuple[int, torch.Tensor]:
+        """In worker `worker`: (a free slot of its own, now taken; its buffer)."""
         while not (free := torch.nonzero(self.busy[worker] == 0)).numel():
             time.sleep(0.0005)
         k = int(free[0])
         self.busy[worker, k] = 1
-        np.stack(xs, out=self.buffers[worker, k, : len(xs)].numpy())
-        return k
+        return k, self.buffers[worker, k]
 
     def take(self, worker: int, k: int, n: int) -> torch.Tensor:
-        """In the main process: a copy of the n samples in slot k, which is then free again."""
-        batch = self.buffers[worker, k, :n].numpy()
-        out = np.empty(batch.shape, batch.dtype)  # numpy's large allocations come as huge pages
-        np.copyto(out, batch)
+        """In the main process: a copy of the first n samples in slot k, which is then free."""
+        out = empty((n, *self.buffers.shape[3:]), self.buffers.dtype)
+        out.copy_(self.buffers[worker, k, :n])
         self.busy[worker, k] = 0
-        return torch.from_numpy(out)
+        return out
 
 
 class _ReaderDataset(IterableDataset):
-    """Worker i reads for reader `readers[i]`, starting at batch `starts[i]`."""
+    """Worker i reads for reader `readers[i]`, starting at batch `starts[i]`; `onward`: then on
+    through the following whole epochs, as the same reader."""
 
     def __init__(
         self, cfg: StreamConfig, manifest: Manifest, transform: ImageTransform, phase: Phase,
         readers: list[int], starts: list[int], slots: _BatchSlots | None = None,
+        onward: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.cfg, self.manifest, self.transform = cfg, manifest, transform
         self.phase, self.readers, self.starts, self.slots = phase, readers, starts, slots
+        self.onward = onward
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         slot = info.id if info is not None else 0
         if info is None and len(self.readers) > 1:
             raise RuntimeError("several readers need DataLoader workers")
-        yield from self._batches(self.readers[slot], self.starts[slot])
+        phase, start = self.phase, self.starts[slot]
+        while True:
+            yield from self._batches(phase, self.readers[slot], start)
+            if not self.onward:
+                return
+            samples = self.manifest.split(self.cfg.split).samples
+            phase, start = epoch_phase(self.cfg, samples, phase.readers, phase.epoch + 1), 0
 
-    def _batches(self, j: int, start: int) -> Iterator[dict[str, Any]]:
-        cfg, phase = self.cfg, self.phase
+    def _batches(self, phase: Phase, j: int, start: int) -> Iterator[dict[str, Any]]:
+        cfg = self.cfg
         reader = _Reader(cfg, self.manifest, self.transform)
         counts = np.array([s.samples for s in reader.shards])
         perm, cum = shard_order(counts, cfg.seed, phase.epoch, phase.shuffle)
@@ -388,14 +414,15 @@ class _ReaderDataset(IterableDataset):
                 w_end = max(w_end, (b + 1) * phase.batch)
                 ahead = plan[b * phase.batch : w_end]
                 fetched = reader.fetch(*locate(ahead, perm, cum))
-            xs, labels, keys, errors = [], [], [], []
+            slot, memory = self._buffer(len(positions))
+            out = self.transform.batch(memory)  # each good sample is decoded into the next row
+            labels, keys, errors = [], [], []
             for g, s, m in zip(positions, shards, members, strict=True):
                 key, sample, reason = fetched.pop((int(s), int(m)))
                 if sample is not None:
                     rng = random.Random(((cfg.seed * 1_000_003 + phase.epoch) << 40) + int(g))
                     try:
-                        x, lab = reader.decode(key, sample, rng)
-                        xs.append(x)
+                        _, lab = reader.decode(key, sample, rng, out[len(keys)])
                         labels.append(lab)
                         keys.append(key)
                         continue
@@ -404,36 +431,35 @@ class _ReaderDataset(IterableDataset):
                 errors.append(
                     {"key": key or f"{names[s]}#{m}", "shard": names[s], "reason": reason}
                 )
-            yield self._collate(xs, labels, keys) | {
-                "_reader": j, "_batch": b, "_errors": errors, "_retries": reader.retries,
+            batch = self._labelled({"key": keys}, labels)
+            if slot is None:
+                batch["tokens" if cfg.palette is not None else "image"] = out[: len(keys)]
+            else:  # the main process takes the samples from the slot (Stream._run_phase)
+                batch["_worker"], batch["_slot"] = slot
+            yield batch | {
+                "_epoch": phase.epoch, "_reader": j, "_batch": b, "_errors": errors,
+                "_retries": reader.retries,
             }  # fmt: skip
             reader.retries = 0
 
-    def _collate(
-        self, xs: list[np.ndarray], labels: list[list[int]], keys: list[str]
-    ) -> dict[str, Any]:
-        cfg = self.cfg
-        tokens = cfg.palette is not None
-        batch: dict[str, Any] = {"key": keys}
+    def _buffer(self, n: int) -> tuple[tuple[int, int] | None, torch.Tensor]:
+        """(worker and slot, or None in the main process; memory for n samples)."""
         info = get_worker_info()
-        if xs and info is not None and self.slots is not None:
-            # The main process takes the samples from the slot (Stream._run_phase).
-            batch["_slot"], batch["_worker"] = self.slots.put(info.id, xs), info.id
-        elif xs:
-            batch["tokens" if tokens else "image"] = torch.from_numpy(np.stack(xs))
-        else:
-            side = self.transform.size
-            shape = (0, side * side) if tokens else (0, self.transform.channels, side, side)
-            dtype = torch.int64 if tokens else torch.uint8
-            batch["tokens" if tokens else "image"] = torch.zeros(shape, dtype=dtype)
-        if cfg.labels:
-            if self.manifest.multi_label:
-                hot = torch.zeros(len(labels), len(self.manifest.classes))
-                for i, lab in enumerate(labels):
-                    hot[i, lab] = 1.0
-                batch["label"] = hot
-            else:
-                batch["label"] = torch.tensor([lab[0] for lab in labels], dtype=torch.int64)
+        if info is not None and self.slots is not None:
+            k, memory = self.slots.acquire(info.id)
+            return (info.id, k), memory[:n]
+        shape, dtype = self.transform.layout
+        return None, empty((n, *shape), dtype)
+
+    def _labelled(self, batch: dict[str, Any], labels: list[list[int]]) -> dict[str, Any]:
+        """Labels as numpy arrays: from a worker process they travel pickled, where a tensor
+        would travel as shared memory and a file descriptor (~1 ms a batch, measured)."""
+        if self.cfg.labels and self.manifest.multi_label:
+            batch["label"] = np.zeros((len(labels), len(self.manifest.classes)), np.float32)
+            for i, lab in enumerate(labels):
+                batch["label"][i, lab] = 1.0
+        elif self.cfg.labels:
+            batch["label"] = np.array([lab[0] for lab in labels], dtype=np.int64)
         return batch
 
 
@@ -509,12 +535,7 @@ class Stream:
         return self.world * self.workers_per_rank
 
     def _epoch_phase(self, epoch: int) -> Phase:
-        n = self.split.samples
-        return Phase(
-            epoch, self.readers, self.cfg.batch_size, np.array([[0, n]], dtype=np.int64),
-            drop_last=self.cfg.train, shuffle=self.cfg.train,
-            lanes=self.cfg.shuffle_shards, window=self.cfg.shuffle_buffer,
-        )  # fmt: skip
+        return epoch_phase(self.cfg, self.split.samples, self.readers, epoch)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -533,19 +554,29 @@ class Stream:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
-            yield from self._run_phase()
-            self._check_budget(final=True)
-            c = self.cursor
-            self.cursor = _Cursor(
-                self._epoch_phase(c.phase.epoch + 1), quarantine=c.quarantine, retries=c.retries
-            )
+            yield from self._run_phase(onward=True)
+            self._next_epoch()
 
     def iter_epoch(self) -> Iterator[dict[str, Any]]:
         """The rest of the current epoch only (e.g. one pass for feature extraction)."""
-        yield from self._run_phase()
+        yield from self._run_phase(onward=False)
         self._check_budget(final=True)
 
-    def _run_phase(self) -> Iterator[dict[str, Any]]:
+    def _next_epoch(self) -> None:
+        self._check_budget(final=True)
+        c = self.cursor
+        self.cursor = _Cursor(
+            self._epoch_phase(c.phase.epoch + 1), quarantine=c.quarantine, retries=c.retries
+        )
+
+    def _run_phase(self, onward: bool) -> Iterator[dict[str, Any]]:
+        """The cursor's phase; `onward`: and the epochs after it with the same workers, instead
+        of starting new ones each epoch (a fork and a first batch to wait for).
+
+        Going on keeps the order: every reader has as many batches in a phase, so the workers
+        whose readers are one batch ahead (a resume mid-round) run out first, and the
+        round-robin reaches them, with the next epoch's first readers, in the order a new
+        epoch starts with."""
         c = self.cursor
         local = self._local_readers()
         done = [c.consumed.get(j, 0) for j in local]
@@ -561,14 +592,23 @@ class Stream:
         if slots is not None:
             slots.busy.zero_()  # a phase left early left its slots taken; its workers are gone
         dataset = _ReaderDataset(
-            self.cfg, self.manifest, self.transform, c.phase, readers, starts, slots
+            self.cfg, self.manifest, self.transform, c.phase, readers, starts, slots, onward
         )
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers)
+        # The batches are made by the dataset; collate_fn keeps the DataLoader from converting
+        # their numpy arrays to tensors in the worker (see _ReaderDataset._labelled).
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=self.cfg.workers, collate_fn=_as_made
+        )
         for batch in loader:
+            if batch.pop("_epoch") != c.phase.epoch:  # the workers went on to the next epoch
+                self._next_epoch()
+                c = self.cursor
             if "_slot" in batch:
                 name = "image" if self.cfg.palette is None else "tokens"
-                n = len(batch["key"])
-                batch[name] = slots.take(batch.pop("_worker"), batch.pop("_slot"), n)
+                memory = slots.take(batch.pop("_worker"), batch.pop("_slot"), len(batch["key"]))
+                batch[name] = self.transform.batch(memory)
+            if "label" in batch:
+                batch["label"] = torch.from_numpy(batch["label"])
             c.consumed[batch.pop("_reader")] = batch.pop("_batch") + 1
             errors = batch.pop("_errors")
             c.retries += batch.pop("_retries")
@@ -583,12 +623,7 @@ class Stream:
         """The workers' batch buffers, made once: a phase's workers have ended before the next
         phase's start."""
         if self._batch_slots is None or self._batch_slots.buffers.shape[2] != batch:
-            side, workers = self.transform.size, self.cfg.workers
-            if self.cfg.palette is not None:
-                self._batch_slots = _BatchSlots(workers, batch, (side * side,), torch.int64)
-            else:
-                sample = (self.transform.channels, side, side)
-                self._batch_slots = _BatchSlots(workers, batch, sample, torch.uint8)
+            self._batch_slots = _BatchSlots(self.cfg.workers, batch, self.transform.layout)
         return self._batch_slots
 
     def _check_budget(self, final: bool = False) -> None:
