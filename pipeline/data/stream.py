@@ -15,9 +15,13 @@ What happens to a sample, top to bottom:
   5. decode     PIL decode, labels from .cls / .json; unreadable samples are quarantined
                 (counted, key and reason recorded), never retried, never slept on.
   6. transform  ViT augmentation (random resized crop, flip) to uint8 pixels, or palette tokens;
-                `model_input` turns pixels into floats in [-1, 1] on the accelerator.
+                a JPEG is decoded only as far as its crop needs; `model_input` turns pixels
+                into floats in [-1, 1] on the accelerator.
   7. batch      Every `batch` consecutive positions of a reader make one batch, minus the
                 quarantined ones; every rank yields the same number of batches per epoch.
+                Samples are resized straight into the batch: images (B, C, H, W) uint8,
+                channels last in memory. DataLoader workers fill shared-memory slots they
+                reuse (_BatchSlots) and go on from epoch to epoch.
 
 Resume: a batch carries (reader, index). The stream's state is the phase (epoch, which
 positions, how many readers) and how many batches each reader has delivered: restoring with
