@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from pipeline.errors import FieldError
 from pipeline.models import create_model, list_models, model_config
 
 # (name, overrides, paper parameter count, tolerance). ViT at 224 px with a 1000-class head.
@@ -214,25 +213,3 @@ def test_head_bias_is_part_of_the_architecture_init():
     model = create_model("vit-micro-p4", head_bias=-10.0)
     torch.testing.assert_close(model.head.bias, torch.full((10,), -10.0))
     assert model.head.weight.abs().sum() == 0
-
-
-def test_conv_stem_embeds_the_patch_grid_and_its_flops_are_counted():
-    from torch.utils.flop_counter import FlopCounterMode
-
-    kw = dict(image_size=28, width=64, depth=1, heads=2, mlp_dim=64, channels=1)
-    cfgs = {stem: model_config("vit-micro-p4", stem=stem, **kw) for stem in ("patch", "conv")}
-    x = torch.randn(2, 1, 28, 28)
-    measured = {}
-    for stem, cfg in cfgs.items():
-        model = create_model(cfg)
-        assert model.embed(x).shape == (2, 50, 64)  # 7 x 7 tokens and [class], either way
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-        measured[stem] = counter.get_total_flops()
-    stems = [type(m).__name__ for m in create_model(cfgs["conv"]).patch_embed]
-    assert stems.count("Conv2d") == 3 and stems.count("BatchNorm2d") == 2  # 2 strided + 1x1
-    assert (measured["conv"] - measured["patch"]) / 2 == (  # per image
-        cfgs["conv"].forward_flops() - cfgs["patch"].forward_flops()
-    )
-    with pytest.raises(FieldError, match="patch_size"):
-        model_config("vit-micro-p4", stem="conv", patch_size=7, image_size=28)

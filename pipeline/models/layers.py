@@ -58,40 +58,6 @@ class PatchEmbed(nn.Conv2d):
         nn.init.zeros_(self.bias)
 
 
-class ConvStem(nn.Sequential):
-    """A convolutional stem in place of the P x P patch embedding, as in Xiao et al., "Early
-    Convolutions Help Transformers See Better" (2021), the small form of the ViT paper's hybrid:
-    log2(P) 3x3 convolutions of stride 2, each with BatchNorm and ReLU, channels doubling up to
-    D/2, then a 1x1 convolution to D. (B, C, H, W) -> (B, D, H/P, W/P), the patches' grid.
-    For D=768, P=16 the channels are 48, 96, 192, 384, the paper's."""
-
-    def __init__(self, channels: int, dim: int, patch: int) -> None:
-        layers: list[nn.Module] = []
-        for c in self.widths(dim, patch):
-            layers += [
-                nn.Conv2d(channels, c, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(c),
-                nn.ReLU(inplace=True),
-            ]
-            channels = c
-        layers.append(nn.Conv2d(channels, dim, 1))
-        super().__init__(*layers)
-
-    @staticmethod
-    def widths(dim: int, patch: int) -> list[int]:
-        n = patch.bit_length() - 1
-        return [dim >> (n - i) for i in range(n)]
-
-    @classmethod
-    def forward_flops(cls, channels: int, dim: int, patch: int, image_size: int) -> int:
-        flops, side = 0, image_size
-        for c in cls.widths(dim, patch):
-            side //= 2
-            flops += 2 * side * side * c * channels * 9
-            channels = c
-        return flops + 2 * side * side * channels * dim
-
-
 class Embedding(nn.Embedding):
     """nn.Embedding with normal(0, std) rows (GPT-2's token embedding)."""
 

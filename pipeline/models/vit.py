@@ -3,7 +3,6 @@
 Image (B, C, H, W) -> P x P patches, linearly embedded -> [class] token prepended -> learnable 1D
 position embeddings added -> pre-norm blocks -> final LayerNorm -> head on the [class] token, or
 on the average of the patch tokens (`pool="avg"`, then with its own LayerNorm, as timm does).
-`stem="conv"` embeds the same grid of tokens with a few strided convolutions instead (ConvStem).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from pipeline.errors import require
 from pipeline.models.layers import (
     Backbone,
     Block,
-    ConvStem,
     Linear,
     PatchEmbed,
     TrainFlops,
@@ -42,7 +40,6 @@ class ViTConfig(TrainFlops):
     mlp_dim: int = 3072
     num_classes: int = 1000  # 0: no head, forward returns pooled features
     pool: Literal["cls", "avg"] = "cls"
-    stem: Literal["patch", "conv"] = "patch"  # conv: ConvStem (patch_size a power of 2)
     head_bias: float = 0.0  # initial classifier bias (big_vision: -10 for sigmoid losses)
     drop_path: float = 0.0  # stochastic depth rate of the last block (linear from 0)
     grad_checkpointing: bool = False  # recompute block activations in backward
@@ -64,15 +61,6 @@ class ViTConfig(TrainFlops):
         )
         require(self.num_classes >= 0, "num_classes", self.num_classes, "must be >= 0")
         require(0.0 <= self.drop_path < 1.0, "drop_path", self.drop_path, "must be in [0, 1)")
-        require(self.stem in ("patch", "conv"), "stem", self.stem, "must be patch or conv")
-        if self.stem == "conv":
-            p = self.patch_size
-            require(
-                p >= 2 and p & (p - 1) == 0 and self.width % p == 0,
-                "patch_size",
-                p,
-                f"must be a power of 2 dividing width={self.width} for stem=conv",
-            )
 
     @property
     def grid(self) -> int:
@@ -87,10 +75,6 @@ class ViTConfig(TrainFlops):
         """FLOPs of one forward pass per image."""
         patches = self.grid**2
         embed = 2 * patches * self.patch_size**2 * self.channels * self.width
-        if self.stem == "conv":
-            embed = ConvStem.forward_flops(
-                self.channels, self.width, self.patch_size, self.image_size
-            )
         head = 2 * self.width * self.num_classes
         return (
             embed
@@ -104,8 +88,7 @@ class VisionTransformer(Backbone):
         super().__init__(cfg.width)
         self.cfg = cfg
         d = cfg.width
-        stem = ConvStem if cfg.stem == "conv" else PatchEmbed
-        self.patch_embed = stem(cfg.channels, d, cfg.patch_size)
+        self.patch_embed = PatchEmbed(cfg.channels, d, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, d))
         nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
