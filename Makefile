@@ -19,8 +19,8 @@ system-deps:
 	@test -d $(FASHION_MNIST) || $(SUDO) apt-get install -y dataset-fashion-mnist \
 		|| { $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; }
 	@# libjpeg-turbo's headers: the loader's JPEG crop decoder (pipeline/data/jpeg.c) builds on them.
-	@test -f /usr/include/jpeglib.h || $(SUDO) apt-get install -y libjpeg62-turbo-dev \
-		|| { $(SUDO) apt-get update && $(SUDO) apt-get install -y libjpeg62-turbo-dev; }
+	@test -f /usr/include/jpeglib.h || $(SUDO) apt-get install -y libjpeg-dev \
+		|| { $(SUDO) apt-get update && $(SUDO) apt-get install -y libjpeg-dev; }
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

@@ -141,7 +141,7 @@ def test_damaged_jpegs_fall_back_to_pil_which_decides():
 def test_without_a_compiler_the_decoder_says_what_is_missing(monkeypatch, tmp_path):
     monkeypatch.setenv("TESSERA_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "/bin/false")
-    with pytest.raises(RuntimeError, match="libjpeg62-turbo-dev"):
+    with pytest.raises(RuntimeError, match="libjpeg-dev"):
         jpeg.build()
     assert list(tmp_path.iterdir()) == []  # no half-written library left to load later
 

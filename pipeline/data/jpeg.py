@@ -6,7 +6,7 @@ numpy buffer: the pixels are the same as a full decode's (tests/test_transforms.
 against PIL), in about 40% of PIL's time for a 500x375 image (benchmarks/loader.py).
 
 jpeg.c is compiled on first use with the system C compiler against the system's libjpeg
-(Debian: libjpeg62-turbo-dev, which `make install` installs), cached by source hash under
+(`libjpeg-dev` on Debian and Ubuntu, which `make install` installs), cached by source hash under
 TESSERA_CACHE (default ~/.cache/tessera); `tessera build-ops` builds it ahead of a job. Without
 a compiler or the headers, `available()` is False, transforms decode with PIL, and one warning
 says how to get the fast path.
@@ -58,7 +58,7 @@ def build(log_to=log.info) -> Path:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(
             f"building the JPEG crop decoder failed ({' '.join(cmd)}): {done.stderr.strip()[-600:]}"
-            " -- it needs libjpeg-turbo's headers (Debian: apt-get install libjpeg62-turbo-dev)"
+            " -- it needs libjpeg-turbo's headers (Debian, Ubuntu: apt-get install libjpeg-dev)"
         )
     os.replace(tmp, lib)  # atomic: ranks and workers building at once each publish a whole file
     log_to(f"JPEG crop decoder: built {lib}")

@@ -103,7 +103,7 @@ def build_ops(log=print) -> list[str]:
     try:
         log(f"JPEG crop decoder: ready ({jpeg.build(log_to=log)})")
         built.append("jpeg")
-    except RuntimeError as e:  # not fatal: the loader decodes with PIL, slower
+    except (RuntimeError, OSError) as e:  # not fatal: the loader decodes with PIL, slower
         log(f"JPEG crop decoder: not built, JPEGs will decode with PIL: {e}")
     return built
 
