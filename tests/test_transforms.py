@@ -160,3 +160,12 @@ def test_samples_are_resized_by_torch_antialiased_bilinear(w, h):
     expected = torch.nn.functional.interpolate(crop, size=(32, 32), mode="bilinear", antialias=True)
     assert out.flags.c_contiguous and out.shape == (3, 32, 32)
     np.testing.assert_array_equal(out, expected[0].numpy())
+
+
+def test_without_the_built_decoder_jpegs_decode_with_pil(monkeypatch):
+    monkeypatch.setattr(jpeg, "_library", lambda: None)  # as when the build failed
+    assert not jpeg.available()
+    data = photo(120, 90)
+    out = ImageTransform(32, 3, augment=True)(data, random.Random(1))
+    expected = ImageTransform(32, 3, augment=True, fast_jpeg=False)(data, random.Random(1))
+    np.testing.assert_array_equal(out, expected)
