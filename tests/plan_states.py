@@ -26,4 +26,8 @@ trainer.engine.step = measured_step
 trainer.train_step(batches)
 if trainer.rank == 0:
     print(json.dumps({"model_states": seen[-1] - before}))
+# Stop the DataLoader workers now, as Trainer.train does on return, not at interpreter exit
+# after the process group is gone (a rank once aborted there: "terminate called without an
+# active exception").
+batches.close()
 trainer.close()
