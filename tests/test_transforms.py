@@ -124,6 +124,14 @@ def test_fast_and_pil_transforms_make_the_same_samples(augment, side):
         )
 
 
+def test_any_bytes_like_sample_decodes_the_same():
+    data = photo(120, 90)
+    t = ImageTransform(32, 3, augment=True)
+    expected = t(data, random.Random(3))
+    for view in (bytearray(data), memoryview(data)):
+        np.testing.assert_array_equal(t(view, random.Random(3)), expected)
+
+
 def test_damaged_jpegs_fall_back_to_pil_which_decides():
     """A truncated JPEG: libjpeg only warns (and would invent grey rows); PIL refuses it, as the
     stream's quarantine expects. Grey wanted from a colour JPEG goes to PIL's conversion."""

@@ -90,6 +90,7 @@ def is_jpeg(data: bytes) -> bool:
 
 def info(data: bytes) -> tuple[int, int, int]:
     """(width, height, components) from the header."""
+    data = data if isinstance(data, bytes) else bytes(data)  # ctypes passes bytes without a copy
     out = (ctypes.c_int * 3)()
     message = ctypes.create_string_buffer(_MESSAGE)
     if _library().tessera_jpeg_info(data, len(data), out, message) != 0:
@@ -108,6 +109,7 @@ def decode_crop(
 ) -> np.ndarray:  # fmt: skip
     """Pixels (bottom - top, right - left, channels) uint8 of `box` (left, top, right, bottom)
     in the image decoded at 1/denom. `size`: the (width, height) of the image, if known."""
+    data = data if isinstance(data, bytes) else bytes(data)
     width, height = size or info(data)[:2]
     out_w, _ = scaled_size(width, height, denom)
     left, top, right, bottom = box
