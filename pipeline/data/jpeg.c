@@ -33,21 +33,31 @@ static void on_message(j_common_ptr cinfo, int level) {
   if (level < 0) on_error(cinfo); /* a warning: corrupt data; let the slow path judge it */
 }
 
+static void report_errors(struct jpeg_decompress_struct *cinfo, struct error_manager *err,
+                          char *message) {
+  cinfo->err = jpeg_std_error(&err->base);
+  err->base.error_exit = on_error;
+  err->base.emit_message = on_message;
+  err->message = message;
+}
+
+static void read_header(struct jpeg_decompress_struct *cinfo, const unsigned char *data,
+                        unsigned long size) {
+  jpeg_create_decompress(cinfo);
+  jpeg_mem_src(cinfo, data, size);
+  jpeg_read_header(cinfo, TRUE);
+}
+
 /* Header only: info = (width, height, components). */
 int tessera_jpeg_info(const unsigned char *data, unsigned long size, int *info, char *message) {
   struct jpeg_decompress_struct cinfo;
   struct error_manager err;
-  cinfo.err = jpeg_std_error(&err.base);
-  err.base.error_exit = on_error;
-  err.base.emit_message = on_message;
-  err.message = message;
-  if (setjmp(err.escape)) {
+  report_errors(&cinfo, &err, message);
+  if (setjmp(err.escape)) { /* here from on_error, in this frame: setjmp cannot be in a helper */
     jpeg_destroy_decompress(&cinfo);
     return -1;
   }
-  jpeg_create_decompress(&cinfo);
-  jpeg_mem_src(&cinfo, data, size);
-  jpeg_read_header(&cinfo, TRUE);
+  read_header(&cinfo, data, size);
   info[0] = (int)cinfo.image_width;
   info[1] = (int)cinfo.image_height;
   info[2] = cinfo.num_components;
@@ -67,17 +77,12 @@ int tessera_jpeg_decode_crop(const unsigned char *data, unsigned long size, int 
                              unsigned char *out, int out_width, char *message) {
   struct jpeg_decompress_struct cinfo;
   struct error_manager err;
-  cinfo.err = jpeg_std_error(&err.base);
-  err.base.error_exit = on_error;
-  err.base.emit_message = on_message;
-  err.message = message;
-  if (setjmp(err.escape)) {
+  report_errors(&cinfo, &err, message);
+  if (setjmp(err.escape)) { /* here from on_error, in this frame: setjmp cannot be in a helper */
     jpeg_destroy_decompress(&cinfo);
     return -1;
   }
-  jpeg_create_decompress(&cinfo);
-  jpeg_mem_src(&cinfo, data, size);
-  jpeg_read_header(&cinfo, TRUE);
+  read_header(&cinfo, data, size);
   cinfo.scale_num = 1;
   cinfo.scale_denom = (unsigned int)denom;
   cinfo.out_color_space = channels == 1 ? JCS_GRAYSCALE : JCS_RGB;

@@ -3,7 +3,7 @@
 A ViT crop keeps on average about half of an image, and PIL decodes all of it, then copies it
 into an array. `decode_crop` decodes only the crop's rows and iMCU columns, straight into a
 numpy buffer: the pixels are the same as a full decode's (tests/test_transforms.py checks that
-against PIL), in about 40% of PIL's time for a 500x375 image (benchmarks/loader.py).
+against PIL). benchmarks/loader.py measures the stream with it against a bare PIL decode loop.
 
 jpeg.c is compiled on first use with the system C compiler against the system's libjpeg
 (`libjpeg-dev` on Debian and Ubuntu, which `make install` installs), cached by source hash under

@@ -344,10 +344,10 @@ class _BatchSlots:
 
     By default a DataLoader worker's batch reaches the main process in fresh shared memory, sent
     as a file descriptor: for 64 x 3 x 224 x 224 bytes that is ~2,400 page faults in the worker
-    (about 9 ms, measured: the time to decode 20 of its images), and workers faulting at once
+    (about 9 ms in a profile, the time to decode 20 of its images), and workers faulting at once
     slow each other down in the kernel. Here worker w decodes its batch straight into one of its
     SLOTS buffers and sends only the slot's number; the main process copies the batch out
-    (~1 ms) and marks the slot free in `busy`. A worker finding all its slots busy waits.
+    (~1 ms, profiled) and marks the slot free in `busy`. A worker finding all its slots busy waits.
     """
 
     SLOTS = 3  # the DataLoader's prefetch (2 per worker) and one being filled
@@ -457,7 +457,7 @@ class _ReaderDataset(IterableDataset):
 
     def _labelled(self, batch: dict[str, Any], labels: list[list[int]]) -> dict[str, Any]:
         """Labels as numpy arrays: from a worker process they travel pickled, where a tensor
-        would travel as shared memory and a file descriptor (~1 ms a batch, measured)."""
+        would travel as shared memory and a file descriptor (~1 ms a batch, profiled)."""
         if self.cfg.labels and self.manifest.multi_label:
             batch["label"] = np.zeros((len(labels), len(self.manifest.classes)), np.float32)
             for i, lab in enumerate(labels):
