@@ -14,6 +14,9 @@ from this one run, and printed side by side:
                 between backward and the optimizer step (where they peak), and resident memory
                 after the first step (which also holds what the allocator kept after frees),
                 each above the same for a 60K-parameter model (DeepSpeed's fixed buffers cancel)
+  attention     one attention layer's forward + backward in bf16 on one core, PyTorch's fused
+                scaled_dot_product_attention against the explicit softmax(QK^T)V that Tessera uses
+                on CPU in bf16, at the quickstart's shapes and ViT-S/16's
   checkpoint    bytes/s of the engine writing a ViT-B checkpoint against one plain sequential
                 write of the same number of bytes to the same disk
 Targets (issue 4, 2-core CPU): MFU >= 35% of the roof; ZeRO-3 <= 0.55x ZeRO-0 per rank;
@@ -150,7 +153,50 @@ def role_checkpoint(args: argparse.Namespace) -> dict:
     }
 
 
-ROLES = {"roof": role_roof, "step": role_step, "zero": role_zero, "checkpoint": role_checkpoint}
+# (name, batch, tokens, width, heads, causal): the quickstart ViT's and ImageGPT's layers per rank,
+# and ViT-S/16's at 224 px.
+ATTENTION_SHAPES = [
+    ("quickstart ViT", 64, 50, 128, 4, False),
+    ("quickstart iGPT", 16, 196, 128, 4, True),
+    ("ViT-S/16", 8, 197, 384, 6, False),
+]
+
+
+def role_attention(_: argparse.Namespace) -> dict:
+    from pipeline.models.layers import Attention
+
+    def seconds(attn: Attention, fused: bool, q, k, v) -> float:
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            if fused:
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=attn.causal
+                )
+            else:
+                out = attn._probs(q, k) @ v
+            out.sum().backward()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]  # median
+
+    result = {}
+    for name, batch, tokens, width, heads, causal in ATTENTION_SHAPES:
+        attn = Attention(width, heads, causal=causal)
+        qkv = [
+            torch.randn(batch, heads, tokens, width // heads, dtype=torch.bfloat16).requires_grad_()
+            for _ in range(3)
+        ]
+        result[name] = (seconds(attn, True, *qkv), seconds(attn, False, *qkv))
+    return result
+
+
+ROLES = {
+    "roof": role_roof,
+    "attention": role_attention,
+    "step": role_step,
+    "zero": role_zero,
+    "checkpoint": role_checkpoint,
+}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -227,6 +273,7 @@ def main() -> None:
             for key in ("tensor_gb", "state_gb")
         )
 
+    attention = launch("attention", threads=1)[0]
     io = launch("checkpoint", *(["--dir", args.dir] if args.dir else []))[0]
 
     mfu = plain["model_flops"] / roof
@@ -255,6 +302,14 @@ def main() -> None:
             f"{z3:.2f} GB",
             f"{z3 / z0:.2f}x (target <= 0.55x); resident {z3_rss:.2f} GB, {z3_rss / z0_rss:.2f}x",
         ),
+        *(
+            (
+                f"attention fwd+bwd, {name}",
+                f"{explicit * 1e3:.1f} ms",
+                f"fused SDPA {fused * 1e3:.1f} ms: {fused / explicit:.2f}x slower",
+            )
+            for name, (fused, explicit) in attention.items()
+        ),
         (
             "checkpoint write",
             f"{io['ckpt_bytes_per_s'] / 1e6:.0f} MB/s",
@@ -280,6 +335,10 @@ def main() -> None:
                 "activation_checkpointing_memory_ratio": round(
                     ckpt["activation_gb"] / max(plain["activation_gb"], 1e-9), 3
                 ),
+                "attention_sdpa_vs_explicit_bf16_cpu_ratio": {
+                    name: round(fused / explicit, 2)
+                    for name, (fused, explicit) in attention.items()
+                },
                 "zero3_vs_zero0_state_ratio": round(z3 / z0, 3),
                 "zero3_vs_zero0_resident_ratio": round(z3_rss / z0_rss, 3),
                 "checkpoint_vs_sequential_write_ratio": round(

@@ -204,6 +204,29 @@ def test_attention_maps_are_distributions():
     torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 3, 65))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_attention_on_cpu_computes_what_the_fused_kernel_does(causal):
+    # In bf16 on CPU the layer takes the explicit softmax(QK^T)V path (faster there); it must
+    # agree with scaled_dot_product_attention in float32, forward and backward.
+    from pipeline.models.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, 4, causal=causal)
+    with torch.no_grad():
+        attn.qkv.weight.normal_(0, 0.15)  # scores of order 1: not near-uniform attention
+    x = torch.randn(3, 17, 64)
+    ref_x, x16 = x.clone().requires_grad_(), x.to(torch.bfloat16).requires_grad_()
+    ref = attn(ref_x)
+    ref.square().sum().backward()
+    ref_grad = attn.qkv.weight.grad.clone()
+    attn.zero_grad()
+    out = attn.to(torch.bfloat16)(x16)
+    out.float().square().sum().backward()
+    torch.testing.assert_close(out.float(), ref.detach(), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(x16.grad.float(), ref_x.grad, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(attn.qkv.weight.grad.float(), ref_grad, atol=0.1, rtol=5e-2)
+
+
 def test_unknown_model_suggests_close_names():
     with pytest.raises(KeyError, match="vit-b16"):
         model_config("vit-b61")

@@ -87,16 +87,24 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            # PyTorch's fused CPU kernel is slow backward in bf16: 1.35x-4.8x the explicit
+            # product's time at 50-197 tokens (benchmarks/train_step.py, "attention" rows).
+            out = self._probs(q, k) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(out.transpose(1, 2).flatten(2))
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
         """Attention probabilities (B, H, N, N), computed explicitly; for maps, not training."""
         q, k, _ = self._qkv(x)
+        return self._probs(q, k)
+
+    def _probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
         if self.causal:
-            n = x.shape[1]
-            future = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+            n = q.shape[-2]
+            future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
             scores = scores.masked_fill(future, float("-inf"))
         return scores.softmax(dim=-1)
 
