@@ -160,6 +160,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description=__doc__)
+    # The deepspeed launcher (without --no_local_rank) and torch.distributed.launch put
+    # --local_rank=N before the command; ranks read LOCAL_RANK from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the named model sizes")

@@ -29,6 +29,13 @@ def test_tessera_models_filters_by_family(capsys):
     assert names and all(n.startswith("igpt") for n in names)
 
 
+def test_a_launcher_local_rank_before_the_command_is_accepted(capsys):
+    # `deepspeed --module pipeline.cli pretrain CONFIG` runs `pipeline.cli --local_rank=0 ...`.
+    assert main(["--local_rank=1", "models", "--family", "igpt"]) == 0
+    assert main(["--local-rank", "0", "models", "--family", "igpt"]) == 0
+    assert capsys.readouterr().out.count("igpt-xl") == 2
+
+
 def test_tessera_config_prints_the_resolved_config(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text("model: {name: vit-micro-p4}\n")
