@@ -49,6 +49,7 @@ _vit("vit-h14", 1280, 32, 16, 14)
 # Small-image variants (28x28 Fashion-MNIST, 32x32 CIFAR-like) for tests and the quickstart.
 _vit("vit-micro-p4", 48, 2, 3, 4, image_size=32, num_classes=10)
 _vit("vit-tiny-p4", 192, 6, 3, 4, image_size=32, num_classes=10)
+_vit("vit-tiny-p7", 192, 6, 3, 7, image_size=28, num_classes=10)
 _vit("vit-small-p4", 384, 12, 6, 4, image_size=32, num_classes=10)
 
 # ImageGPT paper sizes (S/M/L/XL), 32x32 inputs and a 512-colour palette.
