@@ -159,7 +159,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tessera", description=__doc__)
+    # No abbreviations at the top: `prepare --local` must not read as a prefix of --local_rank.
+    parser = argparse.ArgumentParser(prog="tessera", description=__doc__, allow_abbrev=False)
     # The deepspeed launcher (without --no_local_rank) and torch.distributed.launch put
     # --local_rank=N before the command; ranks read LOCAL_RANK from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
