@@ -10,9 +10,10 @@ Memory per device, from the run config alone (nothing is allocated):
                 s x s score matrices): the block's input, its normalised copy, q/k/v, the
                 attention output, the MLP input, its hidden layer before and after GELU, i.e.
                 (9 s h + 2 s m) elements for s tokens, width h, MLP width m. Without fused
-                attention add 2 a s^2 (scores and probabilities). With activation checkpointing
-                each block keeps only its input (s h); one block's full set, and the gradient of
-                its MLP hidden layer, are live while it is recomputed.
+                attention (the explicit path Tessera takes on CPU in bf16) add a s^2: the
+                probabilities, which softmax and the product with v keep. With activation
+                checkpointing each block keeps only its input (s h); one block's full set, and
+                the gradient of its MLP hidden layer, are live while it is recomputed.
   buffers       DeepSpeed's gradient-reduction buckets (and ZeRO-3's prefetch), as sized by the
                 DeepSpeed config the run really gets.
 
@@ -137,7 +138,7 @@ def activation_bytes(
     half = element_bytes(run.deepspeed.precision)
     block = 9 * s * h + 2 * s * m
     if not fused_attention:
-        block += 2 * cfg.heads * s * s
+        block += cfg.heads * s * s
     if cfg.family == "igpt":
         # The embedding, the final norm's input and output; the loss in fp32 whatever the
         # precision: log-softmax output, its gradient and the logits' gradient.

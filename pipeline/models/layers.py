@@ -69,6 +69,13 @@ class Embedding(nn.Embedding):
         nn.init.normal_(self.weight, std=self.init_std)
 
 
+def uses_fused_attention(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether attention runs PyTorch's fused kernel (no s x s matrices kept) or the explicit
+    softmax(QK^T)V. Fused everywhere but CPU in bf16, where its backward is slow: 1.35x-4.8x the
+    explicit product's time at 50-197 tokens (benchmarks/train_step.py, "attention" rows)."""
+    return not (device.type == "cpu" and dtype == torch.bfloat16)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection; x: (B, N, D) -> (B, N, D).
     `out_std`: init of the output projection (GPT-2 scales it down with depth)."""
@@ -87,12 +94,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x)
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-            # PyTorch's fused CPU kernel is slow backward in bf16: 1.35x-4.8x the explicit
-            # product's time at 50-197 tokens (benchmarks/train_step.py, "attention" rows).
-            out = self._probs(q, k) @ v
-        else:
+        if uses_fused_attention(x.device, x.dtype):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            out = self._probs(q, k) @ v
         return self.proj(out.transpose(1, 2).flatten(2))
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
