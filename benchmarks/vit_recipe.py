@@ -12,9 +12,10 @@ when model.image_size is not 28; the score is top-1 on the 10,000 test images.
 
 What differs from `tessera run`: no shards and no loader (the data are not what is compared),
 one rank instead of two (the same global batch), activation checkpointing off (the same
-numbers, a third less compute). At the quickstart's settings this gave 89.10%, where
-`tessera run` gave 89.14% and 89.21% (stretch 8): the study ranks recipes at half the machine
-time of real runs, two at a time. Data augmentation is the stream's and is not reproduced here.
+numbers; its recomputation made the quickstart ViT's step 1.37x slower). At the quickstart's
+settings this gave 89.10%, where `tessera run` gave 89.14% and 89.21%: the study ranks recipes
+in less than half the machine time of real runs (314 s on one core against 350 s on two).
+Data augmentation is the stream's and is not reproduced here.
 
 Prints one row per variant (top-1, its difference to the baseline, seconds, images/s) and ends
 with a JSON line: {"top1": {...}, "top1_vs_baseline": {...}, "images_per_s": {...}}.
