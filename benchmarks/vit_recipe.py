@@ -8,7 +8,8 @@ variant trains in its own process on one core, `--parallel` at a time, through T
 objective and DeepSpeed engine: the config's precision, ZeRO stage, optimizer and schedule, at one
 rank with the config's global batch. The data are Fashion-MNIST's 60,000 training images held
 in memory, reshuffled every epoch and resized as the stream resizes them (antialiased bilinear)
-when model.image_size is not 28; the score is top-1 on the 10,000 test images.
+when model.image_size is not 28; the score is top-1 on the 10,000 test images. The IDX files
+are read from /usr/share/datasets/fashion-mnist, or from the folder in $FASHION_MNIST.
 
 What differs from `tessera run`: no shards and no loader (the data are not what is compared),
 one rank instead of two (the same global batch), activation checkpointing off (the same
@@ -40,11 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
-def images(split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 pixels (N, 1, size, size), labels (N,)) of one Fashion-MNIST split."""
-    from pipeline.data.sources import idx_source
-
-    source = idx_source(os.environ.get("FASHION_MNIST", FASHION_MNIST))
+def images(source, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 pixels (N, 1, size, size), labels (N,)) of one split of an IDX source."""
     x = torch.from_numpy(source.arrays[split].copy()).unsqueeze(1)
     labels = torch.tensor([r.labels[0] for r in source.splits[split]])
     if size != x.shape[-1]:
@@ -56,6 +54,7 @@ def images(split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 def train_one(config: str, overrides: list[str], steps: int) -> dict:
     """Trains one variant in this process; returns its top-1 and timing."""
     from pipeline.config import load_config
+    from pipeline.data.sources import idx_source
     from pipeline.data.transforms import model_input
     from pipeline.models import create_model
     from pipeline.train.engine import build_engine, init_distributed
@@ -69,12 +68,11 @@ def train_one(config: str, overrides: list[str], steps: int) -> dict:
     torch.manual_seed(run.train.seed)
     head = {"head_bias": run.train.head_bias} if run.train.objective == "supervised-sigmoid" else {}
     engine = build_engine(create_model(run.model, **head), run, 1, run.train.steps)[0]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        run.deepspeed.precision, torch.float32
-    )
+    dtype = next(engine.module.parameters()).dtype  # as the trainer casts its inputs
     objective = OBJECTIVES[run.train.objective]
 
-    x, y = images("train", run.model.image_size)
+    source = idx_source(os.environ.get("FASHION_MNIST", FASHION_MNIST))
+    x, y = images(source, "train", run.model.image_size)
     batch, order = run.train.global_batch_size, torch.Generator().manual_seed(run.train.seed)
     perm, pos = torch.randperm(len(x), generator=order), 0
     start = time.perf_counter()
@@ -89,7 +87,7 @@ def train_one(config: str, overrides: list[str], steps: int) -> dict:
     seconds = time.perf_counter() - start
 
     engine.eval()
-    x, y = images("test", run.model.image_size)
+    x, y = images(source, "test", run.model.image_size)
     correct = 0
     with torch.no_grad():
         for i in range(0, len(x), 1000):
