@@ -424,6 +424,10 @@ def _coerce(tp: Any, value: Any, key: str, src: _Source) -> Any:
         if not isinstance(value, list):
             raise bad(f"a list ({_type_name(tp)})")
         return [_coerce(args[0], v, f"{key}[{i}]", src) for i, v in enumerate(value)]
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]
+        if not isinstance(value, (list, tuple)):
+            raise bad(f"a list ({_type_name(args[0])} each)")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]", src) for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise bad(f"a list of {len(args)} values")

@@ -13,7 +13,8 @@ Memory per device, from the run config alone (nothing is allocated):
                 attention (the explicit path Tessera takes on CPU in bf16) add a s^2: the
                 probabilities, which softmax and the product with v keep. With activation
                 checkpointing each block keeps only its input (s h); one block's full set, and
-                the gradient of its MLP hidden layer, are live while it is recomputed.
+                the gradient of its MLP hidden layer, are live while it is recomputed. A hybrid
+                ViT's convolution stem adds two feature maps per convolution, never checkpointed.
   buffers       DeepSpeed's gradient-reduction buckets (and ZeRO-3's prefetch), as sized by the
                 DeepSpeed config the run really gets.
 
@@ -144,7 +145,11 @@ def activation_bytes(
         # precision: log-softmax output, its gradient and the logits' gradient.
         edges, loss = half * 3 * s * h, 3 * 4 * s * cfg.vocab_size
     else:
-        edges, loss = half * (2 * s * h + cfg.channels * cfg.image_size**2), 0
+        # The image, the embedding and the final norm's output; a hybrid's stem (never
+        # checkpointed) keeps per convolution its output (for GroupNorm) and ReLU's output (for
+        # ReLU and the next convolution); GroupNorm's own output is freed once ReLU has run.
+        stem = sum(2 * c * side**2 for c, side in cfg.stem_maps)
+        edges, loss = half * (2 * s * h + cfg.channels * cfg.image_size**2 + stem), 0
     if checkpointing:
         peak = half * depth * s * h + edges + max(loss, half * (block + s * m))
     else:

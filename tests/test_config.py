@@ -53,6 +53,8 @@ def test_set_overrides_any_field_with_yaml_values(tmp_path):
     assert cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.9, 0.95)
     assert isinstance(cfg.model, IGPTConfig) and cfg.model.depth == 3
     assert cfg.eval.layers == [0, -1]
+    hybrid = load_config(write(tmp_path, "model: {name: vit-tiny-p7}\n"), ["model.stem=[16, 32]"])
+    assert hybrid.model.stem == (16, 32)
 
 
 @pytest.mark.parametrize(
@@ -102,6 +104,16 @@ def test_set_overrides_any_field_with_yaml_values(tmp_path):
             r"run\.yaml: model\.image_size: got 100; must be a multiple of patch_size=16",
         ),
         ("model: {name: vit-s16, heads: 5}\n", [], r"model\.heads: got 5; must divide width=384"),
+        (
+            "model: {name: vit-tiny-p7, stem: [32, 64], patch_size: 2}\n",
+            [],
+            r"model\.patch_size: got 2; must divide the stem's 7x7 feature map \(image_size 28",
+        ),
+        (
+            "model: {name: vit-tiny-p7, stem: [32, 'wide']}\n",
+            [],
+            r"model\.stem\[1\]: got 'wide' \(str\); expected an integer",
+        ),
         (
             "model: {name: vit-b16, head_bias: -2}\ntrain: {objective: supervised-sigmoid}\n",
             [],

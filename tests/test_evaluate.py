@@ -103,6 +103,11 @@ def test_layer_decay_scales_each_blocks_lr_from_the_top():
     assert lr_of[named["blocks.0.attn.qkv.weight"]] == 0.25
     assert lr_of[named["pos_embed"]] == lr_of[named["patch_embed.weight"]] == 0.125
     assert all("lr" not in g for g in param_groups(model, 0.05))  # no decay: one lr for all
+    hybrid = create_model("vit-micro-p4", stem=[8], patch_size=2)  # the stem embeds too
+    lr_of = {
+        p: g["lr"] for g in param_groups(hybrid, 0.05, lr=1.0, layer_decay=0.5) for p in g["params"]
+    }
+    assert lr_of[dict(hybrid.named_parameters())["stem.0.weight"]] == 0.125
 
 
 def test_weights_of_another_size_do_not_fit():

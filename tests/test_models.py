@@ -236,3 +236,28 @@ def test_head_bias_is_part_of_the_architecture_init():
     model = create_model("vit-micro-p4", head_bias=-10.0)
     torch.testing.assert_close(model.head.bias, torch.full((10,), -10.0))
     assert model.head.weight.abs().sum() == 0
+
+
+def test_hybrid_vit_cuts_its_patches_from_the_stems_feature_map():
+    # 28 px halved three times (rounding up) is 4: 16 tokens of 1x1 feature-map patches.
+    cfg = model_config("vit-tiny-p7", channels=1, stem=[8, 16, 32], patch_size=1)
+    assert cfg.stem == (8, 16, 32) and cfg.feature_size == 4 and cfg.num_tokens == 17
+    model = create_model(cfg)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert model.patch_embed.weight.shape == (192, 32, 1, 1)
+    plain = model_config("vit-tiny-p7", channels=1)
+    extra = cfg.forward_flops() - plain.forward_flops()
+    convs = 2 * 9 * (14**2 * 1 * 8 + 7**2 * 8 * 16 + 4**2 * 16 * 32)
+    assert extra == convs + 2 * 16 * 192 * (32 - 49)  # the stem, and a narrower embedding
+
+
+def test_hybrid_stem_is_per_image_and_trains():
+    torch.manual_seed(0)
+    model = create_model("vit-micro-p4", stem=[8], patch_size=2).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():  # GroupNorm, not BatchNorm: an image's tokens ignore its batch
+        torch.testing.assert_close(model.embed(x[1:]), model.embed(x)[1:])
+    model.train()
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    model(x).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.stem.parameters())

@@ -127,3 +127,15 @@ def test_timm_features_we_lack_are_refused():
     state["blocks.0.ls1.gamma"] = torch.ones(48)
     with pytest.raises(ValueError, match="ls1"):
         from_timm(state)
+
+
+def test_a_hybrid_round_trips_but_has_no_timm_layout(tmp_path):
+    model = create_model("vit-micro-p4", stem=[8, 16], patch_size=1).eval()
+    save_model(model, str(tmp_path))
+    loaded = load_model(str(tmp_path)).eval()
+    assert loaded.cfg == model.cfg and loaded.cfg.stem == (8, 16)  # a JSON list comes back a tuple
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"hybrid ViT \(model\.stem\)"):
+        to_timm(model.state_dict())

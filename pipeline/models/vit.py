@@ -3,10 +3,15 @@
 Image (B, C, H, W) -> P x P patches, linearly embedded -> [class] token prepended -> learnable 1D
 position embeddings added -> pre-norm blocks -> final LayerNorm -> head on the [class] token, or
 on the average of the patch tokens (`pool="avg"`, then with its own LayerNorm, as timm does).
+
+The paper's hybrid (its section 3.1) cuts the patches from a CNN's feature map instead of the
+image: `stem=(32, 64, 128)` puts three 3x3 stride-2 convolutions before the patch embedding, and
+`patch_size` then counts feature-map pixels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -32,7 +37,8 @@ class ViTConfig(TrainFlops):
 
     name: str = "vit"
     image_size: int = 224  # pixels per side (square images)
-    patch_size: int = 16  # pixels per patch side
+    patch_size: int = 16  # pixels per patch side (of the stem's feature map, with a stem)
+    stem: tuple[int, ...] = ()  # hybrid: channels of the stem's convolutions; () for none
     channels: int = 3
     width: int = 768  # hidden size D
     depth: int = 12  # number of blocks L
@@ -45,14 +51,25 @@ class ViTConfig(TrainFlops):
     grad_checkpointing: bool = False  # recompute block activations in backward
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stem", tuple(self.stem))  # a list from YAML or model.json
         for key in ("image_size", "patch_size", "channels", "width", "depth", "heads", "mlp_dim"):
             require(getattr(self, key) > 0, key, getattr(self, key), "must be positive")
-        require(
-            self.image_size % self.patch_size == 0,
-            "image_size",
-            self.image_size,
-            f"must be a multiple of patch_size={self.patch_size}",
-        )
+        require(all(c > 0 for c in self.stem), "stem", list(self.stem), "channels must be positive")
+        if self.stem:
+            require(
+                self.feature_size % self.patch_size == 0,
+                "patch_size",
+                self.patch_size,
+                f"must divide the stem's {self.feature_size}x{self.feature_size} feature map "
+                f"(image_size {self.image_size} halved {len(self.stem)} times, rounded up)",
+            )
+        else:
+            require(
+                self.image_size % self.patch_size == 0,
+                "image_size",
+                self.image_size,
+                f"must be a multiple of patch_size={self.patch_size}",
+            )
         require(
             self.width % self.heads == 0,
             "heads",
@@ -63,8 +80,22 @@ class ViTConfig(TrainFlops):
         require(0.0 <= self.drop_path < 1.0, "drop_path", self.drop_path, "must be in [0, 1)")
 
     @property
+    def stem_maps(self) -> list[tuple[int, int]]:
+        """(channels, side) of each stem convolution's output: each halves the side, rounding up."""
+        maps, side = [], self.image_size
+        for c in self.stem:
+            side = (side + 1) // 2
+            maps.append((c, side))
+        return maps
+
+    @property
+    def feature_size(self) -> int:
+        """Side of what the patches are cut from: the image, or the stem's last feature map."""
+        return self.stem_maps[-1][1] if self.stem else self.image_size
+
+    @property
     def grid(self) -> int:
-        return self.image_size // self.patch_size
+        return self.feature_size // self.patch_size
 
     @property
     def num_tokens(self) -> int:
@@ -73,14 +104,34 @@ class ViTConfig(TrainFlops):
 
     def forward_flops(self) -> int:
         """FLOPs of one forward pass per image."""
+        stem, c_in = 0, self.channels
+        for c, side in self.stem_maps:
+            stem += 2 * side**2 * 9 * c_in * c
+            c_in = c
         patches = self.grid**2
-        embed = 2 * patches * self.patch_size**2 * self.channels * self.width
+        embed = 2 * patches * self.patch_size**2 * c_in * self.width
         head = 2 * self.width * self.num_classes
         return (
-            embed
+            stem
+            + embed
             + blocks_forward_flops(self.num_tokens, self.width, self.depth, self.mlp_dim)
             + head
         )
+
+
+class ConvStem(nn.Sequential):
+    """The hybrid ViT's CNN, small: per entry of `channels`, a 3x3 stride-2 convolution,
+    GroupNorm over all its channels and ReLU. GroupNorm, not BatchNorm: no running statistics to
+    keep in step across data-parallel ranks, and the same numbers in training and evaluation.
+    No channels: the identity, and no parameters (the plain ViT)."""
+
+    def __init__(self, channels_in: int, channels: Sequence[int]) -> None:
+        layers: list[nn.Module] = []
+        for c in channels:
+            conv = nn.Conv2d(channels_in, c, 3, stride=2, padding=1, bias=False)
+            layers += [conv, nn.GroupNorm(1, c, eps=1e-6), nn.ReLU()]
+            channels_in = c
+        super().__init__(*layers)
 
 
 class VisionTransformer(Backbone):
@@ -88,7 +139,8 @@ class VisionTransformer(Backbone):
         super().__init__(cfg.width)
         self.cfg = cfg
         d = cfg.width
-        self.patch_embed = PatchEmbed(cfg.channels, d, cfg.patch_size)
+        self.stem = ConvStem(cfg.channels, cfg.stem)
+        self.patch_embed = PatchEmbed(cfg.stem[-1] if cfg.stem else cfg.channels, d, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, d))
         nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
@@ -114,7 +166,7 @@ class VisionTransformer(Backbone):
                 f"{self.cfg.name} expects images of shape (B, {self.cfg.channels}, "
                 f"{self.cfg.image_size}, {self.cfg.image_size}); got {tuple(x.shape)}"
             )
-        patches = self.patch_embed(x).flatten(2).transpose(1, 2)
+        patches = self.patch_embed(self.stem(x)).flatten(2).transpose(1, 2)
         cls = self.cls_token.expand(b, -1, -1)
         return torch.cat([cls, patches], dim=1) + self.pos_embed
 

@@ -136,6 +136,11 @@ def from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Tessera's ViT layout -> timm `VisionTransformer` keys (load with timm's `load_state_dict`)."""
+    if any(key.startswith("stem.") for key in state):
+        raise ValueError(
+            "a hybrid ViT (model.stem) has no timm VisionTransformer layout: timm's hybrids "
+            "embed with a ResNet, not this convolution stem"
+        )
     return _rename(state, {ours: theirs for theirs, ours in _TIMM_RENAMES.items()})
 
 

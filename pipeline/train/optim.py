@@ -16,7 +16,7 @@ NO_DECAY_NAMES = ("pos_embed", "cls_token", "tok_embed")
 def layer_id(name: str, depth: int) -> int:
     """Depth of a parameter for layer-wise lr decay: 0 for the embeddings, i + 1 for block i,
     depth + 1 for the final norm and the heads."""
-    if name.startswith(("patch_embed", "cls_token", "pos_embed", "tok_embed")):
+    if name.startswith(("stem.", "patch_embed", "cls_token", "pos_embed", "tok_embed")):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
