@@ -14,9 +14,10 @@ are read from /usr/share/datasets/fashion-mnist, or from the folder in $FASHION_
 What differs from `tessera run`: no shards and no loader (the data are not what is compared),
 one rank instead of two (the same global batch), activation checkpointing off (the same
 numbers; its recomputation made the quickstart ViT's step 1.37x slower, profiled once, not
-measured here). At the quickstart's settings this gave 89.10%, where `tessera run` gave 89.14%
-and 89.21%: the study ranks recipes in less than half the machine time of real runs (this
-script's 314 s on one core; the quickstart's training log, 350 s on two).
+measured here). At the quickstart's settings this gave 89.10% for the plain ViT, where
+`tessera run` gave 89.14% and 89.21%, and 90.68% for the hybrid, where it gave 90.79%: the study
+ranks recipes in less than half the machine time of real runs (for the plain ViT, this script's
+314 s on one core; the quickstart's training log, 350 s on two).
 Data augmentation is the stream's and is not reproduced here.
 
 Prints one row per variant (top-1, its difference to the baseline, seconds, images/s) and ends

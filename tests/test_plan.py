@@ -42,6 +42,7 @@ def peak_allocated(fn) -> int:
 ACTIVATION_CASES = [
     ("vit-tiny-p4", "supervised", 16, "bf16", {"image_size": 32, "num_classes": 10}),
     ("vit-tiny-p4", "supervised", 32, "fp32", {"image_size": 32, "num_classes": 10}),
+    ("vit-hybrid-mini", "supervised-sigmoid", 64, "bf16", {}),
     ("igpt-tiny", "igpt-ar", 8, "bf16", {"image_size": 16}),
     ("igpt-micro", "igpt-bert", 16, "bf16", {"image_size": 16, "vocab_size": 16, "causal": False}),
 ]

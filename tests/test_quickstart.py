@@ -110,7 +110,7 @@ def test_quickstart_interrupted_resumed_and_reused(quickstart):
     want_igpt = {("fashion-mnist:test", "linear_probe", str(i), "top1") for i in range(4)}
     want_igpt |= {("fashion-mnist:test", "linear_probe", "0+1+2+3", "top1"),
                   ("fashion-mnist:test", "pixels", "-", "top1")}  # fmt: skip
-    for run, want, model in ((vit, want_vit, "vit-tiny-p7"), (igpt, want_igpt, "igpt-tiny")):
+    for run, want, model in ((vit, want_vit, "vit-hybrid-mini"), (igpt, want_igpt, "igpt-tiny")):
         rows = read_rows(run)
         for untrained in (False, True):
             name = f"{model} (untrained)" if untrained else model

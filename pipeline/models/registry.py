@@ -27,11 +27,8 @@ def register(cfg: ModelConfig) -> None:
 
 
 def _vit(name: str, width: int, depth: int, heads: int, patch: int, **kw: Any) -> None:
-    register(
-        ViTConfig(
-            name, patch_size=patch, width=width, depth=depth, heads=heads, mlp_dim=4 * width, **kw
-        )
-    )
+    kw.setdefault("mlp_dim", 4 * width)
+    register(ViTConfig(name, patch_size=patch, width=width, depth=depth, heads=heads, **kw))
 
 
 def _igpt(name: str, width: int, depth: int, heads: int, **kw: Any) -> None:
@@ -51,6 +48,9 @@ _vit("vit-micro-p4", 48, 2, 3, 4, image_size=32, num_classes=10)
 _vit("vit-tiny-p4", 192, 6, 3, 4, image_size=32, num_classes=10)
 _vit("vit-tiny-p7", 192, 6, 3, 7, image_size=28, num_classes=10)
 _vit("vit-small-p4", 384, 12, 6, 4, image_size=32, num_classes=10)
+# The quickstart's: a hybrid whose 3-convolution stem turns 28 px into a 4x4 map of 1x1 patches.
+_vit("vit-hybrid-mini", 128, 4, 4, 1, mlp_dim=256, stem=(32, 64, 128), image_size=28, channels=1,
+     num_classes=10)  # fmt: skip
 
 # ImageGPT paper sizes (S/M/L/XL), 32x32 inputs and a 512-colour palette.
 _igpt("igpt-s", 512, 24, 8)
