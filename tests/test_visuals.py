@@ -25,6 +25,20 @@ def test_rollout_panel_shape_and_range():
     assert panel.shape == (2, 3, 16, 32) and panel.min() >= 0 and panel.max() <= 1
 
 
+def test_rollout_of_a_hybrid_lies_where_its_tokens_look():
+    # 28 px through a 3-convolution stem: a 4x4 grid of 8 px cells, the last reaching past the
+    # image. All attention on the bottom-right token warms rows 24-27, not a stretched 21-27.
+    model = create_model("vit-hybrid-mini").eval()
+    n = model.cfg.num_tokens
+    focused = torch.zeros(1, 1, n, n)
+    focused[..., n - 1] = 1.0
+    model.attention_maps = lambda x: [focused.expand(len(x), -1, -1, -1)] * model.depth
+    panel = rollout_panel(model, torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+    assert panel.shape == (1, 3, 28, 56)
+    warm = (2 * panel[0, 0, :, 28:] > 0.5).any(dim=1).nonzero().flatten()
+    assert warm.min() == 24 and warm.max() == 27
+
+
 def test_completion_keeps_the_given_half_and_fills_the_rest():
     torch.manual_seed(0)
     for causal in (True, False):
