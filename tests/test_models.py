@@ -253,11 +253,11 @@ def test_hybrid_vit_cuts_its_patches_from_the_stems_feature_map():
 
 def test_hybrid_stem_is_per_image_and_trains():
     torch.manual_seed(0)
-    model = create_model("vit-micro-p4", stem=[8], patch_size=2).eval()
+    model = create_model("vit-micro-p4", stem=[8], patch_size=2).train()
     x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():  # GroupNorm, not BatchNorm: an image's tokens ignore its batch
+    with torch.no_grad():  # GroupNorm, not BatchNorm: in training too, tokens ignore the batch
         torch.testing.assert_close(model.embed(x[1:]), model.embed(x)[1:])
-    model.train()
+    assert model.cfg.token_pixels == 4 and model.cfg.grid == 8
     torch.nn.init.normal_(model.head.weight, std=0.02)
     model(x).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.stem.parameters())

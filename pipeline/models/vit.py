@@ -94,6 +94,11 @@ class ViTConfig(TrainFlops):
         return self.stem_maps[-1][1] if self.stem else self.image_size
 
     @property
+    def token_pixels(self) -> int:
+        """Image pixels a token spans per side: the patch, times 2 per stem convolution."""
+        return self.patch_size * 2 ** len(self.stem)
+
+    @property
     def grid(self) -> int:
         return self.feature_size // self.patch_size
 

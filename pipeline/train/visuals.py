@@ -36,10 +36,10 @@ def rollout_panel(model: VisionTransformer, images: torch.Tensor) -> torch.Tenso
     heat = (heat - heat.amin((2, 3), keepdim=True)) / (
         heat.amax((2, 3), keepdim=True) - heat.amin((2, 3), keepdim=True) + 1e-8
     )
-    # A token covers `stride` pixels a side. A hybrid's stem pads, so its grid can reach past the
-    # image (28 px: 4 tokens of 8 px): lay the grid over what it covers, then crop to the image.
-    stride = model.cfg.patch_size * 2 ** len(model.cfg.stem)
-    heat = F.interpolate(heat, size=(g * stride,) * 2, mode="bilinear", align_corners=False)
+    # A hybrid's stem pads, so its grid can reach past the image (28 px: 4 tokens of 8 px): lay
+    # the grid over the pixels it covers, then crop to the image.
+    covered = g * model.cfg.token_pixels
+    heat = F.interpolate(heat, size=(covered, covered), mode="bilinear", align_corners=False)
     heat = heat[..., : images.shape[-2], : images.shape[-1]]
     picture = images.float() / 255
     if picture.shape[1] == 1:
