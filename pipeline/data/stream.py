@@ -39,7 +39,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import RunConfig
+from pipeline.data.cursor import STATE_FORMAT, Cursor, Tally, merge_states, rank_state
+from pipeline.data.order import Phase, compress, locate, shard_order
 from pipeline.data.palette import Palette
 from pipeline.data.shards import (
     DatasetError,
@@ -59,7 +61,6 @@ from pipeline.data.shards import (
 from pipeline.data.transforms import ImageTransform, empty
 from pipeline.storage import filesystem, join, with_retries
 
-STATE_FORMAT = "tessera-stream/1"
 RUN_GAP = 8  # coalesce reads of two runs in one shard when fewer samples than this lie between
 
 
@@ -128,98 +129,7 @@ def stream_config(run: RunConfig, split: str, batch_size: int, train: bool) -> S
 
 
 # ---------------------------------------------------------------------------------------------
-# 1-3: the order
-
-
-def _ranges_slice(ranges: np.ndarray, a: int, b: int) -> np.ndarray:
-    """Positions [a, b) of the concatenation of half-open ranges (n, 2)."""
-    lengths = ranges[:, 1] - ranges[:, 0]
-    ends = np.cumsum(lengths)
-    out = []
-    first = int(np.searchsorted(ends, a, side="right"))
-    pos = a
-    for i in range(first, len(ranges)):
-        if pos >= b:
-            break
-        start_in = pos - (ends[i] - lengths[i])
-        take = min(b - pos, lengths[i] - start_in)
-        out.append(np.arange(ranges[i, 0] + start_in, ranges[i, 0] + start_in + take))
-        pos += take
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-
-
-def _compress(positions: np.ndarray) -> np.ndarray:
-    """Sorted unique positions -> half-open ranges (n, 2)."""
-    if len(positions) == 0:
-        return np.zeros((0, 2), dtype=np.int64)
-    breaks = np.nonzero(np.diff(positions) != 1)[0]
-    starts = np.concatenate([[positions[0]], positions[breaks + 1]])
-    ends = np.concatenate([positions[breaks] + 1, [positions[-1] + 1]])
-    return np.stack([starts, ends], axis=1).astype(np.int64)
-
-
-@dataclass
-class Phase:
-    """A pass over some positions of one epoch by `readers` readers.
-
-    generation 0 is a whole epoch; generation g > 0 is what was left of it when a run resumed
-    with a different layout, dealt out to the new readers (no tail dropped).
-    """
-
-    epoch: int
-    readers: int
-    batch: int
-    work: np.ndarray  # (n, 2) ranges of global positions, in order
-    generation: int = 0
-    drop_last: bool = True
-    shuffle: bool = True
-    lanes: int = 4
-    window: int = 1024
-
-    @property
-    def total(self) -> int:
-        return int((self.work[:, 1] - self.work[:, 0]).sum())
-
-    @property
-    def used(self) -> int:
-        """Positions served: all of them, or a multiple of readers x batch when dropping the tail."""
-        if self.drop_last and self.generation == 0:
-            return self.total // (self.readers * self.batch) * self.readers * self.batch
-        return self.total
-
-    def chunk(self, j: int) -> tuple[int, int]:
-        return j * self.used // self.readers, (j + 1) * self.used // self.readers
-
-    @property
-    def batches_per_reader(self) -> int:
-        longest = max(b - a for a, b in (self.chunk(j) for j in range(self.readers)))
-        return math.ceil(longest / self.batch)
-
-    def plan(self, j: int, seed: int) -> np.ndarray:
-        """Reader j's positions in the order it delivers them."""
-        a, b = self.chunk(j)
-        positions = _ranges_slice(self.work, a, b)
-        if not self.shuffle or len(positions) == 0:
-            return positions
-        lanes = np.array_split(positions, min(self.lanes, len(positions)))
-        step = np.concatenate([np.arange(len(lane)) for lane in lanes])
-        lane_id = np.concatenate([np.full(len(lane), k) for k, lane in enumerate(lanes)])
-        merged = np.concatenate(lanes)[np.lexsort((lane_id, step))]
-        for w in range(0, len(merged), self.window):
-            rng = np.random.default_rng([seed, self.epoch, self.generation, j, w])
-            merged[w : w + self.window] = rng.permutation(merged[w : w + self.window])
-        return merged
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["work"] = self.work.tolist()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Phase:
-        d = dict(d)
-        d["work"] = np.asarray(d["work"], dtype=np.int64).reshape(-1, 2)
-        return cls(**d)
+# 1-3: the order (pipeline.data.order)
 
 
 def epoch_phase(cfg: StreamConfig, samples: int, readers: int, epoch: int) -> Phase:
@@ -228,27 +138,6 @@ def epoch_phase(cfg: StreamConfig, samples: int, readers: int, epoch: int) -> Ph
         epoch, readers, cfg.batch_size, np.array([[0, samples]], dtype=np.int64),
         drop_last=cfg.train, shuffle=cfg.train, lanes=cfg.shuffle_shards, window=cfg.shuffle_buffer,
     )  # fmt: skip
-
-
-def shard_order(
-    counts: np.ndarray, seed: int, epoch: int, shuffle: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """(shard permutation, cumulative sample counts in that order) of one epoch."""
-    perm = (
-        np.random.default_rng([seed, epoch, 7919]).permutation(len(counts))
-        if shuffle
-        else np.arange(len(counts))
-    )
-    return perm, np.cumsum(counts[perm])
-
-
-def locate(
-    positions: np.ndarray, perm: np.ndarray, cum: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Global positions -> (shard index in the manifest, sample index in the shard)."""
-    slot = np.searchsorted(cum, positions, side="right")
-    before = np.where(slot > 0, cum[np.maximum(slot - 1, 0)], 0)
-    return perm[slot], positions - before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,16 +382,6 @@ def dataset_fingerprint(manifest: Manifest, split: str) -> str:
     return h.hexdigest()[:16]
 
 
-@dataclass
-class _Cursor:
-    phase: Phase
-    consumed: dict[int, int] = field(default_factory=dict)  # reader -> batches delivered
-    quarantine: list[dict[str, str]] = field(default_factory=list)
-    seen: int = 0  # positions delivered this epoch (good + quarantined), for the error budget
-    errors: int = 0
-    retries: int = 0
-
-
 class Stream:
     """Batches for one rank. Iterating goes on epoch after epoch; `state_dict()` at any point
     (between batches) is a cursor that `load_state_dict` restores exactly.
@@ -527,7 +406,7 @@ class Stream:
             raise DatasetError(f"{cfg.url}: split {cfg.split!r} has no samples")
         self.transform = make_transform(cfg, self.manifest)
         self.fingerprint = dataset_fingerprint(self.manifest, cfg.split)
-        self.cursor = _Cursor(self._epoch_phase(0))
+        self.cursor = Cursor(self._epoch_phase(0))
         self._batch_slots: _BatchSlots | None = None
 
     @property
@@ -568,10 +447,7 @@ class Stream:
 
     def _next_epoch(self) -> None:
         self._check_budget(final=True)
-        c = self.cursor
-        self.cursor = _Cursor(
-            self._epoch_phase(c.phase.epoch + 1), quarantine=c.quarantine, retries=c.retries
-        )
+        self.cursor = self.cursor.next_epoch(self._epoch_phase(self.cursor.phase.epoch + 1))
 
     def _run_phase(self, onward: bool) -> Iterator[dict[str, Any]]:
         """The cursor's phase; `onward`: and the epochs after it with the same workers, instead
@@ -614,12 +490,7 @@ class Stream:
             if "label" in batch:
                 batch["label"] = torch.from_numpy(batch["label"])
             c.consumed[batch.pop("_reader")] = batch.pop("_batch") + 1
-            errors = batch.pop("_errors")
-            c.retries += batch.pop("_retries")
-            for e in errors:
-                c.quarantine.append({**e, "epoch": c.phase.epoch})
-            c.errors += len(errors)
-            c.seen += len(batch["key"]) + len(errors)
+            c.count(len(batch["key"]), batch.pop("_errors"), batch.pop("_retries"))
             self._check_budget()
             yield batch
 
@@ -648,24 +519,17 @@ class Stream:
     # -- state -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's cursor (JSON-serialisable). Merge all ranks' with `merge_states`."""
-        c = self.cursor
-        return {
-            "format": STATE_FORMAT,
-            "dataset": self.fingerprint,
-            "seed": self.cfg.seed,
-            "phase": c.phase.to_dict(),
-            "consumed": {str(j): n for j, n in c.consumed.items()},
-            "quarantine": list(c.quarantine),
-            "seen": c.seen,
-            "errors": c.errors,
-            "retries": c.retries,
-        }
+        """This rank's cursor (JSON-serialisable): its own readers' positions and what it
+        counted. `merge_states` makes one cursor of every rank's."""
+        return rank_state(self.cursor, self._local_readers(), self.fingerprint, self.cfg.seed)
+
+    merge_states = staticmethod(merge_states)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a cursor: exactly where each reader stopped if the layout (ranks x
-        workers, batch size, shuffle settings) is the same, else the undelivered positions of
-        the epoch dealt out afresh to this layout's readers."""
+        """Continue from a cursor (merged, or a single rank's of a one-rank run): exactly where
+        each reader stopped if the layout (ranks x workers, batch size, shuffle settings) is the
+        same, else the undelivered positions of the epoch dealt out afresh to this layout's
+        readers. Its tally becomes this rank's inherited tally."""
         if state.get("format") != STATE_FORMAT:
             raise DataError(f"not a stream cursor (format {state.get('format')!r})")
         if state["dataset"] != self.fingerprint or state["seed"] != self.cfg.seed:
@@ -673,55 +537,37 @@ class Stream:
                 f"the cursor is for another dataset or seed (dataset {state['dataset']}, seed "
                 f"{state['seed']}); this stream reads {self.fingerprint} with seed {self.cfg.seed}"
             )
+        if "inherited" in state:
+            state = merge_states([state])
         phase = Phase.from_dict(state["phase"])
         consumed = {int(j): n for j, n in state["consumed"].items()}
-        keep = {k: state[k] for k in ("quarantine", "seen", "errors", "retries")}
+        tally = Tally.from_dict(state)
         same = (
             phase.readers == self.readers
             and phase.batch == self.cfg.batch_size
             and (phase.lanes, phase.window) == (self.cfg.shuffle_shards, self.cfg.shuffle_buffer)
         )
         if all(consumed.get(j, 0) >= phase.batches_per_reader for j in range(phase.readers)):
-            self.cursor = _Cursor(
-                self._epoch_phase(phase.epoch + 1),
-                quarantine=keep["quarantine"],
-                retries=keep["retries"],
-            )
+            self.cursor = Cursor(self._epoch_phase(phase.epoch + 1), inherited=tally.next_epoch())
         elif same:
-            self.cursor = _Cursor(phase, consumed, **keep)
+            self.cursor = Cursor(phase, consumed, inherited=tally)
         else:
             left = [
                 phase.plan(j, self.cfg.seed)[consumed.get(j, 0) * phase.batch :]
                 for j in range(phase.readers)
             ]
             rest = np.sort(np.concatenate(left))
-            self.cursor = _Cursor(
+            self.cursor = Cursor(
                 Phase(
                     phase.epoch,
                     self.readers,
                     self.cfg.batch_size,
-                    _compress(rest),
+                    compress(rest),
                     generation=phase.generation + 1,
                     drop_last=False,
                     shuffle=phase.shuffle,
                     lanes=self.cfg.shuffle_shards,
                     window=self.cfg.shuffle_buffer,
                 ),
-                **keep,
+                inherited=tally,
             )
-
-
-def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
-    """One cursor from every rank's `state_dict()` (e.g. gathered with all_gather_object)."""
-    first = states[0]
-    for s in states[1:]:
-        if s["phase"] != first["phase"] or s["dataset"] != first["dataset"]:
-            raise DataError(
-                "ranks disagree on the stream's phase; were they started from one cursor?"
-            )
-    merged = dict(first)
-    merged["consumed"] = {j: n for s in states for j, n in s["consumed"].items()}
-    merged["quarantine"] = [e for s in states for e in s["quarantine"]]
-    for k in ("seen", "errors", "retries"):
-        merged[k] = sum(s[k] for s in states)
-    return merged
