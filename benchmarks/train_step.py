@@ -109,7 +109,8 @@ def role_zero(args: argparse.Namespace) -> dict:
     from pipeline.plan import live_tensor_bytes
     from pipeline.train.engine import init_distributed
 
-    rank, world = init_distributed()
+    comm = init_distributed()
+    rank, world = comm.rank, comm.world
     before, tensors_before = rss_gb(), live_tensor_bytes()
     run = run_config({"name": args.model, "image_size": 32}, zero=args.zero, batch=2, world=world)
     engine = engine_for(run, world)
@@ -125,7 +126,7 @@ def role_zero(args: argparse.Namespace) -> dict:
 
     engine.step = counted_step
     step(engine, run.model, 2)
-    torch.distributed.barrier()
+    comm.barrier("every rank's measured step")
     return {"rank": rank, "state_gb": state_gb, "tensor_gb": (seen[-1] - tensors_before) / 1e9}
 
 

@@ -13,7 +13,7 @@ import yaml
 from pipeline.config import config_to_raw, load_config
 from pipeline.data.shards import DatasetError
 from pipeline.data.sources import SourceError
-from pipeline.errors import ConfigError
+from pipeline.errors import EXIT_PREEMPTED, ConfigError, Preempted
 from pipeline.models import create_model, list_models
 
 
@@ -296,6 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         args.func(args)
+    except Preempted as e:
+        print(f"tessera: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except ConfigError as e:
         print(f"tessera: config error: {e}", file=sys.stderr)
         return 2

@@ -81,9 +81,18 @@ class TrainConfig:
     output: str = "runs/default"  # run URL: checkpoints/, tensorboard/, results
     mask_prob: float = 0.15  # igpt-bert: fraction of pixels masked
     head_bias: float = -10.0  # supervised-sigmoid: initial head bias (big_vision)
+    # Seconds a collective (loss average, NaN agreement, cursor gather) may wait for the slowest
+    # rank before the job stops with an error naming what it waited for.
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        require(
+            self.collective_timeout_s > 0,
+            "collective_timeout_s",
+            self.collective_timeout_s,
+            "must be > 0 seconds",
+        )
         require(
             self.global_batch_size >= 1, "global_batch_size", self.global_batch_size, "must be >= 1"
         )
@@ -154,9 +163,13 @@ class CheckpointConfig:
     every_steps: int = 1000  # also saved on SIGTERM and at the end
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
     resume: str = "auto"  # auto: newest complete checkpoint; never; or a checkpoint URL
+    # Seconds one node's checkpoint download, upload or universal conversion may take (and its
+    # other ranks wait for it) before the job stops with an error naming it.
+    io_timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:
         require(self.every_steps >= 1, "every_steps", self.every_steps, "must be >= 1")
+        require(self.io_timeout_s > 0, "io_timeout_s", self.io_timeout_s, "must be > 0 seconds")
         require(self.keep_last >= 1, "keep_last", self.keep_last, "must be >= 1")
 
 

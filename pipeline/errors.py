@@ -21,3 +21,13 @@ def require(ok: bool, field: str, value: Any, allowed: str) -> None:
     """Raise FieldError(field, value, allowed) unless ok."""
     if not ok:
         raise FieldError(field, value, allowed)
+
+
+# `tessera pretrain`, `finetune` and `run` exit with this status after SIGTERM once a checkpoint
+# is saved: "preempted, run me again", distinct from success (0), failure (1) and a config or
+# data error (2). 75 is sysexits' EX_TEMPFAIL; launch/slurm.sbatch requeues the job on it.
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after saving a checkpoint; the same command resumes it."""

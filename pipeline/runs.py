@@ -74,17 +74,26 @@ def pull_checkpoint(url: str, name: str, endpoint_url: str = "") -> Path:
     marker = join(remote, COMPLETE)
     if marker not in files:
         raise FileNotFoundError(f"{join(url, CHECKPOINTS, name)} is not complete on the remote")
-    if (local / COMPLETE).is_file():
+    # A local marker proves nothing about this node's copy: the node that wrote the checkpoint
+    # holds only its own ranks' shards. Every remote file is checked; the marker goes first
+    # and comes back last, so a download cut short is never taken as complete.
+    stale = [
+        f for f in files if f != marker and not _same_size(local / f[len(remote) + 1 :], files[f])
+    ]
+    if not stale and (local / COMPLETE).is_file():
         return local
-    for remote_file in sorted(files, key=lambda p: p == marker):  # the marker last
+    (local / COMPLETE).unlink(missing_ok=True)
+    for remote_file in [*stale, marker]:
         target = local / remote_file[len(remote) + 1 :]
-        if target.is_file() and target.stat().st_size == files[remote_file]:
-            continue
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.part")
         with_retries(f"downloading {remote_file}", lambda r=remote_file, t=tmp: fs.get_file(r, t))
         os.replace(tmp, target)
     return local
+
+
+def _same_size(path: Path, size: int) -> bool:
+    return path.is_file() and path.stat().st_size == size
 
 
 def push_files(url: str, folder: Path, endpoint_url: str = "", skip: tuple[str, ...] = ()) -> None:

@@ -7,12 +7,13 @@ node), so the test checks the script's own part: ranks, rendezvous and the stage
 
 import json
 import os
+import signal
 import stat
 from pathlib import Path
 
 from conftest import BIN, free_port
 from test_job import job_config, stage_notes
-from test_train import finish, launch
+from test_train import finish, kill_when, launch
 
 ROOT = Path(__file__).parent.parent
 
@@ -23,10 +24,30 @@ for i in $(seq 0 $((SLURM_NTASKS - 1))); do
   SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
   pids+=($!)
 done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM  # srun passes signals on to its tasks
 rc=0
-for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+for p in "${pids[@]}"; do
+  while :; do wait "$p"; code=$?; kill -0 "$p" 2>/dev/null || break; done
+  [ $code -eq 0 ] || rc=$code
+done
 exit $rc
 """
+FAKE_SCONTROL = """#!/usr/bin/env bash
+case $1 in
+  show) echo 127.0.0.1 ;;
+  requeue) echo "$2" >> "$(dirname "$0")/requeued" ;;
+esac
+"""
+
+
+def fake_slurm(tmp_path: Path) -> Path:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text(FAKE_SRUN)
+    (fake / "scontrol").write_text(FAKE_SCONTROL)
+    for f in fake.iterdir():
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    return fake
 
 
 def wrapper_env(tmp_path: Path, **extra: str) -> dict:
@@ -65,13 +86,26 @@ def test_deepspeed_wrapper_runs_two_ranks_and_the_stages_around_them(tmp_path):
 
 
 def test_slurm_script_gives_each_task_its_rank_and_runs_the_stages(tmp_path):
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "srun").write_text(FAKE_SRUN)
-    (fake / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
-    for f in fake.iterdir():
-        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    fake_slurm(tmp_path)
     env = wrapper_env(tmp_path, SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.1")
     out = finish(launch(["bash", ROOT / "launch" / "slurm.sbatch", config(tmp_path)], env=env))
     check_job(out, tmp_path)
     assert trained_world(tmp_path) == 2
+
+
+def test_slurm_time_limit_signal_saves_requeues_and_does_not_export(tmp_path):
+    """--signal=B:TERM@120: SLURM signals the batch script alone; it passes the signal on,
+    every rank saves and exits preempted, and the job goes back to the queue unexported."""
+    fake = fake_slurm(tmp_path)
+    env = wrapper_env(
+        tmp_path, SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.1", SLURM_JOB_ID="4242"
+    )
+    more = ["--set", "train.steps=100000", "--set", "checkpoint.every_steps=3"]
+    more += ["--set", "data.workers=2"]
+    proc = launch(["bash", ROOT / "launch" / "slurm.sbatch", config(tmp_path), *more], env=env)
+    marker = tmp_path / "run" / "checkpoints" / "step-0000003" / "COMPLETE"
+    out = kill_when(proc, marker, sig=signal.SIGTERM)  # to the script's process only
+    assert proc.returncode == 0, out[-3000:]
+    assert (fake / "requeued").read_text().split() == ["4242"]
+    assert out.count("SIGTERM: saved") == 1 and "requeueing job 4242" in out
+    assert "export" not in stage_notes(out) and not (tmp_path / "run" / "export").exists()

@@ -15,7 +15,7 @@ import yaml
 from conftest import BIN, TESSERA
 
 from pipeline.config import parse_config
-from pipeline.errors import ConfigError
+from pipeline.errors import EXIT_PREEMPTED, ConfigError
 from pipeline.train import checkpoint
 from pipeline.train.engine import batch_layout, deepspeed_config
 from pipeline.train.optim import lr_schedule, param_groups
@@ -105,7 +105,10 @@ def kill_when(proc, path: Path, sig=signal.SIGKILL):
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError(f"{path} never appeared:\n{proc.communicate()[0][-3000:]}")
         time.sleep(0.05)
-    os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+    if sig == "tree":  # SIGTERM to every process the command started
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
     return wait(proc)
 
 
@@ -342,18 +345,26 @@ def test_two_ranks_under_the_deepspeed_launcher_resume_exactly(
     assert torch.isfinite(model(torch.rand(2, 1, 16, 16))).all()
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, digits_url):
+@pytest.mark.parametrize(("ranks", "workers"), [(1, 0), (2, 2)])
+def test_sigterm_to_every_process_saves_a_checkpoint_and_exits_preempted(
+    tmp_path, digits_url, ranks, workers
+):
+    """As SLURM and the deepspeed launcher send it: to every process of the tree, the loader
+    workers included."""
     config = write_config(
-        tmp_path, digits_url, train={"steps": 100000}, checkpoint={"every_steps": 5}
-    )
-    proc = pretrain(config)
+        tmp_path, digits_url, train={"steps": 100000}, checkpoint={"every_steps": 5},
+        data={"workers": workers},
+    )  # fmt: skip
+    proc = pretrain(config, ranks=ranks)
     out = kill_when(
-        proc, tmp_path / "run" / "checkpoints" / "step-0000005" / "COMPLETE", sig=signal.SIGTERM
+        proc, tmp_path / "run" / "checkpoints" / "step-0000005" / "COMPLETE", sig="tree"
     )
-    assert proc.returncode == 0 and "SIGTERM: saved" in out
+    assert "SIGTERM: saved" in out and "killed by signal" not in out, out[-3000:]
+    assert out.count("stopped by SIGTERM at step") == ranks  # each rank's exit message
+    if ranks == 1:  # under the deepspeed launcher, the launcher's own status is its own
+        assert proc.returncode == EXIT_PREEMPTED
     latest = checkpoint.find_latest(tmp_path / "run" / "checkpoints")
-    last_logged = max(losses(out))
-    assert latest.name == checkpoint.tag(last_logged)
+    assert latest.name == checkpoint.tag(max(losses(out)))
 
 
 def test_config_errors_stop_pretrain_before_any_work(tmp_path, digits_url):
@@ -401,10 +412,11 @@ print("ok")
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def _nan_run(tmp_path, digits_url, calls, where="loss", zero=2, precision="bf16", steps=8):
+def _nan_run(tmp_path, digits_url, calls, where="loss", zero=2, precision="bf16", steps=8, micro=0):
+    tmp_path.mkdir(exist_ok=True)
     config = write_config(
         tmp_path, digits_url, train={"steps": steps}, checkpoint={"every_steps": 100},
-        deepspeed={"zero_stage": zero, "precision": precision},
+        deepspeed={"zero_stage": zero, "precision": precision, "micro_batch_size": micro},
     )  # fmt: skip
     launcher = [BIN / "deepspeed", "--num_gpus", 2, "--no_local_rank", "--master_port", _port()]
     script = Path(__file__).with_name("nan_on_one_rank.py")
@@ -431,6 +443,28 @@ def test_a_nan_on_one_rank_is_skipped_by_all_ranks_together(
         (tmp_path / "run" / "checkpoints" / "step-0000008" / "trainer.json").read_text()
     )
     assert state["skipped"] == 2
+
+
+LR = re.compile(r"^step (\d+)/\d+ loss .*? lr ([0-9.e+-]+) ", re.M)
+
+
+def test_a_nan_mid_accumulation_still_draws_the_step_and_applies_none_of_it(tmp_path, digits_url):
+    # 16 images a step on 2 ranks in micro-batches of 2: 4 micro-batches per step and rank.
+    # Objective call 7 on rank 1 is the third micro-batch of step 2.
+    _, clean = _nan_run(tmp_path / "clean", digits_url, calls=[0], micro=2)
+    proc, out = _nan_run(tmp_path / "nan", digits_url, calls=[7], micro=2)
+    assert proc.returncode == 0, out[-3000:]
+    logged = losses(out)
+    assert sorted(logged) == list(range(1, 9)) and all(map(math.isfinite, logged.values()))
+    assert logged[1] == losses(clean)[1]  # before the NaN, the same run
+    # The skipped step moved neither the schedule nor the step counter ...
+    assert dict(LR.findall(out))["8"] == dict(LR.findall(clean))["8"]
+    ckpt = tmp_path / "nan" / "run" / "checkpoints"
+    state = json.loads((ckpt / "step-0000008" / "trainer.json").read_text())
+    assert state["step"] == 8 and state["skipped"] == 1
+    # ... while all of its micro-batches were drawn: 9 steps of 4 on each reader.
+    assert state["stream"]["consumed"] == {"0": 36, "1": 36}
+    assert state["stream"]["seen"] == 9 * 16
 
 
 def test_non_finite_losses_in_a_row_stop_the_run_naming_the_steps(tmp_path, digits_url):
@@ -535,3 +569,60 @@ def test_a_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_pat
     resumed = losses(out)
     assert sorted(resumed) == [5, 6, 7, 8] and all(resumed[s] == clean[s] for s in resumed)
     assert checkpoint.is_complete(root / "step-0000008")  # rewritten, complete this time
+
+
+def _ranks_with_a_kill(config, point, rank, nth):
+    launcher = [BIN / "deepspeed", "--num_gpus", 2, "--no_local_rank", "--master_port", _port()]
+    script = Path(__file__).with_name("kill_one_rank.py")
+    proc = launch([*launcher, script, config, point, rank, nth])
+    return proc, wait(proc)
+
+
+@pytest.mark.slow
+def test_three_untidy_kills_of_one_rank_resume_to_the_uninterrupted_weights_byte_for_byte(
+    tmp_path, digits_url
+):
+    """Loader workers and augmentation on; one rank killed mid-step, after the shards but
+    before COMPLETE, and between COMPLETE and `latest`, in one run."""
+    import random
+
+    from safetensors.torch import load_file
+
+    sections = {
+        "data": {"workers": 2, "augment": "vit"},
+        "train": {"steps": 15},
+        "checkpoint": {"every_steps": 3, "keep_last": 10},
+    }
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "killed").mkdir()
+    finish(pretrain(write_config(tmp_path / "clean", digits_url, **sections), ranks=2))
+    config = write_config(tmp_path / "killed", digits_url, **sections)
+    rng = random.Random(20261203)
+    kills = [("step", 1, rng.randint(4, 8)), ("shards", rng.randint(0, 1), 1), ("marker", 0, 2)]
+    last = 3 * ((kills[0][2] - 1) // 3)  # complete before the mid-step kill
+    ckpts = tmp_path / "killed" / "run" / "checkpoints"
+    for point, rank, nth in kills:
+        proc, out = _ranks_with_a_kill(config, point, rank, nth)
+        print(f"kill {point} rank {rank} #{nth}:", *re.findall(r"KILL .*", out))  # the log
+        assert proc.returncode != 0 and f"KILL {point} rank {rank}" in out, out[-3000:]
+        if point == "shards":  # the shards of last + 3 are there, its marker is not
+            assert list((ckpts / checkpoint.tag(last + 3)).glob("*optim_states.pt"))
+            assert not checkpoint.is_complete(ckpts / checkpoint.tag(last + 3))
+    assert checkpoint.is_complete(ckpts / checkpoint.tag(last + 6))  # the "marker" kill ...
+    assert (ckpts / checkpoint.LATEST).read_text() == checkpoint.tag(last + 3)  # ... left it
+    out = finish(pretrain(config, ranks=2))
+    assert f"at step {last + 6}" in out  # the newest complete checkpoint, not `latest`'s
+    for name in ("clean", "killed"):
+        run_export(tmp_path / name / "run", tmp_path / name / "export")
+    clean = load_file(tmp_path / "clean" / "export" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "export" / "model.safetensors")
+    assert clean.keys() == resumed.keys()
+    differ = [k for k in clean if clean[k].numpy().tobytes() != resumed[k].numpy().tobytes()]
+    assert differ == [], differ
+    final = checkpoint.tag(15)
+    want, got = (
+        json.loads((tmp_path / n / "run" / "checkpoints" / final / "trainer.json").read_text())
+        for n in ("clean", "killed")
+    )
+    for key in ("phase", "consumed", "seen", "errors", "quarantine"):
+        assert got["stream"][key] == want["stream"][key], key

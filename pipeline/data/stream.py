@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import random
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -226,6 +227,14 @@ class _Reader:
 
 def _as_made(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
+
+
+def _outlive_sigterm(_: int) -> None:
+    """In a DataLoader worker: ignore SIGTERM. Preemption (SLURM, the deepspeed launcher)
+    signals the whole process tree; a worker that died of it would make its rank fail
+    ("DataLoader worker ... is killed by signal") instead of saving a checkpoint. The worker
+    still ends with its rank, which shuts it down or whose death it notices."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _BatchSlots:
@@ -477,8 +486,9 @@ class Stream:
         # The batches are made by the dataset; collate_fn keeps the DataLoader from converting
         # their numpy arrays to tensors in the worker (see _ReaderDataset._labelled).
         loader = DataLoader(
-            dataset, batch_size=None, num_workers=self.cfg.workers, collate_fn=_as_made
-        )
+            dataset, batch_size=None, num_workers=self.cfg.workers, collate_fn=_as_made,
+            worker_init_fn=_outlive_sigterm,
+        )  # fmt: skip
         for batch in loader:
             if batch.pop("_epoch") != c.phase.epoch:  # the workers went on to the next epoch
                 self._next_epoch()

@@ -277,9 +277,7 @@ def finetune(ctx: Context) -> Iterator[Measurement]:
     """Transfer by finetuning the whole network (`tessera finetune`) on the target."""
     from pipeline.train.finetune import finetune as run_finetune
 
-    result = run_finetune(ctx.finetune_run, log=ctx.log, scratch=True)
-    if result is None:
-        return
+    result = run_finetune(ctx.finetune_run, log=ctx.log, scratch=True)  # Preempted: stops here
     extra = {"steps": result["step"], "initial_top1": result["initial_top1"]}
     yield Measurement("finetune", "-", "top1", result["top1"], ctx.pixel_probe(), extra)
 

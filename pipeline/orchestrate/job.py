@@ -20,9 +20,12 @@ the working directory, where outputs would be lost.
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -30,7 +33,7 @@ import yaml
 
 from pipeline import runs
 from pipeline.config import RunConfig, config_to_raw, parse_config
-from pipeline.errors import ConfigError
+from pipeline.errors import EXIT_PREEMPTED, ConfigError, Preempted
 from pipeline.evaluate.results import RESULTS_MD
 from pipeline.storage import basename, filesystem, join
 
@@ -205,7 +208,10 @@ def train_on_ray(run: RunConfig, kind: str) -> None:
             num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
             resources_per_worker=resources,
         ),
-        torch_config=TorchConfig(backend="nccl" if job.gpus_per_worker else "gloo"),
+        torch_config=TorchConfig(
+            backend="nccl" if job.gpus_per_worker else "gloo",
+            timeout_s=math.ceil(run.train.collective_timeout_s),
+        ),
         run_config=RayRunConfig(
             name=f"{run.name}-{kind}", storage_path=storage,
             failure_config=FailureConfig(max_failures=job.max_failures),
@@ -238,6 +244,8 @@ def train_locally(run: RunConfig, kind: str) -> None:
         codes = _wait_all(procs)
         if all(c == 0 for c in codes):
             return
+        if EXIT_PREEMPTED in codes and set(codes) <= {0, EXIT_PREEMPTED}:
+            raise Preempted(f"{kind}: stopped by SIGTERM, checkpoint saved; run the job again")
         if 2 in codes:  # a config or data error: another try would fail the same way
             raise StageError(f"{kind}: stopped by a config or data error (see above); not retried")
         say(f"{kind}: rank exit codes {codes} (attempt {attempt + 1}/{run.job.max_failures + 1})")
@@ -246,13 +254,26 @@ def train_locally(run: RunConfig, kind: str) -> None:
 
 def _wait_all(procs: list[subprocess.Popen]) -> list[int]:
     """Exit codes; when one rank fails the others are stopped (they would wait on it forever),
-    and so are all when this process is interrupted."""
+    and so are all when this process is interrupted. A rank that exits preempted (after saving)
+    is not a failure: the others are saving too and are waited for. SIGTERM to this process
+    (a preempted job, whose ranks may or may not have had it too) is passed on to the ranks,
+    which save and exit."""
+
+    def forward(*_: Any) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, forward) if in_main else None
     try:
         while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs):
+            if any(p.poll() not in (None, 0, EXIT_PREEMPTED) for p in procs):
                 break
             time.sleep(0.2)
     finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
         for p in procs:
             if p.poll() is None:
                 p.kill()

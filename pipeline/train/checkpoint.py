@@ -86,21 +86,20 @@ def find_latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save(engine, root: Path, step: int, state: dict[str, Any], rank: int, keep_last: int) -> Path:
-    """Every rank calls this; returns the checkpoint directory once it is complete."""
-    import torch.distributed as dist
-
+def save(engine, root: Path, step: int, state: dict[str, Any], comm, keep_last: int) -> Path:
+    """Every rank calls this (comm: pipeline.train.distributed.Comm); returns the checkpoint
+    directory once it is complete."""
     name = tag(step)
     path = root / name
     engine.save_checkpoint(str(root), tag=name, save_latest=False)
-    _write_atomic(path / f"rng-rank{rank:05d}.json", json.dumps(rng_state()))
-    dist.barrier()
-    if rank == 0:
+    _write_atomic(path / f"rng-rank{comm.rank:05d}.json", json.dumps(rng_state()))
+    comm.barrier(f"every rank to write its shards of {name}")
+    if comm.rank == 0:
         _write_atomic(path / STATE, json.dumps(state))
         _write_atomic(path / COMPLETE, json.dumps({"step": step, "time": time.time()}))
         _write_atomic(root / LATEST, name)
         _prune(root, keep_last)
-    dist.barrier()
+    comm.barrier(f"rank 0 to mark {name} complete")
     return path
 
 

@@ -18,6 +18,8 @@ from torch import nn
 
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
+from pipeline.train import distributed
+from pipeline.train.distributed import DEFAULT_IO_TIMEOUT_S, DEFAULT_TIMEOUT_S, Comm
 from pipeline.train.optim import lr_schedule, param_groups
 
 
@@ -108,40 +110,32 @@ def build_ops(log=print) -> list[str]:
     return built
 
 
-def init_distributed(log=print) -> tuple[int, int]:
-    """(rank, world size). Starts a one-process group when no launcher set one up."""
+def init_distributed(
+    timeout_s: float = DEFAULT_TIMEOUT_S, io_timeout_s: float = DEFAULT_IO_TIMEOUT_S, log=print
+) -> Comm:
+    """This rank's communication (pipeline.train.distributed), with DeepSpeed's own layer
+    adopting its process group. Starts a one-process group when no launcher set one up."""
     import deepspeed
 
     use_environment_ninja()
     clear_stale_build_locks(log=log)
-
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if backend == "gloo":
-        _unlink_shm_workspace(rank, world)
-    return rank, world
+    comm = distributed.setup(timeout_s, io_timeout_s)
+    deepspeed.init_distributed(dist_backend=comm.backend, verbose=False)
+    if comm.device.type == "cpu":
+        _unlink_shm_workspace(comm)
+    return comm
 
 
-def _unlink_shm_workspace(rank: int, world: int) -> None:
+def _unlink_shm_workspace(comm: Comm) -> None:
     """DeepSpeed's CPU all-reduce gives every rank on one machine a 66 MB file in /dev/shm, which
     it never removes: each run leaks that much RAM until reboot. Once every rank has mapped every
     other's (they wait for each other while starting, then this barrier), the names can go; the
     memory is freed when the last rank exits, even when killed."""
-    if world > 1:
-        torch.distributed.barrier()
-    addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+    comm.barrier("every rank to map DeepSpeed's shared-memory all-reduce buffers")
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (addr and port):  # DeepSpeed names the file after them; without them it made none
+        return
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{comm.rank}"
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from pipeline.config import RunConfig
 from pipeline.data.shards import load_manifest
 from pipeline.data.stream import Stream, stream_config
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, Preempted
 from pipeline.evaluate.results import Row, append_rows
 from pipeline.storage import basename
 from pipeline.train.objectives import class_logits
@@ -48,7 +47,7 @@ def top1(trainer: Trainer, split: str) -> tuple[int, int]:
     engine = trainer.engine
     was_training = engine.module.training
     engine.eval()
-    counts = torch.zeros(2, dtype=torch.float64)
+    correct, images = 0, 0
     for batch in stream.iter_epoch():  # the same number of batches on every rank
         batch = trainer._to_device(batch)
         predicted = class_logits(engine, batch).argmax(-1, keepdim=True)
@@ -57,16 +56,17 @@ def top1(trainer: Trainer, split: str) -> tuple[int, int]:
             hit = labels.gather(1, predicted).squeeze(1) > 0
         else:
             hit = predicted.squeeze(1) == labels
-        counts += torch.tensor([hit.sum().item(), len(hit)], dtype=torch.float64)
-    dist.all_reduce(counts)
+        correct, images = correct + int(hit.sum()), images + len(hit)
+    correct, images = trainer.comm.sum([correct, images], f"top-1 counts on {split}")
     engine.train(was_training)
-    return int(counts[0]), int(counts[1])
+    return int(correct), int(images)
 
 
 def finetune(
     run: RunConfig, resume: str = "auto", log=print, scratch: bool = False
-) -> dict[str, Any] | None:
-    """Train from finetune.init; returns {"top1", "initial_top1", ...} or None if preempted.
+) -> dict[str, Any]:
+    """Train from finetune.init; returns {"top1", "initial_top1", ...}; raises Preempted after
+    SIGTERM (checkpoint saved).
     scratch=True allows an empty init: the same recipe from random weights (a baseline)."""
     if not run.finetune.init and not scratch:
         raise ConfigError("finetune.init: is empty; name the pretrained weights to start from")
@@ -77,13 +77,17 @@ def finetune(
         initial = top1(trainer, split) if trainer.step == 0 else None
         if initial and trainer.rank == 0:
             log(f"top-1 on {split} before finetuning: {100 * initial[0] / initial[1]:.2f}%")
-        if trainer.train() != "done":
-            trainer.close()
-            return None
-        correct, total = top1(trainer, split)
+        done = trainer.train() == "done"
+        correct, total = top1(trainer, split) if done else (0, 0)
     except BaseException:
         trainer.close(clean=False)
         raise
+    if not done:
+        trainer.close()
+        raise Preempted(
+            f"finetuning stopped by SIGTERM at step {trainer.step}, checkpoint saved; resume "
+            "with the same command"
+        )
     result = {
         "top1": correct / max(total, 1),
         "images": total,

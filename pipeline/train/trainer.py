@@ -11,22 +11,22 @@ as one that was never stopped.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 
 from pipeline import runs
 from pipeline.config import RunConfig, config_to_raw
-from pipeline.data.stream import Stream, merge_states, stream_config
+from pipeline.data.stream import Stream, stream_config
 from pipeline.data.transforms import model_input
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, Preempted
 from pipeline.models import create_model, load_pretrained
 from pipeline.train import checkpoint
 from pipeline.train.engine import (
@@ -76,9 +76,10 @@ def measure_peak_flops(
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
-def pretrain(run: RunConfig, resume: str = "auto", log=print) -> str:
-    """`tessera pretrain` on this rank: train to the end (or SIGTERM), then leave the process
-    group; after a failure, without waiting for ranks that may be gone. Returns train()'s word."""
+def pretrain(run: RunConfig, resume: str = "auto", log=print) -> None:
+    """`tessera pretrain` on this rank: train to the end, then leave the process group; after a
+    failure, without waiting for ranks that may be gone. Raises Preempted after SIGTERM, once
+    the checkpoint is saved."""
     trainer = Trainer(run, resume=resume, log=log)
     try:
         outcome = trainer.train()
@@ -86,64 +87,136 @@ def pretrain(run: RunConfig, resume: str = "auto", log=print) -> str:
         trainer.close(clean=False)
         raise
     trainer.close()
-    return outcome
+    if outcome == "preempted":
+        raise Preempted(
+            f"stopped by SIGTERM at step {trainer.step}, checkpoint saved; resume "
+            "with the same command"
+        )
+
+
+class TrainingInput(Protocol):
+    """What the trainer reads batches from: the exactly-once `Stream`, or Ray Data's shard."""
+
+    cursor: Any  # .errors and .retries are logged
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    @staticmethod
+    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]: ...
 
 
 class Trainer:
+    """Built in the order a run needs its parts, each step its own method:
+    communication -> run folder and the checkpoint to resume -> input -> model and engine ->
+    restored state -> logs."""
+
     def __init__(self, run: RunConfig, resume: str = "auto", log=print) -> None:
         self.run, self.log = run, log
-        self.rank, self.world = init_distributed(log)
-        self.micro, self.accum = batch_layout(run, self.world)
+        self.comm = init_distributed(
+            run.train.collective_timeout_s, run.checkpoint.io_timeout_s, log=log
+        )
+        self.micro, self.accum = batch_layout(run, self.comm.world)
+        self.step, self.skipped = 0, 0
+        self._stop = False
+        self._visual: dict[str, torch.Tensor] | None = None  # a few fixed samples for pictures
+        self.init_provenance: dict[str, Any] = {}  # where finetune.init's weights came from
+        self._setup_output()
+        start = self._checkpoint_to_resume(resume)
+        self.stream = self._build_input()
+        universal = start is not None and self._prepare_universal(start)
+        init = self._finetune_init() if start is None else None  # a resumed run has its weights
+        self._build_engine(init, universal)
+        if start is not None:
+            self._resume(start, universal)
+        self.writer = self._build_writer()
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world(self) -> int:
+        return self.comm.world
+
+    # -- construction ----------------------------------------------------------------------
+
+    def _setup_output(self) -> None:
+        """The run folder. A remote run (s3://...) trains in a local staging folder per node and
+        mirrors it (pipeline.runs); a local one must be the same folder on every node."""
+        self.url, self.endpoint = self.run.train.output, self.run.data.endpoint_url
+        self.remote = runs.is_remote(self.url)
+        self.output = runs.local_dir(self.url)
+        self.ckpt_root = self.output / "checkpoints"
+        if not self.remote and self.world > 1:
+            self._check_output_is_shared()
+
+    def _check_output_is_shared(self) -> None:
+        """Rank 0 leaves a token in the output folder; a rank that cannot read it writes its
+        checkpoint shards where rank 0 will never find them. Refused with the ranks named."""
+        token = uuid.uuid4().hex if self.rank == 0 else ""
+        token = self.comm.gather(token, "rank 0's output token")[0]
+        probe = self.output / f".tessera-shared-{token}"
+        if self.rank == 0:
+            self.output.mkdir(parents=True, exist_ok=True)
+            probe.write_text(token)
+        self.comm.barrier("rank 0 to write the shared-folder probe")
+        sees = probe.is_file() and probe.read_text() == token
+        blind = [r for r, ok in enumerate(self.comm.gather(sees, "the probe check")) if not ok]
+        self.comm.barrier("every rank to read the shared-folder probe")
+        if self.rank == 0:
+            probe.unlink(missing_ok=True)
+        if blind:
+            raise ConfigError(
+                f"train.output: {self.url} is a local folder that ranks {blind} do not share with "
+                "rank 0 (no shared filesystem between the nodes); use object storage (s3://...) "
+                "or a filesystem every node mounts at the same path"
+            )
+
+    def _build_input(self) -> TrainingInput:
+        source = stream_config(self.run, self.run.data.train_split, self.micro, train=True)
+        if self.run.data.ingest == "ray-data":
+            from pipeline.data.ray_ingest import RayDataInput
+
+            return RayDataInput(source)
+        return Stream(source, self.rank, self.world)
+
+    def _finetune_init(self) -> Weights | None:
+        """finetune.init's weights for a run that starts fresh (a resumed finetune has them)."""
+        if not self.run.finetune.init:
+            return None
+        init = read_weights_for(self.run.finetune.init, self.run.model, "finetune.init")
+        self.init_provenance = init.provenance
+        return init
+
+    def _build_engine(self, init: Weights | None, universal: bool) -> None:
+        run = self.run
         torch.manual_seed(run.train.seed)  # the same initial weights on every rank
         head = (
             {"head_bias": run.train.head_bias}
             if run.train.objective == "supervised-sigmoid"
             else {}
         )
-        # A remote run (s3://...) trains in a local staging folder and mirrors it (pipeline.runs).
-        self.url, self.endpoint = run.train.output, run.data.endpoint_url
-        self.remote = runs.is_remote(self.url)
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.output = runs.local_dir(self.url)
-        self.ckpt_root = self.output / "checkpoints"
-        start = self._checkpoint_to_resume(resume)
-        init = None
-        self.init_provenance: dict[str, Any] = {}
-        if run.finetune.init and start is None:  # a resumed finetune has its weights already
-            init = read_weights_for(run.finetune.init, run.model, "finetune.init")
-            self.init_provenance = init.provenance
-        source = stream_config(run, run.data.train_split, self.micro, train=True)
-        if run.data.ingest == "ray-data":
-            from pipeline.data.ray_ingest import RayDataInput
-
-            self.stream = RayDataInput(source)
-        else:
-            self.stream = Stream(source, self.rank, self.world)
         with model_init_context(run, self.world):
             model = create_model(run.model, **head)
         if init is not None:
             self._load_init(model, init)
-        self.flops_per_sample = run.model.train_flops()
-        universal = start is not None and self._needs_universal(start)
         self.engine, _, self.scheduler = build_engine(
             model, run, self.world, run.train.steps, load_universal=universal
         )
         self.dtype = next(self.engine.module.parameters()).dtype
         self.objective = OBJECTIVES[run.train.objective]
-        self.step = 0
-        self.skipped = 0
-        self._stop = False
-        self._visual: dict[str, torch.Tensor] | None = None  # a few fixed samples for pictures
-        if start is not None:
-            self._resume(start, universal)
+        self.flops_per_sample = run.model.train_flops()
         peak = run.logging.peak_tflops * 1e12 or measure_peak_flops(self.dtype, self.engine.device)
         self.peak_flops = peak
-        self.writer = None
-        if self.rank == 0 and run.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step: after a resume, events past the checkpoint are dropped: one curve.
-            self.writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=self.step)
+    def _build_writer(self):
+        if self.rank != 0 or not self.run.logging.tensorboard:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: after a resume, events past the checkpoint are dropped: one curve.
+        return SummaryWriter(str(self.output / "tensorboard"), purge_step=self.step)
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -176,7 +249,7 @@ class Trainer:
             name = runs.latest_checkpoint(self.url, self.endpoint)
             if name is None:
                 return None
-            self._on_each_node(
+            self.comm.on_each_node(
                 f"downloading {self.url}/checkpoints/{name}",
                 lambda: runs.pull_checkpoint(self.url, name, self.endpoint),
             )
@@ -187,22 +260,32 @@ class Trainer:
         checkpoint.read_state(path)  # a clear error now if it is not a complete checkpoint
         return path
 
-    def _needs_universal(self, path: Path) -> bool:
+    def _prepare_universal(self, path: Path) -> bool:
         """A checkpoint written at another world size or ZeRO stage loads through DeepSpeed's
-        universal format; rank 0 converts it once, next to the checkpoints."""
+        universal format: converted once per filesystem, next to the checkpoints (by rank 0 for
+        a local run, by every node's first rank for a remote one, whose staging folders are
+        the nodes' own)."""
         state = checkpoint.read_state(path)
         saved_stage = state["config"]["deepspeed"]["zero_stage"]
         if state["world"] == self.world and saved_stage == self.run.deepspeed.zero_stage:
             return False
         target = checkpoint.universal_path(path)
-        if self.rank == 0 and not (target / checkpoint.COMPLETE).is_file():
+        if self.rank == 0:
             self.log(
                 f"{path} was written by {state['world']} ranks at ZeRO-{saved_stage}; converting "
                 f"it for {self.world} ranks at ZeRO-{self.run.deepspeed.zero_stage}"
             )
-            to_universal(path, target)
-            (target / checkpoint.COMPLETE).write_text("{}")
-        dist.barrier()
+
+        def convert() -> None:
+            if not (target / checkpoint.COMPLETE).is_file():
+                to_universal(path, target)
+                (target / checkpoint.COMPLETE).write_text("{}")
+
+        what = f"converting {path.name} to a universal checkpoint"
+        if self.remote:
+            self.comm.on_each_node(what, convert)
+        else:
+            self.comm.on_rank_0(what, convert)
         return True
 
     def _resume(self, path: Path, universal: bool) -> None:
@@ -215,42 +298,26 @@ class Trainer:
             self.log(f"resumed from {path} at step {self.step}")
 
     def save(self) -> Path:
-        states = [None] * self.world
-        dist.all_gather_object(states, self.stream.state_dict())
+        states = self.comm.gather(self.stream.state_dict(), "every rank's data cursor")
         state = {
             "step": self.step,
             "skipped": self.skipped,
-            "stream": getattr(self.stream, "merge_states", merge_states)(states),
+            "stream": self.stream.merge_states(states),
             "world": self.world,
             "config": config_to_raw(self.run),
             "init": self.init_provenance,
         }
         path = checkpoint.save(
-            self.engine, self.ckpt_root, self.step, state, self.rank, self.run.checkpoint.keep_last
+            self.engine, self.ckpt_root, self.step, state, self.comm, self.run.checkpoint.keep_last
         )
         if self.remote:
             self._publish(path)
         return path
 
-    def _on_each_node(self, what: str, fn) -> None:
-        """fn() on each node's first rank, the others waiting; a failure stops every rank with
-        the same error instead of leaving the others in a collective forever."""
-        error = ""
-        if self.local_rank == 0:
-            try:
-                fn()
-            except Exception as e:
-                error = f"{what} failed on rank {self.rank}: {e!r}"
-        errors = [""] * self.world
-        dist.all_gather_object(errors, error)
-        failed = [e for e in errors if e]
-        if failed:
-            raise OSError("; ".join(failed))
-
     def _publish(self, path: Path) -> None:
         """The checkpoint just written locally, to the remote run: every node's shards, then
         (rank 0) its marker and `latest`, then TensorBoard. Complete there, or ignored."""
-        self._on_each_node(
+        self.comm.on_each_node(
             f"uploading {path.name}",
             lambda: runs.push_files(self.url, path, self.endpoint, skip=runs.WRITTEN_LAST),
         )
@@ -265,7 +332,7 @@ class Trainer:
                     self._push_logs()
             runs.prune_local(self.url, keep=path.name)
 
-        self._on_each_node(f"publishing {path.name}", publish)
+        self.comm.on_each_node(f"publishing {path.name}", publish)
 
     def _push_logs(self) -> None:
         """TensorBoard events and the pictures, to a remote run."""
@@ -278,12 +345,6 @@ class Trainer:
     def _on_sigterm(self, *_: Any) -> None:
         self._stop = True
 
-    def _agree(self, flag: bool) -> bool:
-        """True on every rank if it is true on any."""
-        t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = dict(batch)
         device = self.engine.device
@@ -294,10 +355,16 @@ class Trainer:
                 out[key] = out[key].to(device, non_blocking=True)
         return out
 
-    def train_step(self, batches) -> dict[str, float] | None:
+    def train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, float] | None:
         """One optimizer step over `accum` micro-batches; None if it was skipped because a loss
-        was not finite on some rank (every rank skips it together)."""
+        or a gradient was not finite on some rank (every rank skips it together).
+
+        A micro-batch whose loss is not finite still goes through backward, its gradients made
+        NaN, and so do the micro-batches after it: every micro-batch of the step is drawn (the
+        data cursor stays exact) and DeepSpeed reaches its accumulation boundary, where its
+        overflow check discards the whole step: no update, no scheduler step."""
         totals: dict[str, float] = {}
+        poisoned = False
         for micro in range(self.accum):
             raw = next(batches)
             if self._visual is None:
@@ -311,17 +378,23 @@ class Trainer:
             loss, metrics = self.objective(
                 self.engine, batch, mask_prob=self.run.train.mask_prob, generator=gen
             )
-            if self._agree(not torch.isfinite(loss).item()):
-                return None
+            if not torch.isfinite(loss).item():
+                poisoned = True
+                loss = loss * float("nan")  # NaN gradients for every parameter it reaches
             self.engine.backward(loss)
             self.engine.step()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / self.accum
+        poisoned = self.comm.any(poisoned, "the non-finite-loss check")
         # A finite loss can still give non-finite gradients. DeepSpeed checks the global
         # gradient norm (the same on every rank) and skips the update; count it as skipped.
-        if not self.engine.was_step_applied():
-            return None
-        return totals
+        applied = self.engine.was_step_applied()
+        if poisoned and applied:
+            raise NonFiniteError(
+                f"step {self.step + 1}: a loss was not finite, yet DeepSpeed applied the update; "
+                "its overflow check is off (bf16.check_grad_overflow in deepspeed.config_file?)"
+            )
+        return totals if applied else None
 
     def train(self) -> str:
         """Train to train.steps; returns "done", or "preempted" after SIGTERM (checkpoint saved)."""
@@ -360,10 +433,10 @@ class Trainer:
                     self._log_images()
                 if self.step % run.checkpoint.every_steps == 0 or self.step == run.train.steps:
                     self.save()
-                if self._agree(self._stop):
+                if self.comm.any(self._stop, "the SIGTERM check"):
                     path = self.save()
                     if self.rank == 0:
-                        self.log(f"SIGTERM: saved {path}; continue with `--resume auto`")
+                        self.log(f"SIGTERM: saved {path}; the same command resumes it")
                     return "preempted"
             return "done"
         finally:
@@ -405,15 +478,10 @@ class Trainer:
             self.writer.close()
             if clean:
                 self._push_logs()
-        if dist.is_initialized():
-            if clean:
-                dist.barrier()
-            dist.destroy_process_group()
+        self.comm.close(clean)
 
     def _log(self, window: dict[str, float], n: int, elapsed: float, start_step: int) -> None:
-        t = torch.tensor([window.get("loss", 0.0) / n])
-        dist.all_reduce(t)
-        loss = t.item() / self.world
+        loss = self.comm.mean(window.get("loss", 0.0) / n, "the loss average")
         samples_per_s = n * self.run.train.global_batch_size / max(elapsed, 1e-9)
         mfu = samples_per_s * self.flops_per_sample / (self.peak_flops * self.world)
         lr = self.scheduler.get_last_lr()[0]

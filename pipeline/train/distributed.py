@@ -1,0 +1,214 @@
+"""Communication between training ranks: the process groups, and every collective Tessera runs.
+
+No other module calls a `torch.distributed` collective or barrier (tests/test_distributed.py
+reads the source to keep it so); DeepSpeed's own collectives stay inside DeepSpeed. The rules,
+written for a GPU cluster and tested on CPU ranks over gloo:
+
+- The rank's device is chosen from LOCAL_RANK before the process group exists: NCCL binds its
+  communicator to the current device, and without this every rank of a node would use GPU 0.
+- Tensors that cross ranks live on the rank's device (an NCCL group rejects CPU tensors).
+  Python objects (cursors, error messages) travel pickled over a gloo group of their own.
+- Every wait has a deadline and says what it waited for. Collectives time out after
+  `train.collective_timeout_s`. Storage I/O (checkpoint downloads, uploads, the universal
+  conversion) runs outside collectives on one rank per node, which gives up after
+  `checkpoint.io_timeout_s`; the ranks waiting for it wait that long plus a collective's
+  deadline, so they hear why. On GPUs a collective that times out aborts the process (NCCL's watchdog), so a
+  dead rank ends the job instead of leaving the others waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 600.0  # train.collective_timeout_s
+DEFAULT_IO_TIMEOUT_S = 3600.0  # checkpoint.io_timeout_s
+
+
+class CommError(RuntimeError):
+    """A collective failed or timed out: names the rank and what it was waiting for."""
+
+
+def rank_device(local_rank: int) -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK on a GPU node (as DeepSpeed's engine assumes), else
+    the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise CommError(
+            f"LOCAL_RANK is {local_rank} but this node shows {count} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one "
+            "rank per visible GPU"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def _environment() -> tuple[int, int, int]:
+    """(rank, world size, local rank); a single process when no launcher set them."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:  # a single process: a free port on loopback
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+
+
+@dataclass
+class Comm:
+    """This rank's place in the job and the collectives it takes part in."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    timeout_s: float
+    io_timeout_s: float
+    objects: Any = field(repr=False, default=None)  # gloo group: pickled objects, barriers
+    io: Any = field(repr=False, default=None)  # gloo group: waits for another rank's I/O
+
+    @property
+    def io_wait_s(self) -> float:
+        """How long ranks wait for another's I/O: its deadline, then a collective's."""
+        return self.io_timeout_s + self.timeout_s
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
+    # -- tensors, on the rank's device -----------------------------------------------------
+
+    def any(self, flag: bool, what: str = "a flag") -> bool:
+        """True on every rank if it is true on any."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        self._call(what, lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX))
+        return bool(t.item())
+
+    def sum(self, values: list[float], what: str = "sums") -> list[float]:
+        """Element-wise sums over ranks, in float64 (exact for counts below 2**53)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self._call(what, lambda: dist.all_reduce(t))
+        return t.tolist()
+
+    def mean(self, value: float, what: str = "a mean") -> float:
+        return self.sum([value], what)[0] / self.world
+
+    # -- Python objects and waits, on gloo --------------------------------------------------
+
+    def gather(self, obj: T, what: str = "objects") -> list[T]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        out: list[Any] = [None] * self.world
+        self._call(what, lambda: dist.all_gather_object(out, obj, group=self.objects))
+        return out
+
+    def barrier(self, what: str) -> None:
+        self._call(what, lambda: dist.barrier(group=self.objects))
+
+    def on_each_node(self, what: str, fn: Callable[[], Any]) -> None:
+        """fn() on each node's first rank (LOCAL_RANK 0) while the node's other ranks wait: I/O
+        into a node's own staging folder."""
+        self._io(what, fn, self.local_rank == 0)
+
+    def on_rank_0(self, what: str, fn: Callable[[], Any]) -> None:
+        """fn() on rank 0 while every other rank waits: I/O into a folder all nodes share."""
+        self._io(what, fn, self.rank == 0)
+
+    def _io(self, what: str, fn: Callable[[], Any], mine: bool) -> None:
+        """Both sides have the deadline `io_timeout_s`. A failure or timeout anywhere stops
+        every rank with the same error, naming the rank and what it was doing, instead of
+        leaving the others in a collective."""
+        error = self._within_deadline(what, fn) if mine else ""
+        errors = [""] * self.world
+        self._call(
+            what,
+            lambda: dist.all_gather_object(errors, error, group=self.io),
+            timeout_s=self.io_wait_s,
+        )
+        failed = [e for e in errors if e]
+        if failed:
+            raise OSError("; ".join(failed))
+
+    def _within_deadline(self, what: str, fn: Callable[[], Any]) -> str:
+        """fn() in a thread, given io_timeout_s: "" if it succeeded, else what went wrong.
+        A call past its deadline is left running (a blocked read cannot be interrupted); the
+        error ends the job, and with it the thread."""
+        outcome: list[BaseException | None] = []
+
+        def target() -> None:
+            try:
+                fn()
+                outcome.append(None)
+            except BaseException as e:
+                outcome.append(e)
+
+        thread = threading.Thread(target=target, name=f"tessera-io-{what[:30]}", daemon=True)
+        thread.start()
+        thread.join(self.io_timeout_s)
+        if not outcome:
+            return (
+                f"{what} on rank {self.rank}: not finished after checkpoint.io_timeout_s="
+                f"{self.io_timeout_s:g}s"
+            )
+        if outcome[0] is not None:
+            return f"{what} failed on rank {self.rank}: {outcome[0]!r}"
+        return ""
+
+    def _call(self, what: str, fn: Callable[[], Any], timeout_s: float | None = None) -> None:
+        if self.world == 1:
+            fn()  # no peers to wait for; the call still checks devices and types
+            return
+        try:
+            fn()
+        except (RuntimeError, ValueError) as e:  # gloo and NCCL errors, timeouts included
+            limit = self.timeout_s if timeout_s is None else timeout_s
+            raise CommError(
+                f"rank {self.rank}/{self.world}: waiting for {what} failed (deadline {limit:g}s; "
+                f"a rank may have died or be stuck): {e}"
+            ) from e
+
+    def close(self, clean: bool = True) -> None:
+        """Leave the process groups. clean=False after a failure: no barrier, the other ranks
+        may be gone."""
+        if not dist.is_initialized():
+            return
+        if clean:
+            self.barrier("every rank to finish")
+        dist.destroy_process_group()
+
+
+def setup(timeout_s: float = DEFAULT_TIMEOUT_S, io_timeout_s: float = DEFAULT_IO_TIMEOUT_S) -> Comm:
+    """Joins (or starts) the job's process group: NCCL on GPUs, gloo on CPUs, and two gloo
+    groups beside it for objects and I/O waits. Rank and world size come from the environment
+    (deepspeed, torchrun, Ray Train, SLURM via the launch scripts, or nothing: one process)."""
+    if dist.is_initialized():  # a Ray Train worker: Ray made the group
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    else:
+        rank, world, local_rank = _environment()
+    device = rank_device(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # An NCCL error or timeout tears the process down rather than leaving it blocked.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    options: dict[str, Any] = {"timeout": timedelta(seconds=timeout_s)}
+    if device.type == "cuda":
+        options["device_id"] = device  # the communicator is made now, on this device
+    comm = Comm(rank, world, local_rank, device, timeout_s, io_timeout_s)
+    if not dist.is_initialized():
+        dist.init_process_group(comm.backend, rank=rank, world_size=world, **options)
+    comm.objects = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    comm.io = dist.new_group(backend="gloo", timeout=timedelta(seconds=comm.io_wait_s))
+    return comm
