@@ -2,6 +2,7 @@
 
 import subprocess
 
+import pytest
 import torch
 import yaml
 from conftest import TESSERA
@@ -10,6 +11,7 @@ from pipeline.cli import main
 from pipeline.models import create_model, list_models
 
 
+@pytest.mark.slow
 def test_tessera_models_lists_every_size_with_its_figures():
     out = subprocess.run([TESSERA, "models"], check=True, capture_output=True, text=True).stdout
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
@@ -44,6 +46,7 @@ def test_tessera_config_prints_the_resolved_config(tmp_path, capsys):
     assert printed["train"]["steps"] == 7 and printed["model"]["width"] == 48
 
 
+@pytest.mark.slow
 def test_tessera_config_error_exits_2_and_names_the_key(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: {name: vit-micro-p4, heads: 5}\n")

@@ -172,6 +172,7 @@ def pretrained(tmp_path_factory, digits_url):
     return config, tmp / "run", tmp / "export"
 
 
+@pytest.mark.slow
 def test_evaluate_writes_every_evaluator_and_the_pixel_baseline(pretrained):
     config, run, _ = pretrained
     out = run_tessera("evaluate", config).stdout
@@ -199,6 +200,7 @@ def test_evaluate_writes_every_evaluator_and_the_pixel_baseline(pretrained):
     assert len(read_rows(run)) == len(rows)
 
 
+@pytest.mark.slow
 def test_transfer_targets_and_sample_limits(pretrained, tmp_path, digits_url):
     """eval.transfer evaluates more datasets in the same call; eval.train_samples and
     test_samples fit and report on the first N images of each split."""
@@ -237,6 +239,7 @@ def test_transfer_targets_and_sample_limits(pretrained, tmp_path, digits_url):
     assert proc.returncode == 2 and "eval.transfer[1]" in proc.stderr and "nope" in proc.stderr
 
 
+@pytest.mark.slow
 def test_finetune_from_an_export_improves_over_its_start(pretrained, tmp_path, digits_url):
     _, _, export = pretrained
     config = write_config(tmp_path, digits_url, train={"steps": 60, "global_batch_size": 64},
@@ -251,6 +254,7 @@ def test_finetune_from_an_export_improves_over_its_start(pretrained, tmp_path, d
     assert row.pretrain_steps == 40
 
 
+@pytest.mark.slow
 def test_keep_head_starts_from_the_pretrained_classifier(pretrained, tmp_path, digits_url):
     """The same labels (e.g. sigmoid pretraining, softmax finetuning): the pretrained head is
     kept instead of a zero one, so the finetune starts where pretraining ended."""
@@ -277,6 +281,7 @@ def test_keep_head_starts_from_the_pretrained_classifier(pretrained, tmp_path, d
     assert heads[False].abs().max() < 1e-9  # the ViT paper's zero head (moved by lr 1e-12 only)
 
 
+@pytest.mark.slow
 def test_finetune_at_another_resolution_resamples_the_position_embeddings(
     pretrained, tmp_path, digits_url
 ):
@@ -296,6 +301,7 @@ def test_finetune_at_another_resolution_resamples_the_position_embeddings(
     torch.testing.assert_close(after, expected, atol=2e-2 * expected.abs().max().item(), rtol=0)
 
 
+@pytest.mark.slow
 def test_zero3_on_two_ranks_starts_from_the_exported_weights(pretrained, tmp_path, digits_url):
     """Under ZeRO-3 each rank holds a shard; the loaded weights must still be the export's."""
     from pipeline.models import load_model
@@ -320,6 +326,7 @@ def test_zero3_on_two_ranks_starts_from_the_exported_weights(pretrained, tmp_pat
     assert float(after["head.weight"].abs().max()) < 1e-6  # the new head starts at zero
 
 
+@pytest.mark.slow
 def test_watch_evaluates_checkpoints_as_training_writes_them(tmp_path, digits_url):
     config = write_config(tmp_path, digits_url, train={"steps": 8}, checkpoint={"every_steps": 4},
                           eval={"evaluators": ["knn"], "layers": [-1]})  # fmt: skip
@@ -339,6 +346,7 @@ def test_watch_evaluates_checkpoints_as_training_writes_them(tmp_path, digits_ur
     assert "step-0000008" in sources
 
 
+@pytest.mark.slow
 def test_imagegpt_layer_sweep_finetune_and_the_untrained_baseline(tmp_path, digits_url):
     config = write_config(
         tmp_path, digits_url,
@@ -364,6 +372,7 @@ def test_imagegpt_layer_sweep_finetune_and_the_untrained_baseline(tmp_path, digi
 # -- errors before any work ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_evaluations_fail_before_computing_anything(pretrained, tmp_path, digits_url):
     config, run, export = pretrained
     features = run / "eval" / "features"

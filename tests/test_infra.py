@@ -78,6 +78,7 @@ def listening_addresses(port: int) -> set[str]:
 LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
 
 
+@pytest.mark.slow
 def test_dev_services_start_on_loopback_only_and_stop(tmp_path):
     ports = {"S3_PORT": free_port(), "RAY_PORT": free_port(), "DASHBOARD_PORT": free_port()}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()},

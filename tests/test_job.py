@@ -100,6 +100,7 @@ def test_relative_paths_start_at_the_root_and_urls_and_names_are_kept(tmp_path):
 # -- local executor -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_local_job_runs_the_stages_then_a_rerun_skips_every_one(tmp_path):
     config = job_config(
         tmp_path, "data/digits", job={"executor": "local", "workers": 2, "max_failures": 0,
@@ -185,6 +186,7 @@ def wait_for(path: Path, what: str, timeout: float = TIMEOUT) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_ray_job_runs_every_stage_on_s3_data_and_no_key_leaks(ray_cluster, tmp_path):
     import fsspec
 
@@ -224,6 +226,7 @@ def test_ray_job_runs_every_stage_on_s3_data_and_no_key_leaks(ray_cluster, tmp_p
     assert not list((tmp_path / "submit-tmp").iterdir())  # the credentials file is gone
 
 
+@pytest.mark.slow
 def test_ray_worker_killed_resumes_and_a_cancelled_job_resubmitted_skips_done_stages(
     ray_cluster, tmp_path
 ):
@@ -274,6 +277,7 @@ def test_ray_worker_killed_resumes_and_a_cancelled_job_resubmitted_skips_done_st
 # -- Ray Data ingestion ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ray_data_rows_are_the_streams_decoded_samples(digits_url):
     from pipeline.data.ray_ingest import decode_shard
     from pipeline.data.shards import load_manifest
@@ -291,6 +295,7 @@ def test_ray_data_rows_are_the_streams_decoded_samples(digits_url):
         assert row["label"] == stream["label"][i]
 
 
+@pytest.mark.slow
 def test_ray_data_ingestion_outside_a_ray_job_is_a_clear_error(tmp_path):
     config = job_config(tmp_path, "data/digits", data={"ingest": "ray-data"},
                         job={"executor": "local"})  # fmt: skip
@@ -299,6 +304,7 @@ def test_ray_data_ingestion_outside_a_ray_job_is_a_clear_error(tmp_path):
     assert proc.returncode == 2 and "data.ingest: ray-data streams batches" in out, out[-2000:]
 
 
+@pytest.mark.slow
 def test_ray_job_trains_from_ray_data_across_epochs(ray_cluster, tmp_path):
     env = {k: v for k, v in ray_cluster.items() if not k.startswith("AWS_")}
     config = job_config(

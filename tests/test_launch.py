@@ -11,6 +11,7 @@ import signal
 import stat
 from pathlib import Path
 
+import pytest
 from conftest import BIN, free_port
 from test_job import job_config, stage_notes
 from test_train import finish, kill_when, launch
@@ -78,6 +79,7 @@ def config(tmp_path: Path) -> Path:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_deepspeed_wrapper_runs_two_ranks_and_the_stages_around_them(tmp_path):
     env = wrapper_env(tmp_path, NUM_GPUS="2")
     out = finish(launch([ROOT / "launch" / "deepspeed.sh", config(tmp_path)], env=env))
@@ -85,6 +87,7 @@ def test_deepspeed_wrapper_runs_two_ranks_and_the_stages_around_them(tmp_path):
     assert trained_world(tmp_path) == 2  # pretraining ran on both ranks
 
 
+@pytest.mark.slow
 def test_slurm_script_gives_each_task_its_rank_and_runs_the_stages(tmp_path):
     fake_slurm(tmp_path)
     env = wrapper_env(tmp_path, SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.1")
@@ -93,6 +96,7 @@ def test_slurm_script_gives_each_task_its_rank_and_runs_the_stages(tmp_path):
     assert trained_world(tmp_path) == 2
 
 
+@pytest.mark.slow
 def test_slurm_time_limit_signal_saves_requeues_and_does_not_export(tmp_path):
     """--signal=B:TERM@120: SLURM signals the batch script alone; it passes the signal on,
     every rank saves and exits preempted, and the job goes back to the queue unexported."""

@@ -83,6 +83,7 @@ def test_activation_memory_is_within_15_percent_of_the_allocators_peak(
     assert 0.85 < planned / measured < 1.15, (planned, measured)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_model_states_per_rank_at_two_ranks_are_within_15_percent(tmp_path, digits_url, stage):
     config = write_config(
@@ -122,6 +123,7 @@ def test_each_large_config_fits_the_cluster_it_states_in_the_time_it_states(path
     assert abs(plan.train_seconds / 3600 - stated) <= 0.1 * stated, (path.name, plan.train_seconds)
 
 
+@pytest.mark.slow
 def test_plan_command_prints_memory_compute_and_what_would_fit(tmp_path):
     config = CONFIGS / "vit-h14-jft.yaml"
     args = [TESSERA, "plan", config, "--gpus", 64, "--gpu-memory", "80GB"]

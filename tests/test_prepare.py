@@ -185,6 +185,7 @@ def test_resuming_with_another_plan_is_refused(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_prepare_with_ray_tasks_matches_in_process(tmp_path):
     digits = open_source("digits")
     local = prepare(
@@ -218,6 +219,7 @@ def test_prepare_to_s3_and_stream_every_sample_back(s3_bucket):
         assert stream.cursor.errors == 0
 
 
+@pytest.mark.slow
 def test_cli_prepare_runs_and_reports(tmp_path):
     proc = subprocess.run(
         [TESSERA, "prepare", "digits", str(tmp_path / "ds"), "--local", "--samples-per-shard", "600", "--val-fraction", "0.25"],

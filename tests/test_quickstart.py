@@ -66,6 +66,7 @@ def dashboard_answers(env: dict) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_quickstart_interrupted_resumed_and_reused(quickstart):
     tmp, env, args = quickstart
     vit, igpt = tmp / "runs/quickstart/vit", tmp / "runs/quickstart/igpt"

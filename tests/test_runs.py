@@ -76,6 +76,7 @@ def test_publishing_writes_the_marker_after_the_shards_and_prunes_old_ones(tmp_p
     assert [p.name for p in (runs.local_dir(url) / "checkpoints").iterdir()] == ["step-0000012"]
 
 
+@pytest.mark.slow
 def test_two_ranks_checkpoint_to_s3_and_resume_there_on_a_fresh_machine(
     tmp_path, digits_url, s3_bucket
 ):

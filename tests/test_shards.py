@@ -40,6 +40,7 @@ def test_iter_tar_reports_a_cut_member_and_a_corrupt_header():
         list(iter_tar(bytes(broken)))
 
 
+@pytest.mark.slow
 def test_prepared_shards_read_with_the_webdataset_library_and_tar(digits_url):
     import webdataset as wds
 
@@ -61,6 +62,7 @@ def test_prepared_shards_read_with_the_webdataset_library_and_tar(digits_url):
     assert Image.open(io.BytesIO(first["png"])).size == (8, 8)
 
 
+@pytest.mark.slow
 def test_gnu_tar_shards_with_long_names_are_indexed_and_streamed(tmp_path):
     """Shards made by GNU tar over KEY.png + KEY.cls files, one key longer than ustar allows."""
     data = tmp_path / "ds"

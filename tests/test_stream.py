@@ -383,6 +383,7 @@ def test_missing_shard_and_missing_dataset_fail_before_any_work(digits_url, tmp_
 # -- object storage ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_storage_faults_between_client_and_server_lose_nothing(s3_bucket, s3_endpoint):
     from faults import FaultProxy
 

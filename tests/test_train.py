@@ -174,6 +174,35 @@ def test_deepspeed_config_follows_the_run_config_and_checks_a_users_file(tmp_pat
         deepspeed_config(bad, 1)
 
 
+@pytest.mark.parametrize(
+    "deepspeed",
+    [
+        {"zero_stage": 1, "precision": "fp16"},
+        {"zero_stage": 2, "precision": "fp16", "offload_optimizer": True},
+        {"zero_stage": 3, "precision": "bf16", "offload_params": True, "offload_optimizer": True},
+    ],
+)
+def test_deepspeeds_own_parser_reads_every_stage_precision_and_offload_we_generate(deepspeed):
+    """fp16 cannot train on DeepSpeed's CPU accelerator; its config is checked here instead."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    run = parse_config(
+        {"model": {"name": "vit-micro-p4"}, "train": {"global_batch_size": 32},
+         "deepspeed": {**deepspeed, "micro_batch_size": 8}}
+    )  # fmt: skip
+    parsed = DeepSpeedConfig(deepspeed_config(run, world=1))
+    assert parsed.zero_optimization_stage == deepspeed["zero_stage"]
+    assert parsed.gradient_accumulation_steps == 4
+    fp16 = parsed.float16_config
+    assert fp16.enabled == (deepspeed["precision"] == "fp16")
+    if fp16.enabled:  # dynamic loss scaling from 2**16, as the config says
+        assert (fp16.loss_scale, fp16.initial_scale_power) == (0, 16)
+    assert parsed.bfloat16_config.enabled == (deepspeed["precision"] == "bf16")
+    zero = parsed.zero_config
+    assert (zero.offload_optimizer is not None) == deepspeed.get("offload_optimizer", False)
+    assert (zero.offload_param is not None) == deepspeed.get("offload_params", False)
+
+
 def test_half_written_checkpoints_are_never_chosen(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (4, 8, 12):
@@ -208,6 +237,7 @@ def test_ops_build_with_the_environments_ninja_first(tmp_path, monkeypatch):
     assert os.environ["PATH"] == f"{bindir}:/usr/bin:/bin"
 
 
+@pytest.mark.slow
 def test_only_build_locks_that_no_process_holds_are_removed(tmp_path):
     from pipeline.train.engine import clear_stale_build_locks
 
@@ -230,6 +260,7 @@ def test_only_build_locks_that_no_process_holds_are_removed(tmp_path):
     assert "left by a killed process" in said[0] and str(stale) in said[0]
 
 
+@pytest.mark.slow
 def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_run(tmp_path, digits_url):
     # What preemption during DeepSpeed's op build leaves behind: torch waits on it forever.
     from torch.utils.cpp_extension import _get_build_directory
@@ -244,6 +275,7 @@ def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_run(tmp_pa
     assert f"removed {lock}" in out and sorted(losses(out)) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_single_process_pretraining_learns_checkpoints_and_logs(tmp_path, digits_url):
     # Average pooling and a constant lr: a tiny ViT learns visibly within 60 steps that way.
     config = write_config(
@@ -283,6 +315,7 @@ def test_single_process_pretraining_learns_checkpoints_and_logs(tmp_path, digits
     assert "images/attention_rollout" in events.Tags()["images"]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path, digits_url):
     clean = losses(
         finish(
@@ -310,6 +343,7 @@ def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path, digits_url):
     assert steps == sorted(set(steps)) and steps[-1] == 12  # one curve, no step twice
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("zero", "checkpointing"), [(2, False), (3, True)])
 def test_two_ranks_under_the_deepspeed_launcher_resume_exactly(
     tmp_path, digits_url, zero, checkpointing
@@ -345,6 +379,7 @@ def test_two_ranks_under_the_deepspeed_launcher_resume_exactly(
     assert torch.isfinite(model(torch.rand(2, 1, 16, 16))).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("ranks", "workers"), [(1, 0), (2, 2)])
 def test_sigterm_to_every_process_saves_a_checkpoint_and_exits_preempted(
     tmp_path, digits_url, ranks, workers
@@ -367,6 +402,7 @@ def test_sigterm_to_every_process_saves_a_checkpoint_and_exits_preempted(
     assert latest.name == checkpoint.tag(max(losses(out)))
 
 
+@pytest.mark.slow
 def test_config_errors_stop_pretrain_before_any_work(tmp_path, digits_url):
     config = write_config(
         tmp_path, digits_url, train={"global_batch_size": 10}, deepspeed={"micro_batch_size": 4}
@@ -386,6 +422,7 @@ if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
 
 
+@pytest.mark.slow
 def test_export_loads_without_deepspeed_and_reproduces_the_trained_weights(tmp_path, digits_url):
     config = write_config(tmp_path, digits_url, deepspeed={"precision": "fp32"}, train={"steps": 6})
     finish(pretrain(config))
@@ -424,6 +461,7 @@ def _nan_run(tmp_path, digits_url, calls, where="loss", zero=2, precision="bf16"
     return proc, wait(proc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("where", "zero", "precision"),
     [("loss", 2, "bf16"), ("grad", 2, "bf16"), ("grad", 3, "bf16"), ("grad", 0, "fp32")],
@@ -448,6 +486,7 @@ def test_a_nan_on_one_rank_is_skipped_by_all_ranks_together(
 LR = re.compile(r"^step (\d+)/\d+ loss .*? lr ([0-9.e+-]+) ", re.M)
 
 
+@pytest.mark.slow
 def test_a_nan_mid_accumulation_still_draws_the_step_and_applies_none_of_it(tmp_path, digits_url):
     # 16 images a step on 2 ranks in micro-batches of 2: 4 micro-batches per step and rank.
     # Objective call 7 on rank 1 is the third micro-batch of step 2.
@@ -467,12 +506,14 @@ def test_a_nan_mid_accumulation_still_draws_the_step_and_applies_none_of_it(tmp_
     assert state["stream"]["seen"] == 9 * 16
 
 
+@pytest.mark.slow
 def test_non_finite_losses_in_a_row_stop_the_run_naming_the_steps(tmp_path, digits_url):
     proc, out = _nan_run(tmp_path, digits_url, calls=range(3, 20))
     assert proc.returncode != 0
     assert "not finite on some rank for 5 steps in a row, within steps [3, 7]" in out
 
 
+@pytest.mark.slow
 def test_resume_at_world_size_1_from_a_checkpoint_written_at_2(tmp_path, digits_url):
     # fp32, so the weights can be compared exactly (a few tiny steps move weights by about what
     # bf16 rounds away).
@@ -516,6 +557,7 @@ print("ok")
     assert set(Path("/dev/shm").glob("deepspeed_*")) <= shm_before
 
 
+@pytest.mark.slow
 def test_torchrun_launches_the_same_command(tmp_path, digits_url):
     config = write_config(tmp_path, digits_url, train={"steps": 4})
     torchrun = [BIN / "torchrun", "--nproc-per-node", 2, "--master-port", _port()]
@@ -524,6 +566,7 @@ def test_torchrun_launches_the_same_command(tmp_path, digits_url):
     assert len(shards) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["igpt-ar", "igpt-bert"])
 def test_imagegpt_pretrains_on_palette_tokens(tmp_path, digits_url, objective):
     config = write_config(
@@ -555,6 +598,7 @@ def test_imagegpt_pretrains_on_palette_tokens(tmp_path, digits_url, objective):
     assert last < first - 0.3, out[-2000:]
 
 
+@pytest.mark.slow
 def test_a_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, digits_url):
     config = write_config(
         tmp_path, digits_url, train={"steps": 8}, checkpoint={"every_steps": 4, "keep_last": 3}
@@ -626,3 +670,41 @@ def test_three_untidy_kills_of_one_rank_resume_to_the_uninterrupted_weights_byte
     )
     for key in ("phase", "consumed", "seen", "errors", "quarantine"):
         assert got["stream"][key] == want["stream"][key], key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "deepspeed",
+    [
+        {"zero_stage": 1},
+        {"zero_stage": 2, "offload_optimizer": True},
+        {"zero_stage": 3, "offload_params": True, "offload_optimizer": True},
+    ],
+    ids=["zero1", "zero2-offload-optimizer", "zero3-offload-params"],
+)
+def test_every_zero_stage_and_offload_trains_at_two_ranks(tmp_path, digits_url, deepspeed):
+    config = write_config(
+        tmp_path, digits_url, deepspeed=deepspeed, train={"steps": 6},
+        checkpoint={"every_steps": 6}, optim={"schedule": "constant", "lr": 3e-3},
+    )  # fmt: skip
+    out = finish(pretrain(config, ranks=2))
+    logged = losses(out)
+    assert sorted(logged) == list(range(1, 7)) and all(map(math.isfinite, logged.values()))
+    state = json.loads((tmp_path / "run/checkpoints/step-0000006/trainer.json").read_text())
+    assert state["skipped"] == 0  # every update applied
+    assert len(list((tmp_path / "run/checkpoints/step-0000006").glob("*optim_states.pt"))) == 2
+    export = run_export(tmp_path / "run", tmp_path / "export")
+    assert "exported" in export
+
+
+@pytest.mark.slow
+def test_fp16_on_cpu_ranks_stops_with_a_config_error_naming_the_choices(tmp_path, digits_url):
+    config = write_config(tmp_path, digits_url, deepspeed={"precision": "fp16"})
+    proc = subprocess.run(
+        [TESSERA, "pretrain", str(config)], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "deepspeed.precision: fp16 is not supported by DeepSpeed on this device (cpu)" in (
+        proc.stderr
+    )
+    assert "choose one of ['bf16', 'fp32']" in proc.stderr

@@ -81,8 +81,9 @@ def clear_stale_build_locks(root: Path | None = None, log=print) -> list[Path]:
 
 
 def build_ops(log=print) -> list[str]:
-    """Compiles (or finds compiled) the DeepSpeed ops every run loads: the optimizer's and, on
-    CPU ranks, the shared-memory all-reduce; and the loader's JPEG crop decoder. Once per
+    """Compiles (or finds compiled) the DeepSpeed ops runs load: the optimizers' (on the device,
+    and on the CPU for offload), on CPU ranks the shared-memory all-reduce; and the loader's
+    JPEG crop decoder. Once per
     machine and environment, before a job, instead of in the first start of every rank (minutes
     on a small machine)."""
     from deepspeed.accelerator import get_accelerator
@@ -92,12 +93,18 @@ def build_ops(log=print) -> list[str]:
     use_environment_ninja()
     clear_stale_build_locks(log=log)
     cpu = get_accelerator().device_name() == "cpu"  # DS_ACCELERATOR=cuda builds without a GPU
-    names = ["FusedAdamBuilder"] + (["ShareMemCommBuilder"] if cpu else [])
+    # FusedAdam: the optimizer on the device; CPUAdam: deepspeed.offload_optimizer's step on
+    # the CPU; ShareMemComm: the CPU ranks' all-reduce.
+    names = ["FusedAdamBuilder", "CPUAdamBuilder"] + (["ShareMemCommBuilder"] if cpu else [])
     built = []
     for name in names:
         builder = get_accelerator().create_op_builder(name)
         if builder is None:
             continue
+        if not builder.is_compatible(verbose=False):
+            log(f"{builder.NAME}: not buildable here, skipped")
+            continue
+        log(f"{builder.NAME}: compiling, or checking the compiled copy (about a minute when new)")
         start = time.perf_counter()
         builder.load(verbose=False)
         log(f"{builder.NAME}: ready ({time.perf_counter() - start:.0f}s)")
@@ -243,7 +250,21 @@ def build_engine(
     the warmup + decay schedule, stepped once per optimizer step. `load_universal`: the
     checkpoint to resume from is in DeepSpeed's universal format (see `to_universal`)."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
+    device = get_accelerator()
+    supported = {"fp16": device.is_fp16_supported(), "bf16": device.is_bf16_supported()}
+    if not supported.get(run.deepspeed.precision, True):
+        raise ConfigError(
+            f"deepspeed.precision: {run.deepspeed.precision} is not supported by DeepSpeed on "
+            f"this device ({device.device_name()}); "
+            + (
+                "fp16 with loss scaling trains on GPUs only; "
+                if device.device_name() == "cpu"
+                else ""
+            )
+            + f"choose one of {[p for p, ok in supported.items() if ok] + ['fp32']}"
+        )
     schedule = lr_schedule(run.optim, total_steps)
     config = deepspeed_config(run, world)
     if load_universal:
