@@ -432,3 +432,23 @@ def test_run_config_builds_the_stream_it_describes(digits_url, tmp_path):
         stream_config(parse_config(raw, overrides=["data.palette_size=8"]), "val", 4, False)
     with pytest.raises(DatasetError, match="has no fitted palette"):
         stream_config(parse_config(raw, overrides=["data.palette=kmeans"]), "val", 4, False)
+
+
+@pytest.mark.slow
+def test_a_process_that_fails_with_its_loader_workers_running_still_exits(digits_url):
+    """The workers ignore SIGTERM (preemption signals the whole tree); multiprocessing's exit
+    handler stops them with SIGTERM and waits, so without the SIGKILL before it this hung."""
+    import subprocess
+    import sys
+
+    script = f"""
+from pipeline.data.stream import Stream, StreamConfig
+stream = Stream(StreamConfig({digits_url!r}, batch_size=16, workers=2))
+batches = iter(stream)
+next(batches)
+raise SystemExit("failing with the loader open")
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1 and "failing with the loader open" in proc.stderr

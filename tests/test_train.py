@@ -230,11 +230,20 @@ def test_ops_build_with_the_environments_ninja_first(tmp_path, monkeypatch):
     bindir.mkdir(parents=True)
     monkeypatch.setattr(sys, "executable", str(bindir / "python"))
     monkeypatch.setenv("PATH", f"/usr/bin:{bindir}:/bin")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "")  # restored after the test
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     use_environment_ninja()
     assert os.environ["PATH"] == f"/usr/bin:{bindir}:/bin"  # no ninja there: left alone
     (bindir / "ninja").touch()
     use_environment_ninja()
     assert os.environ["PATH"] == f"{bindir}:/usr/bin:/bin"
+    # ... and builds into a folder of its own: another environment's builds are not its own
+    mine = os.environ["TORCH_EXTENSIONS_DIR"]
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-env"))
+    use_environment_ninja()
+    assert Path(mine).parent == Path(os.environ["TORCH_EXTENSIONS_DIR"]).parent
+    assert Path(mine).name.startswith("env-") and os.environ["TORCH_EXTENSIONS_DIR"] != mine
 
 
 @pytest.mark.slow
@@ -265,6 +274,9 @@ def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_run(tmp_pa
     # What preemption during DeepSpeed's op build leaves behind: torch waits on it forever.
     from torch.utils.cpp_extension import _get_build_directory
 
+    from pipeline.train.engine import use_environment_ninja
+
+    use_environment_ninja()  # the build folder the run will use: this environment's
     lock = Path(_get_build_directory("fused_adam", verbose=False)) / "lock"
     lock.touch()
     try:

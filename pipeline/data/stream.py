@@ -32,9 +32,11 @@ missing, none twice.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
+import multiprocessing
 import random
 import signal
 import time
@@ -233,8 +235,20 @@ def _outlive_sigterm(_: int) -> None:
     """In a DataLoader worker: ignore SIGTERM. Preemption (SLURM, the deepspeed launcher)
     signals the whole process tree; a worker that died of it would make its rank fail
     ("DataLoader worker ... is killed by signal") instead of saving a checkpoint. The worker
-    still ends with its rank, which shuts it down or whose death it notices."""
+    still ends with its rank: the DataLoader shuts it down, it notices its rank is gone, or
+    `_kill_workers_at_exit` ends it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_workers_at_exit() -> None:
+    """At interpreter exit multiprocessing stops daemonic children (the DataLoader's workers)
+    with SIGTERM and then waits for them; ours ignore SIGTERM (`_outlive_sigterm`), so a rank
+    that left by an exception, with its loader still open, waited forever. Registered after
+    multiprocessing's own exit handler, this runs before it and ends them with SIGKILL."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 class _BatchSlots:

@@ -6,6 +6,7 @@ nothing: a single process); the trainer never knows who launched it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -24,12 +25,21 @@ from pipeline.train.optim import lr_schedule, param_groups
 
 
 def use_environment_ninja() -> None:
-    """Puts this environment's bin folder first on PATH when it holds `ninja`.
+    """Builds DeepSpeed's ops with this environment's tools, into a folder of its own.
 
     torch compiles DeepSpeed's ops with the first `ninja` on PATH. A machine with two (pip's in
     the environment, the system's in /usr/bin) rebuilds the ops on every switch between them:
     each version reads the other's build log as out of date, so a shell without the environment
-    on PATH and a Ray worker with it took turns recompiling, a minute each time here."""
+    on PATH and a Ray worker with it took turns recompiling, a minute each time here. So this
+    environment's bin folder goes first on PATH when it holds `ninja`. Two environments on one
+    machine (two checkouts, a CI run beside a working copy) shared ~/.cache/torch_extensions the
+    same way and took turns rebuilding, each waiting on the other's build lock; each environment
+    now builds under its own sub-folder (unless TORCH_EXTENSIONS_DIR is set)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        env = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(get_default_build_root()) / f"env-{env}")
     bindir = str(Path(sys.executable).parent)
     if not (Path(bindir) / "ninja").exists():
         return
