@@ -131,7 +131,9 @@ class DeepSpeedConfig:
     zero_stage: int = 2  # 0 (DDP), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)
     offload_optimizer: bool = False  # optimizer states and step on the CPU
     offload_params: bool = False  # parameters on the CPU between uses (ZeRO-3 only)
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # auto: bf16 where the device has bf16 matmuls, else fp16 (GPU) or fp32 (CPU); see
+    # pipeline.train.distributed.resolve_precision
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     micro_batch_size: int = (
         0  # per rank per forward; 0: global batch / world size (no accumulation)
     )

@@ -452,3 +452,32 @@ raise SystemExit("failing with the loader open")
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 1 and "failing with the loader open" in proc.stderr
+
+
+@pytest.mark.slow
+def test_loader_workers_die_with_a_rank_that_is_killed(digits_url):
+    """They ignore SIGTERM (preemption), so nothing else would end them: orphans that keep the
+    shared memory and wait for slots that no one frees."""
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import multiprocessing, os, signal
+from pipeline.data.stream import Stream, StreamConfig
+batches = iter(Stream(StreamConfig({digits_url!r}, batch_size=16, workers=2)))
+next(batches)
+print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    workers = [int(p) for p in proc.stdout.split()]
+    assert len(workers) == 2, proc.stderr[-2000:]
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [p for p in workers if Path(f"/proc/{p}/status").exists()
+             and "zombie" not in Path(f"/proc/{p}/status").read_text()]  # fmt: skip
+    assert alive == []

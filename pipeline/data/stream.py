@@ -37,8 +37,10 @@ import hashlib
 import json
 import math
 import multiprocessing
+import os
 import random
 import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -232,12 +234,23 @@ def _as_made(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def _outlive_sigterm(_: int) -> None:
-    """In a DataLoader worker: ignore SIGTERM. Preemption (SLURM, the deepspeed launcher)
-    signals the whole process tree; a worker that died of it would make its rank fail
-    ("DataLoader worker ... is killed by signal") instead of saving a checkpoint. The worker
-    still ends with its rank: the DataLoader shuts it down, it notices its rank is gone, or
-    `_kill_workers_at_exit` ends it."""
+    """In a DataLoader worker: ignore SIGTERM, and die with the rank.
+
+    Preemption (SLURM, the deepspeed launcher) signals the whole process tree; a worker that
+    died of it would make its rank fail ("DataLoader worker ... is killed by signal") instead of
+    saving a checkpoint. So the worker lives on until its rank ends it: the DataLoader shuts it
+    down, `_kill_workers_at_exit` kills it, or, when the rank dies of something else (SIGKILL,
+    `ray stop`), Linux sends it SIGKILL (PR_SET_PDEATHSIG) instead of leaving an orphan that
+    holds its shared memory and may spin waiting for a slot."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        rank = multiprocessing.parent_process()
+        if rank is not None and os.getppid() != rank.pid:  # it died before the line above
+            os._exit(0)
 
 
 @atexit.register
@@ -271,9 +284,13 @@ class _BatchSlots:
         self.buffers.share_memory_()
 
     def acquire(self, worker: int) -> tuple[int, torch.Tensor]:
-        """In worker `worker`: (a free slot of its own, now taken; its buffer)."""
+        """In worker `worker`: (a free slot of its own, now taken; its buffer). A worker whose
+        rank is gone (its slots are never freed again) exits instead of waiting forever."""
+        parent = os.getppid()
         while not (free := torch.nonzero(self.busy[worker] == 0)).numel():
             time.sleep(0.0005)
+            if os.getppid() != parent:
+                os._exit(0)
         k = int(free[0])
         self.busy[worker, k] = 1
         return k, self.buffers[worker, k]

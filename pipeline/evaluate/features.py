@@ -22,6 +22,7 @@ import torch
 
 from pipeline.data.stream import Stream, StreamConfig
 from pipeline.data.transforms import model_input
+from pipeline.train.distributed import native_bf16
 
 META = "meta.json"
 
@@ -103,11 +104,10 @@ def extract(
 
 
 def autocast(device: torch.device):
-    """bf16 autocast where the device has fast bf16 matmuls; features are kept in fp32."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+    """bf16 autocast where the device has bf16 matmuls (`native_bf16`); features are kept in
+    fp32."""
+    if device.type in ("cuda", "cpu") and native_bf16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

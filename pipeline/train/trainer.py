@@ -10,6 +10,7 @@ as one that was never stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import sys
@@ -29,6 +30,7 @@ from pipeline.data.transforms import model_input
 from pipeline.errors import ConfigError, Preempted
 from pipeline.models import create_model, load_pretrained
 from pipeline.train import checkpoint
+from pipeline.train.distributed import native_bf16, resolve_precision
 from pipeline.train.engine import (
     batch_layout,
     build_engine,
@@ -126,6 +128,7 @@ class Trainer:
         self.stream = self._build_input()
         universal = start is not None and self._prepare_universal(start)
         init = self._finetune_init() if start is None else None  # a resumed run has its weights
+        self._choose_precision(start)
         self._build_engine(init, universal)
         if start is not None:
             self._resume(start, universal)
@@ -188,6 +191,27 @@ class Trainer:
         init = read_weights_for(self.run.finetune.init, self.run.model, "finetune.init")
         self.init_provenance = init.provenance
         return init
+
+    def _choose_precision(self, start: Path | None) -> None:
+        """deepspeed.precision "auto" made concrete for this device (and kept across resumes);
+        the checkpoint's config records the choice."""
+        ds = self.run.deepspeed
+        saved = ""
+        if start is not None:
+            saved = checkpoint.read_state(start)["config"].get("deepspeed", {}).get("precision", "")
+        precision, why = resolve_precision(ds.precision, self.comm.device, saved)
+        if precision == "bf16" and not native_bf16(self.comm.device) and self.rank == 0:
+            self.log(
+                f"warning: deepspeed.precision is bf16 but this {self.comm.device.type} has no "
+                "bf16 matmuls; they are emulated, about 10x slower than fp32 (precision: auto "
+                "would choose fp32 here)"
+            )
+        if precision != ds.precision:
+            if self.rank == 0:
+                self.log(f"deepspeed.precision: {ds.precision} -> {precision} ({why})")
+            self.run = dataclasses.replace(
+                self.run, deepspeed=dataclasses.replace(ds, precision=precision)
+            )
 
     def _build_engine(self, init: Weights | None, universal: bool) -> None:
         run = self.run
