@@ -44,7 +44,7 @@ format: install
 # DeepSpeed compiles its ops on first use: once here, not inside a timed test.
 test: lint
 	$(BIN)/tessera build-ops
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The whole pipeline on Fashion-MNIST and digits, under 15 minutes on 2 cores (launch/quickstart.sh).
 quickstart:

@@ -98,6 +98,14 @@ try:
             time.sleep(8)
     elif case == "io":
         comm.on_rank_0("uploading step-0000004", lambda: time.sleep(30))
+    elif case.startswith("folders"):  # folders-same / folders-own: each rank's staging folder
+        from pathlib import Path
+        own = case == "folders-own"
+        folder = Path(sys.argv[4]) / (f"node{comm.rank}" if own else "node")
+        comm.group_by_folder(folder)
+        comm.on_each_node("filling", lambda: (folder / f"by-{comm.rank}").touch())
+        comm.barrier("every rank filled")
+        print("found", sorted(p.name for p in folder.iterdir()), flush=True)
     print("no error", flush=True)
 except Exception as e:
     print(f"rank {comm.rank} after {time.monotonic() - start:.0f}s: {type(e).__name__}: {e}", flush=True)
@@ -123,6 +131,17 @@ def two_ranks(tmp_path, *args):
             )
         )
     return [p.communicate(timeout=120)[0] for p in procs]
+
+
+@pytest.mark.slow
+def test_each_staging_folder_is_filled_once_whatever_the_local_ranks_say(tmp_path):
+    """Two ranks with LOCAL_RANK 0 and 1 (one node, as the launcher numbers them): with their
+    own folders (Ray's two nodes behind one address) each fills its own; with one folder, one
+    rank fills it."""
+    own = two_ranks(tmp_path, 60, 60, "folders-own", tmp_path)
+    assert "found ['by-0']" in own[0] and "found ['by-1']" in own[1], own
+    same = two_ranks(tmp_path, 60, 60, "folders-same", tmp_path)
+    assert all("found ['by-0']" in out for out in same), same
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ def job_config(folder: Path, data_url: str, **sections) -> Path:
         "train": {"objective": "supervised", "steps": 12, "global_batch_size": 16,
                   "output": "run"},
         "optim": {"lr": 2e-3, "warmup_steps": 2},
-        "deepspeed": {"zero_stage": 2, "precision": "bf16"},
+        "deepspeed": {"zero_stage": 2, "precision": "auto"},
         "checkpoint": {"every_steps": 4, "keep_last": 2},
         "logging": {"every_steps": 4},
         "eval": {"evaluators": ["linear_probe", "knn"], "finetune_steps": 8},

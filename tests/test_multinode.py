@@ -1,9 +1,11 @@
-"""Two nodes rehearsed on one machine: one rank each, started as a cluster starts them, each
-with its own staging folder and no filesystem in common; the run folder is on S3 (moto).
+"""Two nodes rehearsed on one machine: one rank each, started as a cluster starts them (torchrun
+with a rendezvous on loopback; a Ray cluster of two `ray start` nodes), each with its own staging
+folder and no filesystem in common; the run folder is on S3 (moto).
 
-The scenario: pretrain on two nodes; one node's rank is killed mid-run; the run resumes on one
-node (another world size: DeepSpeed's universal format), then on two nodes again (universal
-again, converted on every node). The readers (ranks x data.workers) and the micro-batch stay
+The scenario: pretrain on two nodes; one node's rank is killed mid-run (on Ray: after Ray
+announced the node's preemption and the run saved for it); the run resumes on one node
+(another world size: DeepSpeed's universal format), then on two nodes again (universal again,
+converted on every node). The readers (ranks x data.workers) and the micro-batch stay
 the same throughout (one loader worker per rank on two nodes, two on one node, accumulating
 two micro-batches), so every step sees the samples it would have seen uninterrupted. Checked
 against an uninterrupted two-node run: the keys of every step, the cursor's quarantine, `seen`
@@ -14,7 +16,12 @@ accumulation on one).
 import io
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -27,7 +34,7 @@ from conftest import BIN, free_port
 from test_train import losses, wait
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES, BATCH, STEPS, CORRUPT = 160, 16, 20, {"d-017", "d-090", "d-133"}  # 10 steps an epoch
+SAMPLES, BATCH, STEPS, CORRUPT = 160, 16, 40, {"d-017", "d-090", "d-133"}  # 10 steps an epoch
 TIMEOUT = 600
 
 
@@ -142,19 +149,57 @@ def trainer_state(run: str, step: int) -> dict:
     return json.loads(fs.cat_file(path))
 
 
+@pytest.fixture(scope="module")
+def clean_run(s3_endpoint, tmp_path_factory):
+    """The corrupt digits on S3 and an uninterrupted two-node run on them:
+    (bucket, data url, run url, folder of its keys, folder of its export)."""
+    import fsspec
+
+    bucket = f"s3://tessera-nodes-{os.getpid()}"
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(bucket)
+    data, clean = f"{bucket}/digits", f"{bucket}/clean"
+    corrupt_digits(data)
+    tmp = tmp_path_factory.mktemp("clean")
+    (tmp / "keys").mkdir()
+    finish(Cluster(tmp, write_config(tmp, data, clean), tmp / "keys").start(2))
+    export(clean, tmp / "export")
+    return bucket, data, clean, tmp / "keys", tmp / "export"
+
+
+def export(run: str, dest: Path) -> None:
+    subprocess.run(
+        [BIN / "tessera", "export", run, str(dest)], check=True, capture_output=True,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+
+
+def assert_same_counts_and_weights(clean: str, clean_export: Path, run: str, dest: Path):
+    """The cursor's counters equal the uninterrupted run's, and so do the weights up to the
+    order of fp32 sums (the same samples in every step)."""
+    want, got = trainer_state(clean, STEPS), trainer_state(run, STEPS)
+    for key in ("seen", "errors"):
+        assert got["stream"][key] == want["stream"][key], key
+    pairs = Counter((q["key"], q["epoch"]) for q in got["stream"]["quarantine"])
+    assert pairs == Counter((q["key"], q["epoch"]) for q in want["stream"]["quarantine"])
+    assert {k for k, _ in pairs} == CORRUPT and set(pairs.values()) == {1}
+    from safetensors.torch import load_file
+
+    export(run, dest)
+    a = load_file(clean_export / "model.safetensors")
+    b = load_file(dest / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 @pytest.mark.slow
 def test_two_nodes_without_a_shared_disk_survive_a_kill_and_two_world_size_changes(
-    tmp_path, s3_bucket
+    tmp_path, clean_run
 ):
-    data = f"{s3_bucket}/digits"
-    corrupt_digits(data)
-    for folder in ("clean", "clean-keys", "run", "keys"):
+    bucket, data, clean, clean_keys, clean_export = clean_run
+    for folder in ("run", "keys"):
         (tmp_path / folder).mkdir()
-    clean = f"{s3_bucket}/clean"
-    config = write_config(tmp_path / "clean", data, clean)
-    finish(Cluster(tmp_path / "clean", config, tmp_path / "clean-keys").start(2))
-
-    run = f"{s3_bucket}/run"
+    run = f"{bucket}/run"
     cluster = Cluster(
         tmp_path / "run", write_config(tmp_path / "run", data, run), tmp_path / "keys"
     )
@@ -179,7 +224,7 @@ def test_two_nodes_without_a_shared_disk_survive_a_kill_and_two_world_size_chang
     # Every sample once per epoch (by key), none of the corrupt ones, each in the step it is
     # drawn in uninterrupted.
     drawn = final_trajectory(tmp_path / "keys")
-    clean_drawn = final_trajectory(tmp_path / "clean-keys")
+    clean_drawn = final_trajectory(clean_keys)
     assert sorted(drawn) == list(range(1, STEPS + 1))
     assert all(sorted(drawn[s]) == sorted(clean_drawn[s]) for s in drawn)
     for epoch in range(STEPS * BATCH // SAMPLES):
@@ -187,26 +232,190 @@ def test_two_nodes_without_a_shared_disk_survive_a_kill_and_two_world_size_chang
         keys = Counter(k for s in steps for k in drawn[s])
         assert max(keys.values()) == 1 and len(keys) == SAMPLES - len(CORRUPT), epoch
         assert not CORRUPT & set(keys)
-    # The cursor's counts equal the uninterrupted run's.
-    want, got = trainer_state(clean, STEPS), trainer_state(run, STEPS)
-    for key in ("seen", "errors"):
-        assert got["stream"][key] == want["stream"][key], key
-    pairs = Counter((q["key"], q["epoch"]) for q in got["stream"]["quarantine"])
-    assert pairs == Counter((q["key"], q["epoch"]) for q in want["stream"]["quarantine"])
-    assert {k for k, _ in pairs} == CORRUPT and set(pairs.values()) == {1}
-    # The weights: the same samples in every step; only the order of fp32 sums differs.
-    from safetensors.torch import load_file
+    assert_same_counts_and_weights(clean, clean_export, run, tmp_path / "export")
 
-    for name in ("clean", "run"):
-        subprocess.run(
-            [BIN / "tessera", "export", f"{s3_bucket}/{name}", str(tmp_path / f"{name}-export")],
-            check=True, capture_output=True, timeout=TIMEOUT,
+
+class RayNodes:
+    """A Ray cluster of nodes of one CPU each on this machine (`ray start`, then `ray start
+    --address` with its own ports), each with its own staging folder, token auth, loopback.
+    Ray's preemption watcher polls every 0.5 s instead of 5."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.port, self.dashboard = tmp, free_port(), free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env.update(
+            RAY_AUTH_MODE="token", RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="0.5",
+            PATH=f"{BIN}:{os.environ['PATH']}",
         )  # fmt: skip
-    a = load_file(tmp_path / "clean-export" / "model.safetensors")
-    b = load_file(tmp_path / "run-export" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+        subprocess.run([BIN / "ray", "get-auth-token", "--generate"], env=self.env, check=True,
+                       capture_output=True)  # fmt: skip
+
+    def staging(self, node: int) -> Path:
+        path = self.tmp / f"node{node}" / "staging"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def start(self, node: int) -> None:
+        where = (
+            ["--head", "--port", self.port, "--dashboard-host", "127.0.0.1",
+             "--dashboard-port", self.dashboard, "--ray-client-server-port", free_port()]
+            if node == 0
+            else ["--address", f"127.0.0.1:{self.port}"]
+        )  # fmt: skip
+        cmd = [
+            BIN / "ray", "start", *where, "--node-ip-address", "127.0.0.1", "--num-cpus", 1,
+            "--resources", json.dumps({f"node{node}": 1}), "--disable-usage-stats",
+            "--dashboard-agent-listen-port", free_port(),
+        ]  # fmt: skip
+        env = {**self.env, "TESSERA_STAGING": str(self.staging(node))}
+        done = subprocess.run(list(map(str, cmd)), env=env, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def node_id(self, node: int) -> str:
+        code = (
+            "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+            "print([n['NodeID'] for n in ray.nodes() if n['Alive'] and sys.argv[2] in "
+            "n['Resources']][0])"
+        )
+        out = subprocess.run(
+            [BIN / "python", "-c", code, f"127.0.0.1:{self.port}", f"node{node}"], env=self.env,
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()[-1]
+
+    def drain(self, node_id: str) -> None:
+        """What a cloud provider's spot reclaim does through the autoscaler: a drain with a
+        deadline, reason PREEMPTION."""
+        cmd = [
+            BIN / "ray", "drain-node", "--address", f"127.0.0.1:{self.port}", "--node-id",
+            node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
+            "spot instance reclaimed", "--deadline-remaining-seconds", 60,
+        ]  # fmt: skip
+        done = subprocess.run(list(map(str, cmd)), env=self.env, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def kill(self, node: int) -> int:
+        """The machine is gone: every process of the node (its raylet, agents and workers)
+        SIGKILLed at once."""
+        mark = f"TESSERA_STAGING={self.staging(node)}".encode()
+        killed = 0
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if mark in (proc / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(proc.name), signal.SIGKILL)
+                    killed += 1
+            except (OSError, ProcessLookupError):
+                pass
+        return killed
+
+    def submit(self, config: Path, *options: str) -> subprocess.Popen:
+        env = {**self.env, "RAY_ADDRESS": f"http://127.0.0.1:{self.dashboard}",
+               "TMPDIR": str(self.tmp)}  # fmt: skip
+        sets = [a for o in options for a in ("--set", o)]
+        return subprocess.Popen(
+            [str(ROOT / "launch" / "ray-submit.sh"), str(config), *sets], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        subprocess.run([BIN / "ray", "stop", "--force"], env=self.env, capture_output=True,
+                       timeout=120)  # fmt: skip
+
+
+class Job:
+    """A submitted job whose log is read as it comes."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.lines = proc, []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
+        self.reader.start()
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, condition, what: str):
+        deadline = time.monotonic() + TIMEOUT
+        while not (found := condition()):
+            assert self.proc.poll() is None, f"ended before {what}:\n{self.text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {what}:\n{self.text()[-3000:]}"
+            time.sleep(0.1)
+        return found
+
+    def stop(self, nodes: "RayNodes") -> None:
+        job_id = re.search(r"Job '(raysubmit_\w+)' submitted", self.text()).group(1)
+        env = {**nodes.env, "RAY_ADDRESS": f"http://127.0.0.1:{nodes.dashboard}"}
+        subprocess.run([BIN / "ray", "job", "stop", job_id], env=env, capture_output=True,
+                       timeout=120)  # fmt: skip
+        self.proc.wait(120)
+        self.reader.join(30)
+
+
+def checkpoints(run: str) -> list[int]:
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    found = fs.glob(f"{run.removeprefix('s3://')}/checkpoints/step-*/COMPLETE")
+    return sorted(int(re.search(r"step-(\d+)", p).group(1)) for p in found)
+
+
+@pytest.mark.slow
+def test_a_ray_cluster_of_two_nodes_saves_on_preemption_and_survives_two_world_size_changes(
+    tmp_path, clean_run
+):
+    bucket, data, clean, _, clean_export = clean_run
+    run = f"{bucket}/ray"
+    config = write_config(tmp_path, data, run)
+    raw = yaml.safe_load(config.read_text())
+    raw["job"] = {"workers": 2, "stages": ["pretrain"], "max_failures": 0}
+    config.write_text(yaml.safe_dump(raw))
+    nodes = RayNodes(tmp_path)
+    try:
+        nodes.start(0)
+        nodes.start(1)
+        # 1. Two nodes, no checkpoint due before the end. At step 5 Ray announces node 1's
+        # preemption: the run saves at the step the notice reaches it and trains on. Then node
+        # 1 is gone; Ray Train waits for a replacement node (as it should on a cluster with an
+        # autoscaler); the job is stopped instead.
+        drained = nodes.node_id(1)
+        job = Job(nodes.submit(config, "checkpoint.every_steps=100"))
+        job.wait_for(lambda: "step 5/40 " in job.text(), "step 5")
+        nodes.drain(drained)
+        notice = job.wait_for(
+            lambda: re.search(
+                r"Ray is draining the node of ranks \[\d\], \d+ s left: checkpoint "
+                r"\S+step-(\d+) saved; training on", job.text(),
+            ),
+            "the run to save on Ray's preemption notice",
+        )  # fmt: skip
+        assert nodes.kill(1) > 1
+        saved = int(notice.group(1))
+        assert checkpoints(run) == [saved] and saved < 30, job.text()[-3000:]
+        job.stop(nodes)
+        # 2. One node, two loader workers, to step 30: resumed from the preemption checkpoint.
+        out = wait(nodes.submit(config, "job.workers=1", "data.workers=2", "train.steps=30"))
+        assert "succeeded" in out, out[-3000:]
+        assert f"resumed from {runs_dir(nodes, 0, run)}/checkpoints/step-{saved:07d}" in out
+        assert "was written by 2 ranks at ZeRO-2; converting it for 1 ranks" in out
+        # 3. Node 1 is back (a new machine, an empty staging folder): two nodes to the end.
+        shutil.rmtree(nodes.staging(1))
+        nodes.start(1)
+        out = wait(nodes.submit(config))
+        assert "succeeded" in out and "at step 30" in out, out[-3000:]
+        for node in range(2):
+            staged = list(nodes.staging(node).rglob("universal/step-0000030/COMPLETE"))
+            assert staged, f"node {node} has no universal copy of step 30"
+    finally:
+        nodes.stop()
+    assert_same_counts_and_weights(clean, clean_export, run, tmp_path / "export")
+
+
+def runs_dir(nodes: RayNodes, node: int, run: str) -> Path:
+    """The staging folder of `run` on a node."""
+    from pipeline import runs
+
+    return nodes.staging(node) / runs.local_dir(run).name
 
 
 @pytest.mark.slow

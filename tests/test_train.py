@@ -35,7 +35,7 @@ def write_config(tmp_path, digits_url, name="run.yaml", **sections):
             "output": str(tmp_path / "run"),
         },
         "optim": {"lr": 2e-3, "warmup_steps": 2},
-        "deepspeed": {"zero_stage": 2, "precision": "bf16"},
+        "deepspeed": {"zero_stage": 2, "precision": "auto"},
         "checkpoint": {"every_steps": 4, "keep_last": 2},
         "logging": {"every_steps": 1, "peak_tflops": 0.1},
     }
@@ -692,9 +692,10 @@ def test_three_untidy_kills_of_one_rank_resume_to_the_uninterrupted_weights_byte
 @pytest.mark.parametrize(
     "deepspeed",
     [
-        {"zero_stage": 1},
-        {"zero_stage": 2, "offload_optimizer": True},
-        {"zero_stage": 3, "offload_params": True, "offload_optimizer": True},
+        # bf16, as GPU runs train (the base config's "auto" is fp32 on an AVX2-only CPU)
+        {"zero_stage": 1, "precision": "bf16"},
+        {"zero_stage": 2, "offload_optimizer": True, "precision": "bf16"},
+        {"zero_stage": 3, "offload_params": True, "offload_optimizer": True, "precision": "bf16"},
     ],
     ids=["zero1", "zero2-offload-optimizer", "zero3-offload-params"],
 )

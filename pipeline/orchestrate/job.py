@@ -156,21 +156,39 @@ def _executor(run: RunConfig) -> str:
     return "ray" if os.environ.get("RAY_ADDRESS") else "local"
 
 
-def _train_in_process(raw: dict[str, Any], kind: str) -> None:
+def _train_in_process(raw: dict[str, Any], kind: str, drain_notice=None) -> None:
     """One training rank: the same code `tessera pretrain` / `tessera finetune` runs."""
     run = parse_config(raw, source=f"job {kind} stage")
     if kind == "pretrain":
         from pipeline.train.trainer import pretrain
 
-        pretrain(run, resume="auto")
+        pretrain(run, resume="auto", drain_notice=drain_notice)
     else:
         from pipeline.train.finetune import finetune
 
-        finetune(run, resume="auto")
+        finetune(run, resume="auto", drain_notice=drain_notice)
+
+
+def ray_drain_notice() -> str:
+    """Ray Train's preemption notice for this worker group ("" while there is none): set when
+    Ray drains a node the group runs on (a spot reclaim, `ray drain-node --reason PREEMPTION`).
+    Every worker calls it at the same step: it is a barrier over Ray's workers."""
+    import ray.train
+
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return ""
+    ranks = sorted(r for rs in info.preempted_node_to_ranks.values() for r in rs)
+    left = (
+        f", {max(0.0, info.deadline_ms / 1000 - time.time()):.0f} s left"
+        if info.deadline_ms
+        else ""
+    )
+    return f"Ray is draining the node of ranks {ranks}{left}"
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
-    _train_in_process(config["raw"], config["kind"])
+    _train_in_process(config["raw"], config["kind"], drain_notice=ray_drain_notice)
 
 
 def train_on_ray(run: RunConfig, kind: str) -> None:

@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -52,6 +53,14 @@ def rank_device(local_rank: int) -> torch.device:
             "rank per visible GPU"
         )
     return torch.device("cuda", local_rank)
+
+
+def _machine_id() -> str:
+    """This machine, as this boot of it (two containers of one name on two hosts differ)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -105,6 +114,8 @@ class Comm:
     io_timeout_s: float
     objects: Any = field(repr=False, default=None)  # gloo group: pickled objects, barriers
     io: Any = field(repr=False, default=None)  # gloo group: waits for another rank's I/O
+    # whether on_each_node's work is this rank's: LOCAL_RANK 0 until group_by_folder
+    node_leader: bool | None = None
 
     @property
     def io_wait_s(self) -> float:
@@ -143,10 +154,23 @@ class Comm:
     def barrier(self, what: str) -> None:
         self._call(what, lambda: dist.barrier(group=self.objects))
 
+    def group_by_folder(self, folder: Path) -> None:
+        """Make on_each_node mean "once per copy of `folder`" (a node's staging folder): the
+        first rank of the ranks that see the same directory (machine, device, inode) does the
+        work. LOCAL_RANK alone would be wrong where a launcher numbers ranks by address: Ray
+        Train gives two nodes behind one IP local ranks 0 and 1, and the second node's folder
+        would never be filled or uploaded."""
+        folder.mkdir(parents=True, exist_ok=True)
+        st = folder.stat()
+        key = f"{_machine_id()}:{st.st_dev}:{st.st_ino}"
+        keys = self.gather(key, "which ranks share a staging folder")
+        self.node_leader = keys.index(key) == self.rank
+
     def on_each_node(self, what: str, fn: Callable[[], Any]) -> None:
-        """fn() on each node's first rank (LOCAL_RANK 0) while the node's other ranks wait: I/O
-        into a node's own staging folder."""
-        self._io(what, fn, self.local_rank == 0)
+        """fn() on each node's first rank while the node's other ranks wait: I/O into a node's
+        own staging folder (see group_by_folder)."""
+        leader = self.local_rank == 0 if self.node_leader is None else self.node_leader
+        self._io(what, fn, leader)
 
     def on_rank_0(self, what: str, fn: Callable[[], Any]) -> None:
         """fn() on rank 0 while every other rank waits: I/O into a folder all nodes share."""

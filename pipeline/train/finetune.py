@@ -23,7 +23,7 @@ from pipeline.errors import ConfigError, Preempted
 from pipeline.evaluate.results import Row, append_rows
 from pipeline.storage import basename
 from pipeline.train.objectives import class_logits
-from pipeline.train.trainer import Trainer
+from pipeline.train.trainer import DrainNotice, Trainer
 
 
 def check_classes(run: RunConfig) -> None:
@@ -63,7 +63,11 @@ def top1(trainer: Trainer, split: str) -> tuple[int, int]:
 
 
 def finetune(
-    run: RunConfig, resume: str = "auto", log=print, scratch: bool = False
+    run: RunConfig,
+    resume: str = "auto",
+    log=print,
+    scratch: bool = False,
+    drain_notice: DrainNotice | None = None,
 ) -> dict[str, Any]:
     """Train from finetune.init; returns {"top1", "initial_top1", ...}; raises Preempted after
     SIGTERM (checkpoint saved).
@@ -71,7 +75,7 @@ def finetune(
     if not run.finetune.init and not scratch:
         raise ConfigError("finetune.init: is empty; name the pretrained weights to start from")
     check_classes(run)
-    trainer = Trainer(run, resume=resume, log=log)
+    trainer = Trainer(run, resume=resume, log=log, drain_notice=drain_notice)
     try:
         split = run.data.val_split
         initial = top1(trainer, split) if trainer.step == 0 else None

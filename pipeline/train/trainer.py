@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -78,11 +78,13 @@ def measure_peak_flops(
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
-def pretrain(run: RunConfig, resume: str = "auto", log=print) -> None:
+def pretrain(
+    run: RunConfig, resume: str = "auto", log=print, drain_notice: DrainNotice | None = None
+) -> None:
     """`tessera pretrain` on this rank: train to the end, then leave the process group; after a
     failure, without waiting for ranks that may be gone. Raises Preempted after SIGTERM, once
-    the checkpoint is saved."""
-    trainer = Trainer(run, resume=resume, log=log)
+    the checkpoint is saved. `drain_notice`: see Trainer."""
+    trainer = Trainer(run, resume=resume, log=log, drain_notice=drain_notice)
     try:
         outcome = trainer.train()
     except BaseException:
@@ -94,6 +96,11 @@ def pretrain(run: RunConfig, resume: str = "auto", log=print) -> None:
             f"stopped by SIGTERM at step {trainer.step}, checkpoint saved; resume "
             "with the same command"
         )
+
+
+# The platform's notice that a node of this run is about to go (Ray's drain before a spot
+# reclaim): "" while none, else what is happening. Called by every rank at every step.
+DrainNotice = Callable[[], str]
 
 
 class TrainingInput(Protocol):
@@ -111,10 +118,22 @@ class TrainingInput(Protocol):
 class Trainer:
     """Built in the order a run needs its parts, each step its own method:
     communication -> run folder and the checkpoint to resume -> input -> model and engine ->
-    restored state -> logs."""
+    restored state -> logs.
 
-    def __init__(self, run: RunConfig, resume: str = "auto", log=print) -> None:
+    Stopping early: SIGTERM (where this runs on the main thread) saves a checkpoint and ends
+    training ("preempted"); `drain_notice` (Ray Train's workers, off the main thread, where Ray
+    stops the process itself) saves one checkpoint as soon as a node is announced to go and
+    trains on: Ray restarts the group from that checkpoint when the node is gone."""
+
+    def __init__(
+        self,
+        run: RunConfig,
+        resume: str = "auto",
+        log=print,
+        drain_notice: DrainNotice | None = None,
+    ) -> None:
         self.run, self.log = run, log
+        self.drain_notice, self._drain_saved = drain_notice, False
         self.comm = init_distributed(
             run.train.collective_timeout_s, run.checkpoint.io_timeout_s, log=log
         )
@@ -151,7 +170,9 @@ class Trainer:
         self.remote = runs.is_remote(self.url)
         self.output = runs.local_dir(self.url)
         self.ckpt_root = self.output / "checkpoints"
-        if not self.remote and self.world > 1:
+        if self.remote:
+            self.comm.group_by_folder(self.output)
+        elif self.world > 1:
             self._check_output_is_shared()
 
     def _check_output_is_shared(self) -> None:
@@ -455,8 +476,11 @@ class Trainer:
                 every = run.logging.images_every_steps
                 if (every and self.step % every == 0) or self.step == run.train.steps:
                     self._log_images()
-                if self.step % run.checkpoint.every_steps == 0 or self.step == run.train.steps:
+                saved = self.step % run.checkpoint.every_steps == 0 or self.step == run.train.steps
+                if saved:
                     self.save()
+                if self.drain_notice and not self._drain_saved:
+                    self._save_on_drain(saved)
                 if self.comm.any(self._stop, "the SIGTERM check"):
                     path = self.save()
                     if self.rank == 0:
@@ -468,6 +492,17 @@ class Trainer:
                 signal.signal(signal.SIGTERM, previous)
             if self.writer:
                 self.writer.flush()
+
+    def _save_on_drain(self, saved: bool) -> None:
+        """Once a node is announced to go, a checkpoint at this step (unless one was just
+        written), so that the restart loses nothing; then training goes on."""
+        notice = self.drain_notice()
+        if not self.comm.any(bool(notice), "the drain-notice check"):
+            return
+        path = self.ckpt_root / checkpoint.tag(self.step) if saved else self.save()
+        self._drain_saved = True
+        if self.rank == 0:
+            self.log(f"{notice or 'a node is draining'}: checkpoint {path} saved; training on")
 
     def _log_images(self) -> None:
         """ViT: attention rollout of the [class] token; ImageGPT: completions of half images.
