@@ -13,7 +13,7 @@ import yaml
 from pipeline.config import config_to_raw, load_config
 from pipeline.data.shards import DatasetError
 from pipeline.data.sources import SourceError
-from pipeline.errors import EXIT_PREEMPTED, ConfigError, Preempted
+from pipeline.errors import EXIT_PREEMPTED, ConfigError, Preempted, UnsafeCheckpoint
 from pipeline.models import create_model, list_models
 
 
@@ -153,7 +153,7 @@ def cmd_build_ops(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from pipeline.train.export import export
 
-    ckpt, model = export(args.source, args.output)
+    ckpt, model = export(args.source, args.output, args.endpoint_url)
     params = sum(p.numel() for p in model.parameters())
     print(f"exported {ckpt} ({model.cfg.name}, {params:,} parameters) to {args.output}")
 
@@ -239,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", help="a run folder (its newest complete checkpoint) or a checkpoint")
     p.add_argument("output", help="folder URL for model.safetensors + model.json")
+    p.add_argument(
+        "--endpoint-url", default="",
+        help="S3 endpoint for s3:// source and output (default: AWS_ENDPOINT_URL, else AWS)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -302,7 +306,7 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"tessera: config error: {e}", file=sys.stderr)
         return 2
-    except (DatasetError, SourceError, FileNotFoundError) as e:
+    except (DatasetError, SourceError, FileNotFoundError, UnsafeCheckpoint) as e:
         print(f"tessera: {e}", file=sys.stderr)
         return 2
     except ValueError as e:

@@ -23,6 +23,11 @@ def require(ok: bool, field: str, value: Any, allowed: str) -> None:
         raise FieldError(field, value, allowed)
 
 
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file that is not plain data (a pickle that names code outside the
+    allowlist): refused before anything loads it, with the file and the offending global."""
+
+
 # `tessera pretrain`, `finetune` and `run` exit with this status after SIGTERM once a checkpoint
 # is saved: "preempted, run me again", distinct from success (0), failure (1) and a config or
 # data error (2). 75 is sysexits' EX_TEMPFAIL; launch/slurm.sbatch requeues the job on it.

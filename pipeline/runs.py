@@ -51,12 +51,12 @@ def latest_checkpoint(url: str, endpoint_url: str = "") -> str | None:
     fs, path = filesystem(url, endpoint_url)
     root = join(path, CHECKPOINTS)
     try:
-        folders = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+        folders = _step_folders(fs.ls(root, detail=False))
     except FileNotFoundError:
         return None
     # Newest first, by their markers: a kill between a checkpoint's marker and `latest` leaves
     # `latest` one behind, so the pointer is for people and other tools, not for this.
-    for folder in reversed([f for f in folders if f.startswith("step-")]):
+    for folder in reversed(folders):
         if fs.exists(join(root, folder, COMPLETE)):
             return folder
     return None
@@ -77,6 +77,8 @@ def pull_checkpoint(url: str, name: str, endpoint_url: str = "") -> Path:
     # A local marker proves nothing about this node's copy: the node that wrote the checkpoint
     # holds only its own ranks' shards. Every remote file is checked; the marker goes first
     # and comes back last, so a download cut short is never taken as complete.
+    for f in files:
+        _inside(local, f[len(remote) + 1 :], f)
     stale = [
         f for f in files if f != marker and not _same_size(local / f[len(remote) + 1 :], files[f])
     ]
@@ -90,6 +92,23 @@ def pull_checkpoint(url: str, name: str, endpoint_url: str = "") -> Path:
         with_retries(f"downloading {remote_file}", lambda r=remote_file, t=tmp: fs.get_file(r, t))
         os.replace(tmp, target)
     return local
+
+
+def _inside(folder: Path, relative: str, key: str) -> Path:
+    """folder/relative, refused if it would leave `folder` (an object key with `..`, or an
+    absolute one): a bucket's keys do not choose where this machine writes."""
+    target = (folder / relative).resolve()
+    if not relative or not target.is_relative_to(folder.resolve()):
+        raise ValueError(f"object key {key} would be written outside {folder}; refused")
+    return target
+
+
+def _step_folders(paths: list[str]) -> list[str]:
+    """The step-N folder names among `paths`, oldest step first (by number, not as text)."""
+    from pipeline.train.checkpoint import step_of
+
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in paths]
+    return sorted((n for n in names if step_of(n) >= 0), key=step_of)
 
 
 def _same_size(path: Path, size: int) -> bool:
@@ -119,10 +138,14 @@ def publish_checkpoint(url: str, name: str, keep_last: int, endpoint_url: str = 
             f"uploading {name_}", lambda n=name_, d=data: write_atomic(fs, join(root, name, n), d)
         )
     with_retries("uploading latest", lambda: write_atomic(fs, join(root, LATEST), name.encode()))
-    folders = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-    steps = [f for f in folders if f.startswith("step-")]
+    from pipeline.train.checkpoint import step_of
+
+    listed = fs.ls(root, detail=False)
+    folders = [p.rstrip("/").rsplit("/", 1)[-1] for p in listed]
+    steps = _step_folders(listed)
     complete = [f for f in steps if fs.exists(join(root, f, COMPLETE))]
-    old = complete[:-keep_last] + [f for f in steps if f not in complete and f < name]
+    old = complete[:-keep_last]
+    old += [f for f in steps if f not in complete and step_of(f) < step_of(name)]
     old += [f for f in folders if ".tmp-" in f]  # a `latest` of a writer killed mid-write
     for folder in old:
         with_retries(f"removing {folder}", lambda f=folder: fs.rm(join(root, f), recursive=True))

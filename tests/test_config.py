@@ -205,3 +205,16 @@ def test_set_reaches_into_lists_by_index_and_names_itself_in_errors():
         parse_config(copy.deepcopy(base), "q.yaml", ["prepare.0.val_fraction=2"])
     with pytest.raises(ConfigError, match="prepare is a list of 2; '2' is not an index in it"):
         parse_config(copy.deepcopy(base), "q.yaml", ["prepare.2.source=x"])
+
+
+def test_a_key_given_twice_is_a_config_error_naming_it_and_both_lines(tmp_path):
+    """Plain YAML keeps the second `train:` and silently drops the first's settings."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {name: vit-micro-p4}\ntrain:\n  steps: 10\ntrain:\n  output: x\n")
+    with pytest.raises(
+        ConfigError, match=r"run.yaml: .*key 'train' appears twice, on lines 2 and 4"
+    ):
+        load_config(path)
+    path.write_text("model: {name: vit-micro-p4}\ntrain: {steps: 10, steps: 20}\n")
+    with pytest.raises(ConfigError, match=r"key 'steps' appears twice, on lines 2 and 2"):
+        load_config(path)

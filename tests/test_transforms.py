@@ -177,3 +177,17 @@ def test_without_the_built_decoder_jpegs_decode_with_pil(monkeypatch):
     out = ImageTransform(32, 3, augment=True)(data, random.Random(1))
     expected = ImageTransform(32, 3, augment=True, fast_jpeg=False)(data, random.Random(1))
     np.testing.assert_array_equal(out, expected)
+
+
+def test_a_jpeg_declaring_billions_of_pixels_is_refused_before_any_allocation():
+    """A few hundred bytes whose header says 65000 x 65000: PIL's decompression-bomb limit
+    holds on the fast path too, and the sample goes to PIL, which refuses it as well."""
+    data = bytearray(photo(64, 48))
+    sof = data.index(b"\xff\xc0")  # baseline frame header: length(2) precision(1) height width
+    data[sof + 5 : sof + 9] = (65000).to_bytes(2, "big") * 2
+    with pytest.raises(jpeg.JpegError, match="decompression-bomb limit"):
+        jpeg.info(bytes(data))
+    with pytest.raises(jpeg.JpegError, match="decompression-bomb limit"):
+        jpeg.decode_crop(bytes(data), (0, 0, 8, 8), 3, size=(65000, 65000))
+    with pytest.raises(Image.DecompressionBombError):
+        ImageTransform(32, 3, augment=False)(bytes(data), random.Random(0))

@@ -95,7 +95,22 @@ def info(data: bytes) -> tuple[int, int, int]:
     message = ctypes.create_string_buffer(_MESSAGE)
     if _library().tessera_jpeg_info(data, len(data), out, message) != 0:
         raise JpegError(message.value.decode(errors="replace"))
+    check_pixels(out[0], out[1])
     return out[0], out[1], out[2]
+
+
+def check_pixels(width: int, height: int) -> None:
+    """PIL's decompression-bomb limit, on this path too: a few bytes can declare 65k x 65k
+    pixels, gigabytes to allocate. Refused above 2x Image.MAX_IMAGE_PIXELS, where PIL refuses
+    (None turns the check off in both)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > 2 * limit:
+        raise JpegError(
+            f"{width}x{height} = {width * height} pixels, over the decompression-bomb limit of "
+            f"{2 * limit} (2x PIL.Image.MAX_IMAGE_PIXELS)"
+        )
 
 
 def scaled_size(width: int, height: int, denom: int) -> tuple[int, int]:
@@ -111,6 +126,7 @@ def decode_crop(
     in the image decoded at 1/denom. `size`: the (width, height) of the image, if known."""
     data = data if isinstance(data, bytes) else bytes(data)
     width, height = size or info(data)[:2]
+    check_pixels(width, height)
     out_w, _ = scaled_size(width, height, denom)
     left, top, right, bottom = box
     out = np.empty((bottom - top, out_w, channels), dtype=np.uint8)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 
-import fsspec
 import numpy as np
 import torch
+
+from pipeline.storage import filesystem
 
 _CHUNK = 1 << 16  # pixels per distance computation; bounds memory at K * 64k floats
 
@@ -95,13 +96,15 @@ class Palette:
             raise ValueError(f"not a Tessera palette (format {data.get('format')!r})")
         return cls(np.array(data["colours"], dtype=np.float32))
 
-    def save(self, url: str) -> None:
-        with fsspec.open(url, "w") as f:
+    def save(self, url: str, endpoint_url: str = "") -> None:
+        fs, path = filesystem(url, endpoint_url)
+        with fs.open(path, "w") as f:
             json.dump(self.to_dict(), f)
 
     @classmethod
-    def load(cls, url: str) -> Palette:
-        with fsspec.open(url, "r") as f:
+    def load(cls, url: str, endpoint_url: str = "") -> Palette:
+        fs, path = filesystem(url, endpoint_url)
+        with fs.open(path, "r") as f:
             return cls.from_dict(json.load(f))
 
 

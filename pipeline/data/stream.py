@@ -93,7 +93,9 @@ class StreamConfig:
     endpoint_url: str = ""
 
 
-def resolve_palette(spec: str, size: int, manifest: Manifest, channels: int) -> Palette:
+def resolve_palette(
+    spec: str, size: int, manifest: Manifest, channels: int, endpoint_url: str = ""
+) -> Palette:
     """A data.palette setting -> Palette: "kmeans" (fitted by prepare), "uniform" (3 bits per
     channel), "grey" (`size` levels), or the URL of a palette file."""
     if spec == "kmeans":
@@ -102,12 +104,12 @@ def resolve_palette(spec: str, size: int, manifest: Manifest, channels: int) -> 
                 f"{manifest.url}: has no fitted palette; run `tessera prepare ... --palette 512` "
                 "or set data.palette to uniform, grey or a palette URL"
             )
-        return Palette.load(join(manifest.url, manifest.palette))
+        return Palette.load(join(manifest.url, manifest.palette), endpoint_url)
     if spec == "uniform":
         return Palette.uniform(bits=3, channels=channels)
     if spec == "grey":
         return Palette.grey(size)
-    return Palette.load(spec)
+    return Palette.load(spec, endpoint_url)
 
 
 def stream_config(run: RunConfig, split: str, batch_size: int, train: bool) -> StreamConfig:
@@ -118,7 +120,9 @@ def stream_config(run: RunConfig, split: str, batch_size: int, train: bool) -> S
     if model.family == "igpt":
         manifest = load_manifest(data.url, data.endpoint_url)
         channels = manifest.channels
-        palette = resolve_palette(data.palette, data.palette_size, manifest, channels)
+        palette = resolve_palette(
+            data.palette, data.palette_size, manifest, channels, data.endpoint_url
+        )
         if palette.size != model.vocab_size:
             raise DatasetError(
                 f"data.palette {data.palette!r} has {palette.size} colours but model.vocab_size is "

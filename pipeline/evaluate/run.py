@@ -364,7 +364,7 @@ def evaluate(run: RunConfig, source: str = "", log=print) -> list[Row]:
     weights = (
         untrained_weights(run)
         if source == UNTRAINED
-        else read_weights_for(_source_of(run, source), run.model, "--model")
+        else read_weights_for(_source_of(run, source), run.model, "--model", run.data.endpoint_url)
     )
     rows: list[Row] = []
     for one, target in targets:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import fsspec
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -23,10 +22,13 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
 
 
-def save_model(model: Backbone, url: str, provenance: dict[str, Any] | None = None) -> None:
+def save_model(
+    model: Backbone, url: str, provenance: dict[str, Any] | None = None, endpoint_url: str = ""
+) -> None:
     """Write `url/model.safetensors` and then `url/model.json` (with `provenance`: where the
-    weights came from, e.g. the pretraining data and step, for results tables)."""
-    fs, path = filesystem(url)
+    weights came from, e.g. the pretraining data and step, for results tables). `endpoint_url`:
+    the S3 endpoint of a config's data.endpoint_url, here and below."""
+    fs, path = filesystem(url, endpoint_url)
     fs.makedirs(path, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     write_atomic(fs, join(path, WEIGHTS_FILE), save_safetensors(state))
@@ -36,14 +38,15 @@ def save_model(model: Backbone, url: str, provenance: dict[str, Any] | None = No
     write_atomic(fs, join(path, CONFIG_FILE), json.dumps(meta, indent=2).encode())
 
 
-def read_model_config(url: str) -> dict[str, Any]:
-    return read_model_meta(url)["config"]
+def read_model_config(url: str, endpoint_url: str = "") -> dict[str, Any]:
+    return read_model_meta(url, endpoint_url)["config"]
 
 
-def read_model_meta(url: str) -> dict[str, Any]:
+def read_model_meta(url: str, endpoint_url: str = "") -> dict[str, Any]:
     """model.json of a saved model: {"config": ..., "provenance": ... (if saved with one)}."""
+    fs, path = filesystem(url, endpoint_url)
     try:
-        with fsspec.open(join(url, CONFIG_FILE), "r") as f:
+        with fs.open(join(path, CONFIG_FILE), "r") as f:
             meta = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(
@@ -53,17 +56,18 @@ def read_model_meta(url: str) -> dict[str, Any]:
     return meta
 
 
-def load_state(url: str) -> dict[str, torch.Tensor]:
-    with fsspec.open(join(url, WEIGHTS_FILE), "rb") as f:
+def load_state(url: str, endpoint_url: str = "") -> dict[str, torch.Tensor]:
+    fs, path = filesystem(url, endpoint_url)
+    with fs.open(join(path, WEIGHTS_FILE), "rb") as f:
         return load_safetensors(f.read())
 
 
-def load_model(url: str, **overrides: Any) -> Backbone:
+def load_model(url: str, endpoint_url: str = "", **overrides: Any) -> Backbone:
     """Rebuild a saved model; overrides (image_size, num_classes, ...) adapt it on load: the
     position embeddings are resampled and a head of another shape starts afresh."""
-    cfg = config_from_dict(read_model_config(url))
+    cfg = config_from_dict(read_model_config(url, endpoint_url))
     model = create_model(cfg, **overrides)
-    load_pretrained(model, load_state(url), source=url)
+    load_pretrained(model, load_state(url, endpoint_url), source=url)
     return model
 
 

@@ -96,7 +96,11 @@ def exported_step(run: RunConfig) -> int | None:
     from pipeline.models.weights import read_model_meta
 
     try:
-        return read_model_meta(export_url(run)).get("provenance", {}).get("step")
+        return (
+            read_model_meta(export_url(run), run.data.endpoint_url)
+            .get("provenance", {})
+            .get("step")
+        )
     except FileNotFoundError:
         return None
 
@@ -454,7 +458,7 @@ def stage_export(run: RunConfig, executor: str) -> str:
     if name is None:
         raise StageError(f"export: {run.train.output} has no checkpoint at step {run.train.steps}")
     ckpt = runs.pull_checkpoint(run.train.output, name, run.data.endpoint_url)
-    export(ckpt, export_url(run))
+    export(ckpt, export_url(run), run.data.endpoint_url)
     return f"done: {ckpt} -> {export_url(run)}"
 
 

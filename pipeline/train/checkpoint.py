@@ -33,10 +33,43 @@ def tag(step: int) -> str:
     return f"step-{step:07d}"
 
 
+def step_of(name: str) -> int:
+    """The step a checkpoint folder's name holds; -1 for any other name. Tags are compared by
+    this, never as text: past 9,999,999 steps "step-10000000" sorts before "step-9999999"."""
+    head, _, digits = name.partition("-")
+    return int(digits) if head == "step" and digits.isdigit() else -1
+
+
 def _write_atomic(path: Path, text: str) -> None:
+    """The file whole or not at all, on disk (fsynced, and its directory) before it counts."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Every file under `folder` and the folders themselves on disk: a marker written after
+    this cannot outlive the data it vouches for in a power loss or a kernel crash."""
+    for sub, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(sub, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(sub))
 
 
 def rng_state() -> dict[str, Any]:
@@ -71,7 +104,8 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not root.is_dir():
         return []
-    return sorted((p for p in root.glob("step-*") if is_complete(p)), key=lambda p: p.name)
+    found = (p for p in root.glob("step-*") if step_of(p.name) >= 0 and is_complete(p))
+    return sorted(found, key=lambda p: step_of(p.name))
 
 
 def find_latest(root: Path) -> Path | None:
@@ -80,7 +114,7 @@ def find_latest(root: Path) -> Path | None:
     if pointer.is_file():
         named = root / pointer.read_text().strip()
         if is_complete(named):
-            newer = [p for p in complete_checkpoints(root) if p.name > named.name]
+            newer = [p for p in complete_checkpoints(root) if step_of(p.name) > step_of(named.name)]
             return newer[-1] if newer else named
     found = complete_checkpoints(root)
     return found[-1] if found else None
@@ -91,8 +125,15 @@ def save(engine, root: Path, step: int, state: dict[str, Any], comm, keep_last: 
     directory once it is complete."""
     name = tag(step)
     path = root / name
+    # A complete checkpoint is never written again (SIGTERM at a checkpoint step, a drain
+    # notice right after one, a resume that stops at once): rewriting it in place would leave it
+    # torn, and trusted, if the writer died. Asked of every rank: on a remote run only the
+    # first node's staging folder holds the marker.
+    if comm.any(is_complete(path), f"whether {name} is already complete"):
+        return path
     engine.save_checkpoint(str(root), tag=name, save_latest=False)
     _write_atomic(path / f"rng-rank{comm.rank:05d}.json", json.dumps(rng_state()))
+    _fsync_tree(path)
     comm.barrier(f"every rank to write its shards of {name}")
     if comm.rank == 0:
         _write_atomic(path / STATE, json.dumps(state))
@@ -105,11 +146,11 @@ def save(engine, root: Path, step: int, state: dict[str, Any], comm, keep_last: 
 
 def _prune(root: Path, keep_last: int) -> None:
     complete = complete_checkpoints(root)
-    newest = complete[-1].name
+    newest = step_of(complete[-1].name)
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for half in root.glob("step-*"):  # half-written by a killed run, superseded now
-        if not is_complete(half) and half.name < newest:
+        if not is_complete(half) and 0 <= step_of(half.name) < newest:
             shutil.rmtree(half, ignore_errors=True)
 
 
@@ -127,8 +168,11 @@ def universal_path(path: Path) -> Path:
 def load(engine, path: Path, rank: int, universal: bool = False) -> dict[str, Any]:
     """Load a complete checkpoint (or its universal copy) into the engine; returns the trainer
     state."""
+    from pipeline.train.engine import refuse_unsafe_pickles
+
     state = read_state(path)
     source = universal_path(path) if universal else path
+    refuse_unsafe_pickles(source)
     loaded, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load {path}")

@@ -310,11 +310,47 @@ def _skip_non_finite_updates(optimizer) -> None:
     optimizer.step = checked_step
 
 
+def checkpoint_globals() -> list[type]:
+    """The classes DeepSpeed's checkpoints pickle besides tensors and builtins: the loss scaler
+    (also saved by bf16 and fp32 optimizers), the ZeRO stage and bf16's fragment addresses."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def refuse_unsafe_pickles(folder) -> None:
+    """DeepSpeed opens checkpoint files with torch.load(weights_only=False), which runs any code
+    a pickle names. Before it does, every .pt file under `folder` must load as plain data:
+    torch.load(weights_only=True) with only `checkpoint_globals` allowed (memory-mapped, so no
+    tensor is read). One that does not is refused, naming the file and the global."""
+    import pickle
+    import re
+
+    from pipeline.errors import UnsafeCheckpoint
+
+    with torch.serialization.safe_globals(checkpoint_globals()):
+        for path in sorted(Path(folder).rglob("*.pt")):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+                found = re.search(r"GLOBAL (\S+)", str(e))
+                what = f"it names {found.group(1)}" if found else str(e).splitlines()[0][:200]
+                raise UnsafeCheckpoint(
+                    f"{path}: refused, not plain data ({what}); a checkpoint holds tensors, "
+                    "builtins and DeepSpeed's own state classes only. Load it only if you "
+                    "trust where it came from, and then with DeepSpeed itself"
+                ) from None
+
+
 def to_universal(checkpoint_dir, out_dir) -> None:
     """Convert a ZeRO checkpoint to DeepSpeed's universal format, which loads at any world size
     and ZeRO stage with the optimizer states intact."""
     import subprocess
     import sys
+
+    refuse_unsafe_pickles(checkpoint_dir)
 
     cmd = [
         sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
@@ -333,6 +369,7 @@ def consolidated_state_dict(checkpoint_dir) -> dict[str, torch.Tensor]:
     number of ranks that wrote them."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    refuse_unsafe_pickles(checkpoint_dir)
     path = os.fspath(checkpoint_dir)
     parent, tag = os.path.dirname(path), os.path.basename(path)
     return get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)

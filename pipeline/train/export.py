@@ -26,18 +26,18 @@ from pipeline.train import checkpoint
 from pipeline.train.engine import consolidated_state_dict
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | Path, endpoint_url: str = "") -> Path:
     """A run folder (its newest complete checkpoint) or a checkpoint folder that is complete;
     a remote one (s3://...) is downloaded to the run's staging folder first."""
     text = str(path)
     if runs.is_remote(text):
         parent, name = text.rstrip("/").rsplit("/", 1)
         if name.startswith("step-") and parent.endswith(f"/{runs.CHECKPOINTS}"):
-            return runs.pull_checkpoint(parent.rsplit("/", 1)[0], name)
-        latest = runs.latest_checkpoint(text)
+            return runs.pull_checkpoint(parent.rsplit("/", 1)[0], name, endpoint_url)
+        latest = runs.latest_checkpoint(text, endpoint_url)
         if latest is None:
             raise FileNotFoundError(f"{text}: neither a complete checkpoint nor a run with one")
-        return runs.pull_checkpoint(text, latest)
+        return runs.pull_checkpoint(text, latest, endpoint_url)
     path = Path(path)
     if checkpoint.is_complete(path):
         return path
@@ -78,19 +78,19 @@ def _checkpoint_provenance(ckpt: Path) -> tuple[ModelConfig, dict[str, Any]]:
     }
 
 
-def read_weights(source: str | Path) -> Weights:
+def read_weights(source: str | Path, endpoint_url: str = "") -> Weights:
     """Weights from an exported model folder (any fsspec URL), a complete checkpoint, or a run
     folder. Errors name the source and what it lacks."""
     text = str(source)
-    fs, path = filesystem(text)
+    fs, path = filesystem(text, endpoint_url)
     if fs.exists(join(path, CONFIG_FILE)):
-        meta = read_model_meta(text)
+        meta = read_model_meta(text, endpoint_url)
         cfg = config_from_dict(meta["config"])
         provenance = {"model": cfg.name, "data": "", "step": 0, "objective": ""}
         provenance.update(meta.get("provenance", {}))
-        return Weights(cfg, load_state(text), text, provenance)
+        return Weights(cfg, load_state(text, endpoint_url), text, provenance)
     try:
-        ckpt = resolve_checkpoint(text)
+        ckpt = resolve_checkpoint(text, endpoint_url)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{text}: not an exported model ({CONFIG_FILE}), a complete checkpoint or a run "
@@ -100,11 +100,13 @@ def read_weights(source: str | Path) -> Weights:
     return Weights(cfg, consolidated_state_dict(ckpt), str(ckpt), provenance)
 
 
-def read_weights_for(source: str | Path, model: ModelConfig, key: str) -> Weights:
+def read_weights_for(
+    source: str | Path, model: ModelConfig, key: str, endpoint_url: str = ""
+) -> Weights:
     """read_weights, checked against the model they must initialise; errors name `key` (the
     config key or option that gave `source`) before anything is computed."""
     try:
-        weights = read_weights(source)
+        weights = read_weights(source, endpoint_url)
     except FileNotFoundError as e:
         raise ConfigError(f"{key}: {e}") from None
     why = weights_mismatch(weights.config, model)
@@ -116,11 +118,11 @@ def read_weights_for(source: str | Path, model: ModelConfig, key: str) -> Weight
     return weights
 
 
-def export(source: str | Path, out_url: str) -> tuple[Path, Backbone]:
+def export(source: str | Path, out_url: str, endpoint_url: str = "") -> tuple[Path, Backbone]:
     """Write the weights of `source` (run or checkpoint folder) to `out_url`."""
-    ckpt = resolve_checkpoint(source)
+    ckpt = resolve_checkpoint(source, endpoint_url)
     cfg, provenance = _checkpoint_provenance(ckpt)
     model = create_model(cfg)
     model.load_state_dict(consolidated_state_dict(ckpt), strict=True)
-    save_model(model, out_url, provenance=provenance)
+    save_model(model, out_url, provenance=provenance, endpoint_url=endpoint_url)
     return ckpt, model

@@ -209,7 +209,9 @@ class Trainer:
         """finetune.init's weights for a run that starts fresh (a resumed finetune has them)."""
         if not self.run.finetune.init:
             return None
-        init = read_weights_for(self.run.finetune.init, self.run.model, "finetune.init")
+        init = read_weights_for(
+            self.run.finetune.init, self.run.model, "finetune.init", self.endpoint
+        )
         self.init_provenance = init.provenance
         return init
 

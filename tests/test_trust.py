@@ -1,0 +1,211 @@
+"""Trust: nothing a checkpoint holds runs as code, whoever wrote it and wherever it came from."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_train import finish, pretrain, wait, write_config
+
+from pipeline.train.engine import refuse_unsafe_pickles
+
+
+class Planted:
+    """Unpickled by a plain torch.load, it creates a file: any code could run instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def plant(checkpoint: Path, marker: Path) -> Path:
+    """The checkpoint's model states replaced by the same dictionary plus a planted object."""
+    (target,) = checkpoint.glob("*model_states.pt")
+    state = torch.load(target, weights_only=False)
+    state["extra"] = Planted(marker)
+    torch.save(state, target)
+    return target
+
+
+def test_the_planted_pickle_does_run_code_when_loaded_plainly(tmp_path):
+    """The fixture is real: a plain load creates the file."""
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.zeros(2), "x": Planted(marker)}, tmp_path / "f.pt")
+    torch.load(tmp_path / "f.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_a_checkpoint_of_plain_data_passes_and_a_planted_global_is_named(tmp_path):
+    good = tmp_path / "good"
+    good.mkdir()
+    torch.save({"w": torch.zeros(3), "n": 1, "names": ["a"]}, good / "x_model_states.pt")
+    refuse_unsafe_pickles(good)
+    marker = tmp_path / "ran"
+    plant(good, marker)
+    with pytest.raises(ValueError, match=r"x_model_states.pt: refused.*io.open"):
+        refuse_unsafe_pickles(good)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_planted_pickle_is_refused_by_export_resume_finetune_and_evaluate(tmp_path, digits_url):
+    config = write_config(tmp_path, digits_url, train={"steps": 4})
+    finish(pretrain(config))
+    run = tmp_path / "run"
+    marker = tmp_path / "ran"
+    planted = plant(run / "checkpoints" / "step-0000004", marker)
+    finetune = write_config(
+        tmp_path, digits_url, name="ft.yaml", train={"steps": 4, "output": str(tmp_path / "ft")},
+        finetune={"init": str(run)},
+    )  # fmt: skip
+    commands = {
+        "export": ["export", run, tmp_path / "export"],
+        "resume": ["pretrain", config, "--set", "train.steps=8"],
+        "finetune": ["finetune", finetune],
+        "evaluate": ["evaluate", config, "--model", run],
+    }
+    for name, (command, *args) in commands.items():
+        proc = pretrain(args[0], *args[1:], command=command)
+        out = wait(proc)
+        assert proc.returncode == 2, (name, out[-2000:])
+        assert f"{planted}: refused, not plain data (it names io.open)" in out, name
+        assert not marker.exists(), f"{name} ran the planted code"
+    assert not (tmp_path / "export").exists()
+    assert not os.path.exists(run / "checkpoints" / "step-0000008")
+
+
+# -- the checkpoint protocol -------------------------------------------------------------------
+
+
+def make_complete(root: Path, step: int) -> Path:
+    from pipeline.train.checkpoint import COMPLETE, tag
+
+    path = root / tag(step)
+    path.mkdir(parents=True)
+    (path / "shard.pt").write_text(str(step))
+    (path / COMPLETE).write_text("{}")
+    return path
+
+
+def test_the_newest_checkpoint_is_found_and_kept_by_step_number_past_ten_million_steps(
+    tmp_path, monkeypatch
+):
+    import fsspec
+
+    from pipeline import runs
+    from pipeline.train import checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in (9_999_998, 9_999_999, 10_000_000):
+        make_complete(root, step)
+    (root / "step-0000012").mkdir()  # half-written long ago: older by number, newer as text
+    (root / checkpoint.LATEST).write_text("step-9999999")  # a kill before `latest` moved
+    assert checkpoint.find_latest(root).name == "step-10000000"
+    checkpoint._prune(root, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == [
+        "latest", "step-10000000", "step-9999999"
+    ]  # fmt: skip
+    # The same on object storage, for finding and for pruning.
+    monkeypatch.setenv("TESSERA_STAGING", str(tmp_path / "staging"))
+    url = f"memory://runs/{tmp_path.name}"
+    fs = fsspec.filesystem("memory")
+    for step in (9_999_999, 10_000_000):
+        name = checkpoint.tag(step)
+        fs.pipe(f"{url}/checkpoints/{name}/{checkpoint.COMPLETE}", b"{}")
+    assert runs.latest_checkpoint(url) == "step-10000000"
+    local = make_complete(runs.local_dir(url) / "checkpoints", 10_000_001)
+    (local / checkpoint.STATE).write_text("{}")
+    runs.publish_checkpoint(url, local.name, keep_last=2)
+    left = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{url}/checkpoints", detail=False))
+    assert left == ["latest", "step-10000000", "step-10000001"]
+
+
+def test_an_object_key_that_would_leave_the_staging_folder_is_refused(tmp_path, monkeypatch):
+    import fsspec
+
+    from pipeline import runs
+
+    monkeypatch.setenv("TESSERA_STAGING", str(tmp_path / "staging"))
+    url = f"memory://runs/{tmp_path.name}"
+    fs = fsspec.filesystem("memory")
+    fs.pipe(f"{url}/checkpoints/step-0000004/COMPLETE", b"{}")
+    fs.pipe(f"{url}/checkpoints/step-0000004/../../../../../escaped", b"x")
+    # memory:// normalises `..` itself; an S3 key keeps it, as does this listing
+    real_find = fs.find
+    monkeypatch.setattr(
+        type(fs), "find",
+        lambda self, path, detail=False, **kw: {
+            **real_find(path, detail=True),
+            f"{path}/../../../../../escaped": {"size": 1},
+        },
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"escaped would be written outside .*; refused"):
+        runs.pull_checkpoint(url, "step-0000004")
+    assert not list(tmp_path.rglob("escaped"))
+
+
+class FakeComm:
+    rank, world = 0, 1
+
+    def any(self, flag, what=""):
+        return flag
+
+    def barrier(self, what=""):
+        pass
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.saves = 0
+
+    def save_checkpoint(self, root, tag, save_latest):
+        self.saves += 1
+        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(root) / tag / "mp_rank_00_model_states.pt").write_text(f"save {self.saves}")
+
+
+def test_a_complete_checkpoint_is_never_written_again(tmp_path):
+    """SIGTERM at a checkpoint step saves the same step a second time: a no-op, not a rewrite
+    in place of files that COMPLETE and `latest` already vouch for."""
+    from pipeline.train import checkpoint
+
+    engine, root = FakeEngine(), tmp_path / "checkpoints"
+    first = checkpoint.save(engine, root, 8, {"step": 8}, FakeComm(), keep_last=2)
+    marker = (first / checkpoint.COMPLETE).read_text()
+    again = checkpoint.save(engine, root, 8, {"step": 8, "other": 1}, FakeComm(), keep_last=2)
+    assert again == first and engine.saves == 1
+    assert (first / "mp_rank_00_model_states.pt").read_text() == "save 1"
+    assert (first / checkpoint.COMPLETE).read_text() == marker
+    assert json.loads((first / checkpoint.STATE).read_text()) == {"step": 8}
+
+
+# -- the configured endpoint -------------------------------------------------------------------
+
+
+def test_models_palettes_and_exports_use_the_configured_endpoint_alone(
+    s3_endpoint, s3_bucket, monkeypatch
+):
+    """With the endpoint in the config only (no AWS_ENDPOINT_URL), every read and write goes to
+    it; without it they would go to AWS itself, where a bucket of the same name is anyone's."""
+    from pipeline.data.palette import Palette
+    from pipeline.models import create_model
+    from pipeline.models.weights import load_model, read_model_meta, save_model
+    from pipeline.train.export import read_weights
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    model = create_model("vit-micro-p4", image_size=16, channels=1, num_classes=10)
+    url = f"{s3_bucket}/export"
+    save_model(model, url, provenance={"step": 3}, endpoint_url=s3_endpoint)
+    assert read_model_meta(url, s3_endpoint)["provenance"] == {"step": 3}
+    loaded = load_model(url, s3_endpoint)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert read_weights(url, s3_endpoint).provenance["step"] == 3
+    palette = Palette.grey(16)
+    palette.save(f"{s3_bucket}/palette.json", s3_endpoint)
+    back = Palette.load(f"{s3_bucket}/palette.json", s3_endpoint)
+    assert np.array_equal(back.colours, palette.colours)
