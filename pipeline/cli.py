@@ -94,14 +94,14 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from pipeline.train.trainer import pretrain
 
     run = load_config(args.config, args.overrides)
-    pretrain(run, resume=args.resume or run.checkpoint.resume)
+    pretrain(run, resume=args.resume or run.checkpoint.resume, restart=args.restart)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from pipeline.train.finetune import finetune
 
     run = load_config(args.config, args.overrides)
-    finetune(run, resume=args.resume or run.checkpoint.resume)
+    finetune(run, resume=args.resume or run.checkpoint.resume, restart=args.restart)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -158,6 +158,15 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {ckpt} ({model.cfg.name}, {params:,} parameters) to {args.output}")
 
 
+def _add_restart_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--restart", action="store_true",
+        help="start over (with --resume never, or from an older checkpoint) in a run folder "
+        "that has newer checkpoints: they are moved aside to checkpoints.before-restart-TIME, "
+        "never deleted (local run folders)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviations at the top: `prepare --local` must not read as a prefix of --local_rank.
     parser = argparse.ArgumentParser(prog="tessera", description=__doc__, allow_abbrev=False)
@@ -205,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", default="", help="auto (newest complete checkpoint), never, or a path"
     )
+    _add_restart_arg(p)
     p.set_defaults(func=cmd_pretrain, hard_exit=True)
 
     p = sub.add_parser(
@@ -212,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--resume", default="", help="auto, never, or a checkpoint path")
+    _add_restart_arg(p)
     p.set_defaults(func=cmd_finetune, hard_exit=True)
 
     p = sub.add_parser(

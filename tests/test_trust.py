@@ -209,3 +209,27 @@ def test_models_palettes_and_exports_use_the_configured_endpoint_alone(
     palette.save(f"{s3_bucket}/palette.json", s3_endpoint)
     back = Palette.load(f"{s3_bucket}/palette.json", s3_endpoint)
     assert np.array_equal(back.colours, palette.colours)
+
+
+@pytest.mark.slow
+def test_a_run_started_over_in_a_folder_with_newer_checkpoints_is_refused_unless_restarted(
+    tmp_path, digits_url
+):
+    """Without the check, `--resume never` into a longer run's folder pruned the new run's own
+    checkpoints as it wrote them (the old run's steps are higher), and the next resume took an
+    old one."""
+    config = write_config(tmp_path, digits_url, train={"steps": 8})
+    finish(pretrain(config))
+    ckpts = tmp_path / "run" / "checkpoints"
+    before = sorted(p.name for p in ckpts.iterdir())
+    for args in (["--resume", "never"], ["--resume", str(ckpts / "step-0000004")]):
+        proc = pretrain(config, *args, "--set", "train.steps=6")
+        out = wait(proc)
+        assert proc.returncode == 2, out[-2000:]
+        assert "holds checkpoints up to step-0000008" in out and "--restart" in out
+        assert sorted(p.name for p in ckpts.iterdir()) == before  # nothing touched
+    out = finish(pretrain(config, "--resume", "never", "--restart", "--set", "train.steps=6"))
+    (aside,) = (tmp_path / "run").glob("checkpoints.before-restart-*")
+    assert f"moved {ckpts.resolve()} aside to {aside}" in out
+    assert sorted(p.name for p in aside.iterdir()) == before  # kept whole
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-0000004", "step-0000006"]

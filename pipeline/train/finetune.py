@@ -68,6 +68,7 @@ def finetune(
     log=print,
     scratch: bool = False,
     drain_notice: DrainNotice | None = None,
+    restart: bool = False,
 ) -> dict[str, Any]:
     """Train from finetune.init; returns {"top1", "initial_top1", ...}; raises Preempted after
     SIGTERM (checkpoint saved).
@@ -75,7 +76,7 @@ def finetune(
     if not run.finetune.init and not scratch:
         raise ConfigError("finetune.init: is empty; name the pretrained weights to start from")
     check_classes(run)
-    trainer = Trainer(run, resume=resume, log=log, drain_notice=drain_notice)
+    trainer = Trainer(run, resume=resume, log=log, drain_notice=drain_notice, restart=restart)
     try:
         split = run.data.val_split
         initial = top1(trainer, split) if trainer.step == 0 else None

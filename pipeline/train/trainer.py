@@ -79,12 +79,16 @@ def measure_peak_flops(
 
 
 def pretrain(
-    run: RunConfig, resume: str = "auto", log=print, drain_notice: DrainNotice | None = None
+    run: RunConfig,
+    resume: str = "auto",
+    log=print,
+    drain_notice: DrainNotice | None = None,
+    restart: bool = False,
 ) -> None:
     """`tessera pretrain` on this rank: train to the end, then leave the process group; after a
     failure, without waiting for ranks that may be gone. Raises Preempted after SIGTERM, once
     the checkpoint is saved. `drain_notice`: see Trainer."""
-    trainer = Trainer(run, resume=resume, log=log, drain_notice=drain_notice)
+    trainer = Trainer(run, resume=resume, log=log, drain_notice=drain_notice, restart=restart)
     try:
         outcome = trainer.train()
     except BaseException:
@@ -131,6 +135,7 @@ class Trainer:
         resume: str = "auto",
         log=print,
         drain_notice: DrainNotice | None = None,
+        restart: bool = False,
     ) -> None:
         self.run, self.log = run, log
         self.drain_notice, self._drain_saved = drain_notice, False
@@ -143,7 +148,7 @@ class Trainer:
         self._visual: dict[str, torch.Tensor] | None = None  # a few fixed samples for pictures
         self.init_provenance: dict[str, Any] = {}  # where finetune.init's weights came from
         self._setup_output()
-        start = self._checkpoint_to_resume(resume)
+        start = self._checkpoint_to_resume(resume, restart)
         self.stream = self._build_input()
         universal = start is not None and self._prepare_universal(start)
         init = self._finetune_init() if start is None else None  # a resumed run has its weights
@@ -289,7 +294,9 @@ class Trainer:
             what = "its head kept" if keep else f"new head of {self.run.model.num_classes} classes"
             self.log(f"initialised from {init.source} ({p['model']}, step {p['step']}); {what}")
 
-    def _checkpoint_to_resume(self, resume: str) -> Path | None:
+    def _checkpoint_to_resume(self, resume: str, restart: bool = False) -> Path | None:
+        if resume != "auto":
+            resume = self._keep_newer_checkpoints(resume, restart)
         if resume == "never":
             return None
         if resume == "auto" and self.remote:
@@ -306,6 +313,40 @@ class Trainer:
         path = Path(resume)
         checkpoint.read_state(path)  # a clear error now if it is not a complete checkpoint
         return path
+
+    def _keep_newer_checkpoints(self, resume: str, restart: bool) -> str:
+        """A run started over (--resume never) or from an older checkpoint, in a folder holding
+        newer ones, would have its own checkpoints pruned as it writes them and an old one
+        resumed next time: refused, unless --restart moves the old ones aside (never deleted).
+        Returns `resume`, pointing into the moved folder if it was inside it."""
+        newest = runs.latest_checkpoint(self.url, self.endpoint)
+        start = -1 if resume == "never" else checkpoint.step_of(Path(resume).name)
+        if newest is None or checkpoint.step_of(newest) <= start:
+            return resume
+        if not restart:
+            raise ConfigError(
+                f"train.output: {self.url} holds checkpoints up to {newest}; a run started "
+                f"{'over' if resume == 'never' else f'from {resume}'} there would prune its "
+                "own checkpoints and be mixed with them. Use another train.output, or "
+                "--restart to move the old checkpoints aside"
+            )
+        if self.remote:
+            raise ConfigError(
+                f"--restart: {self.url} is on object storage, where moving checkpoints aside "
+                "means copying them; use another train.output"
+            )
+        root = self.ckpt_root.resolve()
+        name = f"checkpoints.before-restart-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside = self.output / self.comm.gather(name, "the restart folder's name")[0]  # rank 0's
+
+        def move() -> None:
+            self.ckpt_root.rename(aside)
+            self.log(f"--restart: moved {root} aside to {aside}")
+
+        self.comm.on_rank_0(f"moving {root} aside", move)
+        if resume != "never" and Path(resume).resolve().is_relative_to(root):
+            return str(aside / Path(resume).resolve().relative_to(root))
+        return resume
 
     def _prepare_universal(self, path: Path) -> bool:
         """A checkpoint written at another world size or ZeRO stage loads through DeepSpeed's
