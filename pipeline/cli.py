@@ -13,7 +13,13 @@ import yaml
 from pipeline.config import config_to_raw, load_config
 from pipeline.data.shards import DatasetError
 from pipeline.data.sources import SourceError
-from pipeline.errors import EXIT_PREEMPTED, ConfigError, Preempted, UnsafeCheckpoint
+from pipeline.errors import (
+    EXIT_PREEMPTED,
+    ConfigError,
+    CorruptCheckpoint,
+    Preempted,
+    UnsafeCheckpoint,
+)
 from pipeline.models import create_model, list_models
 
 
@@ -317,7 +323,7 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"tessera: config error: {e}", file=sys.stderr)
         return 2
-    except (DatasetError, SourceError, FileNotFoundError, UnsafeCheckpoint) as e:
+    except (DatasetError, SourceError, FileNotFoundError, UnsafeCheckpoint, CorruptCheckpoint) as e:
         print(f"tessera: {e}", file=sys.stderr)
         return 2
     except ValueError as e:

@@ -28,6 +28,11 @@ class UnsafeCheckpoint(ValueError):
     allowlist): refused before anything loads it, with the file and the offending global."""
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file that cannot be read (truncated, overwritten, not a checkpoint): names
+    the file. Resuming then falls back to the complete checkpoint before it."""
+
+
 # `tessera pretrain`, `finetune` and `run` exit with this status after SIGTERM once a checkpoint
 # is saved: "preempted, run me again", distinct from success (0), failure (1) and a config or
 # data error (2). 75 is sysexits' EX_TEMPFAIL; launch/slurm.sbatch requeues the job on it.

@@ -48,18 +48,32 @@ def latest_checkpoint(url: str, endpoint_url: str = "") -> str | None:
 
         found = find_latest(local_dir(url) / CHECKPOINTS)
         return found.name if found else None
+    found = complete_checkpoints(url, endpoint_url, newest_only=True)
+    return found[-1] if found else None
+
+
+def complete_checkpoints(url: str, endpoint_url: str = "", newest_only: bool = False) -> list[str]:
+    """The names of the run's complete checkpoints, oldest first (only the newest with
+    `newest_only`)."""
+    if not is_remote(url):
+        from pipeline.train.checkpoint import complete_checkpoints as local
+
+        return [p.name for p in local(local_dir(url) / CHECKPOINTS)]
     fs, path = filesystem(url, endpoint_url)
     root = join(path, CHECKPOINTS)
     try:
         folders = _step_folders(fs.ls(root, detail=False))
     except FileNotFoundError:
-        return None
+        return []
     # Newest first, by their markers: a kill between a checkpoint's marker and `latest` leaves
     # `latest` one behind, so the pointer is for people and other tools, not for this.
+    found = []
     for folder in reversed(folders):
         if fs.exists(join(root, folder, COMPLETE)):
-            return folder
-    return None
+            found.insert(0, folder)
+            if newest_only:
+                break
+    return found
 
 
 def pull_checkpoint(url: str, name: str, endpoint_url: str = "") -> Path:
@@ -149,6 +163,13 @@ def publish_checkpoint(url: str, name: str, keep_last: int, endpoint_url: str = 
     old += [f for f in folders if ".tmp-" in f]  # a `latest` of a writer killed mid-write
     for folder in old:
         with_retries(f"removing {folder}", lambda f=folder: fs.rm(join(root, f), recursive=True))
+
+
+def unpublish_checkpoint(url: str, name: str, endpoint_url: str = "") -> None:
+    """Remove a checkpoint's COMPLETE marker on the remote (it cannot be read): from then on
+    it is a half-written folder, which the next published checkpoint prunes."""
+    fs, path = filesystem(url, endpoint_url)
+    with_retries(f"unpublishing {name}", lambda: fs.rm(join(path, CHECKPOINTS, name, COMPLETE)))
 
 
 def prune_local(url: str, keep: str) -> None:

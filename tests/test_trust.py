@@ -62,11 +62,11 @@ def test_a_planted_pickle_is_refused_by_export_resume_finetune_and_evaluate(tmp_
         tmp_path, digits_url, name="ft.yaml", train={"steps": 4, "output": str(tmp_path / "ft")},
         finetune={"init": str(run)},
     )  # fmt: skip
-    commands = {
+    commands = {  # resume last: it sets the unreadable checkpoint aside
         "export": ["export", run, tmp_path / "export"],
-        "resume": ["pretrain", config, "--set", "train.steps=8"],
         "finetune": ["finetune", finetune],
         "evaluate": ["evaluate", config, "--model", run],
+        "resume": ["pretrain", config, "--set", "train.steps=8"],
     }
     for name, (command, *args) in commands.items():
         proc = pretrain(args[0], *args[1:], command=command)
@@ -76,6 +76,7 @@ def test_a_planted_pickle_is_refused_by_export_resume_finetune_and_evaluate(tmp_
         assert not marker.exists(), f"{name} ran the planted code"
     assert not (tmp_path / "export").exists()
     assert not os.path.exists(run / "checkpoints" / "step-0000008")
+    assert list((run / "checkpoints").glob("step-0000004.unreadable-*"))
 
 
 # -- the checkpoint protocol -------------------------------------------------------------------
@@ -233,3 +234,23 @@ def test_a_run_started_over_in_a_folder_with_newer_checkpoints_is_refused_unless
     assert f"moved {ckpts.resolve()} aside to {aside}" in out
     assert sorted(p.name for p in aside.iterdir()) == before  # kept whole
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-0000004", "step-0000006"]
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumed(tmp_path, digits_url):
+    config = write_config(tmp_path, digits_url, train={"steps": 8})
+    finish(pretrain(config))
+    ckpts = tmp_path / "run" / "checkpoints"
+    (shard,) = (ckpts / "step-0000008").glob("*rank_0_*optim_states.pt")
+    torn = shard.read_bytes()[: shard.stat().st_size // 2]  # a torn write
+    shard.write_bytes(torn)
+    out = finish(pretrain(config, "--set", "train.steps=12"))
+    assert f"warning: cannot resume from step-0000008: {shard}: cannot be read" in out
+    assert f"resumed from {ckpts / 'step-0000004'} at step 4" in out
+    (aside,) = ckpts.glob("step-0000008.unreadable-*")
+    assert (aside / shard.name).read_bytes() == torn  # kept to look at, never deleted
+    # step 8 was written again, whole (not skipped as already complete), and pruning kept the
+    # set-aside copy
+    names = sorted(p.name for p in ckpts.glob("step-*"))
+    assert names == ["step-0000008", aside.name, "step-0000012"], names
+    assert (ckpts / "step-0000008" / shard.name).stat().st_size > len(torn)

@@ -328,15 +328,20 @@ def refuse_unsafe_pickles(folder) -> None:
     import pickle
     import re
 
-    from pipeline.errors import UnsafeCheckpoint
+    from pipeline.errors import CorruptCheckpoint, UnsafeCheckpoint
 
     with torch.serialization.safe_globals(checkpoint_globals()):
         for path in sorted(Path(folder).rglob("*.pt")):
             try:
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+                refused = isinstance(e, pickle.UnpicklingError) and "Weights only" in str(e)
+                if not refused:  # truncated, overwritten, not a checkpoint at all
+                    first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                    raise CorruptCheckpoint(f"{path}: cannot be read ({first})") from None
                 found = re.search(r"GLOBAL (\S+)", str(e))
-                what = f"it names {found.group(1)}" if found else str(e).splitlines()[0][:200]
+                lines = [ln for ln in str(e).splitlines() if ln.strip()]
+                what = f"it names {found.group(1)}" if found else lines[-1][:200]
                 raise UnsafeCheckpoint(
                     f"{path}: refused, not plain data ({what}); a checkpoint holds tensors, "
                     "builtins and DeepSpeed's own state classes only. Load it only if you "

@@ -27,7 +27,7 @@ from pipeline import runs
 from pipeline.config import RunConfig, config_to_raw
 from pipeline.data.stream import Stream, stream_config
 from pipeline.data.transforms import model_input
-from pipeline.errors import ConfigError, Preempted
+from pipeline.errors import ConfigError, CorruptCheckpoint, Preempted, UnsafeCheckpoint
 from pipeline.models import create_model, load_pretrained
 from pipeline.train import checkpoint
 from pipeline.train.distributed import native_bf16, resolve_precision
@@ -38,6 +38,7 @@ from pipeline.train.engine import (
     init_distributed,
     model_init_context,
     modifiable_params,
+    refuse_unsafe_pickles,
     to_universal,
 )
 from pipeline.train.export import Weights, read_weights_for
@@ -299,20 +300,71 @@ class Trainer:
             resume = self._keep_newer_checkpoints(resume, restart)
         if resume == "never":
             return None
-        if resume == "auto" and self.remote:
-            name = runs.latest_checkpoint(self.url, self.endpoint)
-            if name is None:
-                return None
-            self.comm.on_each_node(
-                f"downloading {self.url}/checkpoints/{name}",
-                lambda: runs.pull_checkpoint(self.url, name, self.endpoint),
+        if resume != "auto":
+            path = Path(resume)
+            problem = self._unreadable(path)  # an explicit choice: no other is tried
+            if self.comm.any(bool(problem), f"checking {path}"):
+                self._raise_first(problem, path.name)
+            return path
+        # The newest complete checkpoint that can be read; one that cannot (a damaged shard,
+        # a planted pickle) is passed over with a warning for the one before.
+        names = runs.complete_checkpoints(self.url, self.endpoint)
+        first_problem = ""
+        for name in reversed(names):
+            if self.remote:
+                self.comm.on_each_node(
+                    f"downloading {self.url}/checkpoints/{name}",
+                    lambda n=name: runs.pull_checkpoint(self.url, n, self.endpoint),
+                )
+            path = self.ckpt_root / name
+            problem = self._unreadable(path)
+            if not self.comm.any(bool(problem), f"checking {name}"):
+                return path
+            problems = [p for p in self.comm.gather(problem, f"what is wrong with {name}") if p]
+            first_problem = first_problem or problems[0]
+            self._set_aside(name)
+            if self.rank == 0:
+                self.log(
+                    f"warning: cannot resume from {name}: {problems[0]}; moved aside to "
+                    f"{name}.unreadable-*, trying the one before"
+                )
+        if first_problem:
+            raise CorruptCheckpoint(
+                f"no complete checkpoint of {self.url} can be read: {first_problem}"
             )
-            return self.ckpt_root / name
-        if resume == "auto":
-            return checkpoint.find_latest(self.ckpt_root)
-        path = Path(resume)
-        checkpoint.read_state(path)  # a clear error now if it is not a complete checkpoint
-        return path
+        return None
+
+    def _set_aside(self, name: str) -> None:
+        """An unreadable checkpoint is kept (to look at) under a name no resume, save or prune
+        takes for a checkpoint; otherwise the same step saved again would be skipped as
+        complete. On a remote run its marker goes too, and the next checkpoint's pruning
+        removes it there."""
+        path = self.ckpt_root / name
+
+        def move() -> None:
+            if path.is_dir():
+                path.rename(path.with_name(f"{name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"))
+            if self.remote and self.rank == 0:
+                runs.unpublish_checkpoint(self.url, name, self.endpoint)
+
+        if self.remote:
+            self.comm.on_each_node(f"setting {name} aside", move)
+        else:
+            self.comm.on_rank_0(f"setting {name} aside", move)
+
+    @staticmethod
+    def _unreadable(path: Path) -> str:
+        """ "" if `path` is a complete checkpoint whose files read as plain data, else why not."""
+        try:
+            checkpoint.read_state(path)
+            refuse_unsafe_pickles(path)
+        except (OSError, ValueError, CorruptCheckpoint, UnsafeCheckpoint) as e:
+            return str(e)
+        return ""
+
+    def _raise_first(self, problem: str, name: str) -> None:
+        problems = [p for p in self.comm.gather(problem, f"what is wrong with {name}") if p]
+        raise CorruptCheckpoint(problems[0])
 
     def _keep_newer_checkpoints(self, resume: str, restart: bool) -> str:
         """A run started over (--resume never) or from an older checkpoint, in a folder holding
