@@ -45,4 +45,10 @@ if [ -z "${RAY_ADDRESS:-}" ]; then
   export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT RAY_AUTH_MODE=token
 fi
 echo "quickstart: Ray job on $RAY_ADDRESS; runs and data under $TESSERA_ROOT/runs"
-BIN=$BIN launch/ray-submit.sh configs/quickstart-vit.yaml configs/quickstart-igpt.yaml "$@"
+# Ctrl-C must end this script whatever `ray job submit` does with it (it sometimes keeps
+# tailing the log): the submission runs in the background, and the trap ends it; on the local
+# head the EXIT trap then stops Ray, and with it the job (training resumes next time).
+BIN=$BIN launch/ray-submit.sh configs/quickstart-vit.yaml configs/quickstart-igpt.yaml "$@" &
+submit=$!
+trap 'pkill -TERM -P "$submit" 2>/dev/null; kill -TERM "$submit" 2>/dev/null; exit 130' INT TERM
+wait "$submit"

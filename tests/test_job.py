@@ -232,8 +232,8 @@ def test_ray_worker_killed_resumes_and_a_cancelled_job_resubmitted_skips_done_st
 ):
     env = {k: v for k, v in ray_cluster.items() if not k.startswith("AWS_")}
     config = job_config(
-        tmp_path, "data/digits", train={"steps": 300}, checkpoint={"every_steps": 50},
-        logging={"every_steps": 25}, eval={"evaluators": ["linear_probe"], "finetune_steps": 400},
+        tmp_path, "data/digits", train={"steps": 150}, checkpoint={"every_steps": 50},
+        logging={"every_steps": 25}, eval={"evaluators": ["linear_probe"], "finetune_steps": 200},
     )  # fmt: skip
     first = submit(env, config, tmp_path, "--no-wait", "--submission-id", f"a-{tmp_path.name}")
     finish(first)
@@ -261,17 +261,17 @@ def test_ray_worker_killed_resumes_and_a_cancelled_job_resubmitted_skips_done_st
     events.Reload()
     curve = events.Scalars("train/loss")
     steps = [e.step for e in curve]
-    assert steps == sorted(set(steps)) and steps[-1] == 300  # one curve through the restart
+    assert steps == sorted(set(steps)) and steps[-1] == 150  # one curve through the restart
     assert curve[-1].value < curve[0].value
 
     again = wait(submit(env, config, tmp_path))
     assert "succeeded" in again, again[-5000:]
     notes = stage_notes(again)
     assert notes["prepare"].endswith("complete")
-    assert notes["pretrain"] == f"skipped: {ckpts}/step-0000300 is complete"
+    assert notes["pretrain"] == f"skipped: {ckpts}/step-0000150 is complete"
     assert notes["export"].startswith("skipped:")
     assert notes["finetune"].startswith("done:") and "evaluate" in notes
-    assert "step 25/300" not in again
+    assert "step 25/150" not in again
 
 
 # -- Ray Data ingestion ---------------------------------------------------------------------

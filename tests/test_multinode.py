@@ -166,6 +166,20 @@ def clean_run(s3_endpoint, tmp_path_factory):
     return bucket, data, clean, tmp / "keys", tmp / "export"
 
 
+def assert_every_step_drew_what_it_drew_uninterrupted(keys: Path, clean_keys: Path) -> None:
+    """Every sample once per epoch (by key), none of the corrupt ones, each in the step it is
+    drawn in uninterrupted."""
+    drawn, clean_drawn = final_trajectory(keys), final_trajectory(clean_keys)
+    assert sorted(drawn) == list(range(1, STEPS + 1))
+    assert all(sorted(drawn[s]) == sorted(clean_drawn[s]) for s in drawn)
+    for epoch in range(STEPS * BATCH // SAMPLES):
+        steps = range(epoch * 10 + 1, epoch * 10 + 11)
+        keys_drawn = Counter(k for s in steps for k in drawn[s])
+        assert max(keys_drawn.values()) == 1, epoch
+        assert len(keys_drawn) == SAMPLES - len(CORRUPT), epoch
+        assert not CORRUPT & set(keys_drawn)
+
+
 def export(run: str, dest: Path) -> None:
     subprocess.run(
         [BIN / "tessera", "export", run, str(dest)], check=True, capture_output=True,
@@ -221,17 +235,7 @@ def test_two_nodes_without_a_shared_disk_survive_a_kill_and_two_world_size_chang
         staged = list((cluster.node_dir(node) / "staging").rglob("universal/step-0000014/COMPLETE"))
         assert staged, f"node {node} has no universal copy of step 14"
 
-    # Every sample once per epoch (by key), none of the corrupt ones, each in the step it is
-    # drawn in uninterrupted.
-    drawn = final_trajectory(tmp_path / "keys")
-    clean_drawn = final_trajectory(clean_keys)
-    assert sorted(drawn) == list(range(1, STEPS + 1))
-    assert all(sorted(drawn[s]) == sorted(clean_drawn[s]) for s in drawn)
-    for epoch in range(STEPS * BATCH // SAMPLES):
-        steps = range(epoch * 10 + 1, epoch * 10 + 11)
-        keys = Counter(k for s in steps for k in drawn[s])
-        assert max(keys.values()) == 1 and len(keys) == SAMPLES - len(CORRUPT), epoch
-        assert not CORRUPT & set(keys)
+    assert_every_step_drew_what_it_drew_uninterrupted(tmp_path / "keys", clean_keys)
     assert_same_counts_and_weights(clean, clean_export, run, tmp_path / "export")
 
 
@@ -240,13 +244,16 @@ class RayNodes:
     --address` with its own ports), each with its own staging folder, token auth, loopback.
     Ray's preemption watcher polls every 0.5 s instead of 5."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, keys: Path) -> None:
         self.tmp, self.port, self.dashboard = tmp, free_port(), free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         self.env.update(
             RAY_AUTH_MODE="token", RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="0.5",
             PATH=f"{BIN}:{os.environ['PATH']}",
         )  # fmt: skip
+        # the workers record the keys they draw (tests/ray_hook/sitecustomize.py)
+        self.worker_env = {"PYTHONPATH": str(ROOT / "tests" / "ray_hook"),
+                           "TESSERA_TEST_KEYS": str(keys)}  # fmt: skip
         subprocess.run([BIN / "ray", "get-auth-token", "--generate"], env=self.env, check=True,
                        capture_output=True)  # fmt: skip
 
@@ -267,7 +274,7 @@ class RayNodes:
             "--resources", json.dumps({f"node{node}": 1}), "--disable-usage-stats",
             "--dashboard-agent-listen-port", free_port(),
         ]  # fmt: skip
-        env = {**self.env, "TESSERA_STAGING": str(self.staging(node))}
+        env = {**self.env, **self.worker_env, "TESSERA_STAGING": str(self.staging(node))}
         done = subprocess.run(list(map(str, cmd)), env=env, capture_output=True, text=True,
                               timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
@@ -364,23 +371,25 @@ def checkpoints(run: str) -> list[int]:
 def test_a_ray_cluster_of_two_nodes_saves_on_preemption_and_survives_two_world_size_changes(
     tmp_path, clean_run
 ):
-    bucket, data, clean, _, clean_export = clean_run
+    bucket, data, clean, clean_keys, clean_export = clean_run
     run = f"{bucket}/ray"
     config = write_config(tmp_path, data, run)
     raw = yaml.safe_load(config.read_text())
     raw["job"] = {"workers": 2, "stages": ["pretrain"], "max_failures": 0}
     config.write_text(yaml.safe_dump(raw))
-    nodes = RayNodes(tmp_path)
+    (tmp_path / "keys").mkdir()
+    nodes = RayNodes(tmp_path, tmp_path / "keys")
     try:
         nodes.start(0)
         nodes.start(1)
-        # 1. Two nodes, no checkpoint due before the end. At step 5 Ray announces node 1's
+        # 1. Two nodes, no checkpoint due (and no end in sight: with a constant lr, the step
+        # count changes nothing else). Once the workers are placed, Ray announces node 1's
         # preemption: the run saves at the step the notice reaches it and trains on. Then node
         # 1 is gone; Ray Train waits for a replacement node (as it should on a cluster with an
         # autoscaler); the job is stopped instead.
         drained = nodes.node_id(1)
-        job = Job(nodes.submit(config, "checkpoint.every_steps=100"))
-        job.wait_for(lambda: "step 5/40 " in job.text(), "step 5")
+        job = Job(nodes.submit(config, "checkpoint.every_steps=1000", "train.steps=1000"))
+        job.wait_for(lambda: "Started training worker group" in job.text(), "the workers")
         nodes.drain(drained)
         notice = job.wait_for(
             lambda: re.search(
@@ -391,10 +400,11 @@ def test_a_ray_cluster_of_two_nodes_saves_on_preemption_and_survives_two_world_s
         )  # fmt: skip
         assert nodes.kill(1) > 1
         saved = int(notice.group(1))
-        assert checkpoints(run) == [saved] and saved < 30, job.text()[-3000:]
+        middle = saved + 6
+        assert checkpoints(run) == [saved] and middle < STEPS, job.text()[-3000:]
         job.stop(nodes)
-        # 2. One node, two loader workers, to step 30: resumed from the preemption checkpoint.
-        out = wait(nodes.submit(config, "job.workers=1", "data.workers=2", "train.steps=30"))
+        # 2. One node, two loader workers, 6 steps: resumed from the preemption checkpoint.
+        out = wait(nodes.submit(config, "job.workers=1", "data.workers=2", f"train.steps={middle}"))
         assert "succeeded" in out, out[-3000:]
         assert f"resumed from {runs_dir(nodes, 0, run)}/checkpoints/step-{saved:07d}" in out
         assert "was written by 2 ranks at ZeRO-2; converting it for 1 ranks" in out
@@ -402,12 +412,13 @@ def test_a_ray_cluster_of_two_nodes_saves_on_preemption_and_survives_two_world_s
         shutil.rmtree(nodes.staging(1))
         nodes.start(1)
         out = wait(nodes.submit(config))
-        assert "succeeded" in out and "at step 30" in out, out[-3000:]
+        assert "succeeded" in out and f"at step {middle}" in out, out[-3000:]
         for node in range(2):
-            staged = list(nodes.staging(node).rglob("universal/step-0000030/COMPLETE"))
-            assert staged, f"node {node} has no universal copy of step 30"
+            staged = list(nodes.staging(node).rglob(f"universal/step-{middle:07d}/COMPLETE"))
+            assert staged, f"node {node} has no universal copy of step {middle}"
     finally:
         nodes.stop()
+    assert_every_step_drew_what_it_drew_uninterrupted(tmp_path / "keys", clean_keys)
     assert_same_counts_and_weights(clean, clean_export, run, tmp_path / "export")
 
 

@@ -89,7 +89,7 @@ def test_model_states_per_rank_at_two_ranks_are_within_15_percent(tmp_path, digi
     config = write_config(
         tmp_path, digits_url,
         model={"name": "vit-tiny-p4", "image_size": 8, "channels": 1, "num_classes": 10},
-        deepspeed={"zero_stage": stage}, train={"global_batch_size": 8},
+        deepspeed={"zero_stage": stage, "precision": "bf16"}, train={"global_batch_size": 8},
     )  # fmt: skip
     script = Path(__file__).with_name("plan_states.py")
     launcher = [BIN / "deepspeed", "--num_gpus", 2, "--no_local_rank", "--master_port", _port()]
