@@ -21,6 +21,8 @@ RAY_PORT=${RAY_PORT:-6379}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
 RAY_CPUS=${RAY_CPUS:-2}
 DEV_S3=${DEV_S3:-1}  # 0: start the Ray head only
+mkdir -p "$STATE"
+MARK="$(cd "$STATE" && pwd)"
 
 wait_http() {  # url, seconds: any HTTP answer counts (401 included)
   for _ in $(seq 1 $((2 * $2))); do
@@ -34,6 +36,64 @@ except urllib.error.HTTPError:
   done
   echo "dev-services: $1 did not answer within $2 s" >&2
   return 1
+}
+
+stop_ray() {
+  # Not `ray stop`, which ends every Ray process of the user, other clusters included: the
+  # processes whose environment holds this state folder's mark (the ones `start` launched, as
+  # Ray passes its environment on) and their descendants. In `ray stop`'s order (the raylet,
+  # the rest, the GCS last, so none waits on a gone peer): TERM, then KILL after 5 s.
+  "$BIN/python" - "$MARK" <<'PY'
+import os, signal, sys, time
+
+mark = f"TESSERA_DEV_SERVICES={sys.argv[1]}".encode()
+
+
+def ours():
+    """pid: process name, for the marked processes and their descendants."""
+    procs = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                head, tail = f.read().rsplit(")", 1)
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                marked = mark in f.read().split(b"\0")
+        except OSError:
+            continue
+        if tail.split()[0] != "Z":
+            procs[int(pid)] = (head.split("(", 1)[1], int(tail.split()[1]), marked)
+    found = {pid for pid, (_, _, marked) in procs.items() if marked}
+    while more := {p for p, (_, ppid, _) in procs.items() if ppid in found} - found:
+        found |= more
+    found.discard(os.getpid())
+    return {pid: procs[pid][0] for pid in found}
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stop(pids):
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 0)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while any(map(alive, pids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+procs = ours()
+stop([p for p, name in procs.items() if name == "raylet"])
+stop([p for p, name in procs.items() if name not in ("raylet", "gcs_server")])
+stop(list(set(procs) | set(ours())))  # those whose parent went first are in `procs`
+PY
 }
 
 env_lines() {
@@ -57,7 +117,8 @@ case "${1:-}" in
     fi
     [ "$RAY_AUTH_MODE" != token ] || "$BIN/ray" get-auth-token --generate >/dev/null
     # Jobs' entrypoints (`tessera run`) and workers find this environment's commands first.
-    PATH="$(cd "$BIN" && pwd):$PATH" "$BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
+    # TESSERA_DEV_SERVICES marks the processes Ray starts (and `stop` stops only those).
+    TESSERA_DEV_SERVICES="$MARK" PATH="$(cd "$BIN" && pwd):$PATH" "$BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
       --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --num-cpus "$RAY_CPUS" \
       --disable-usage-stats >"$STATE/ray.log" 2>&1 \
       || { echo "dev-services: ray start failed, see $STATE/ray.log" >&2; exit 1; }
@@ -70,7 +131,7 @@ case "${1:-}" in
     env_lines
     ;;
   stop)
-    "$BIN/ray" stop >/dev/null 2>&1 || true
+    stop_ray
     if [ -f "$STATE/moto.pid" ]; then
       kill "$(cat "$STATE/moto.pid")" 2>/dev/null || true
       rm -f "$STATE/moto.pid"

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -56,11 +57,22 @@ def test_kuberay_rayjob_names_what_kuberay_needs():
     assert spec["entrypoint"].startswith("tessera run configs/")
     assert (Path(__file__).parent.parent / spec["entrypoint"].split()[-1]).exists()
     cluster = spec["rayClusterSpec"]
-    assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    # Token authentication, and a dashboard KubeRay's submitter reaches through the Service.
+    assert cluster["authOptions"] == {"mode": "token"}
+    assert "dashboard-host" not in cluster["headGroupSpec"]["rayStartParams"]
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         containers = group["template"]["spec"]["containers"]
         assert containers and all(c["image"] for c in containers)
     assert "secret" not in (INFRA / "kuberay-rayjob.yaml").read_text().lower()
+
+
+def test_the_aws_cluster_starts_every_node_with_token_authentication():
+    cluster = yaml.safe_load((INFRA / "ray-cluster-aws.yaml").read_text())
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands")
+              for c in cluster[key] if "ray start" in c]  # fmt: skip
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts)
+    assert cluster["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    assert "--dashboard-host=127.0.0.1" in starts[0]
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -84,6 +96,9 @@ def test_dev_services_start_on_loopback_only_and_stop(tmp_path):
     env = {**os.environ, **{k: str(v) for k, v in ports.items()},
            "BIN": str(BIN), "TESSERA_DEV_STATE": str(tmp_path), "RAY_CPUS": "1"}  # fmt: skip
     script = str(INFRA / "dev-services.sh")
+    # Someone else's Ray worker, by the name `ray stop` looks for: it must outlive our stop.
+    (tmp_path / "default_worker.py").write_text("import time\ntime.sleep(600)\n")
+    other = subprocess.Popen([sys.executable, str(tmp_path / "default_worker.py")])
     try:
         started = subprocess.run([script, "start"], env=env, capture_output=True, text=True,
                                  timeout=300)  # fmt: skip
@@ -102,9 +117,13 @@ def test_dev_services_start_on_loopback_only_and_stop(tmp_path):
     finally:
         stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True,
                                  timeout=120)  # fmt: skip
+        other_survived = other.poll() is None
+        other.kill()
     assert stopped.returncode == 0
     assert not listening_addresses(ports["S3_PORT"])
     assert not listening_addresses(ports["DASHBOARD_PORT"])
+    assert not listening_addresses(ports["RAY_PORT"])
+    assert other_survived, "dev-services.sh stop ended a Ray process it had not started"
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
