@@ -15,6 +15,7 @@ from pipeline.evaluate import probes
 from pipeline.evaluate.results import Row, append_rows, read_rows
 from pipeline.models import create_model, model_config
 from pipeline.models.registry import weights_mismatch
+from pipeline.storage import filesystem
 from pipeline.train.optim import param_groups
 
 # -- probes on features whose answer is known ----------------------------------------------------
@@ -136,6 +137,31 @@ def test_results_rows_replace_their_own_key_and_the_table_lists_each(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| linear_probe | 1 | top1 | 60.00 | 90.00 |" in table
     assert "| pixels |" in table and "| knn |" in table and "fmnist" in table
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_results_appended_at_once_by_several_writers_lose_no_row(where, tmp_path, request):
+    """An evaluate and a finetune stage of one run finishing together: with one file read,
+    changed and written back, one writer's rows vanished. Each row is its own object now."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket") + "/run"
+    append_rows(url, [Row("vit-micro-p4", "", 1, "digits:val", "knn", "-", "top1", 0.1)])
+
+    def writer(i):
+        for j in range(2):
+            row = Row("vit-micro-p4", "", 1, "digits:val", f"eval{i}", str(j), "top1", i + j / 10)
+            append_rows(url, [row])
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(writer, range(4)))
+    rows = read_rows(url)
+    assert len(rows) == 1 + 4 * 2
+    assert {(r.evaluator, r.layer) for r in rows} >= {(f"eval{i}", str(j)) for i in range(4)
+                                                      for j in range(2)}  # fmt: skip
+    append_rows(url, [])  # any later append brings the table files up to date
+    table = json.loads(filesystem(url)[0].cat_file(filesystem(url)[1] + "/results.json"))
+    assert len(table["rows"]) == 9
 
 
 # -- end to end: pretrain, evaluate, finetune ------------------------------------------------------

@@ -1,12 +1,19 @@
-"""results.json and results.md in a run folder: one row per (model, target, evaluator, layer, metric).
+"""A run's results: one object per row, and the tables made from them.
 
-Rows are appended as evaluations finish; a row for the same checkpoint, target, evaluator, layer
-and metric replaces the old one, so re-running an evaluation updates the table instead of
-growing it. results.md is rewritten from results.json each time (both atomically).
+  results/rows/<key>.json   one row per (checkpoint, target, evaluator, layer, metric): the truth
+  results.json, results.md  the table, rewritten from the rows after every append (both atomic)
+
+A row for the same checkpoint, target, evaluator, layer and metric replaces the old one (the same
+object), so re-running an evaluation updates the table instead of growing it. Two evaluations
+appending at once (a finetune and an evaluate stage of one run, two Ray tasks) never lose a row:
+each writes only its own rows' objects, and object storage has no lock a read-change-write of
+one file could take. The table files are views: the last writer's may miss a row written while
+it listed, and the next append, or `read_rows`, sees it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +23,7 @@ from pipeline.storage import filesystem, join, write_atomic
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+ROWS = "results/rows"
 
 
 @dataclass
@@ -35,10 +43,23 @@ class Row:
     def key(self) -> tuple:
         return (self.source, self.target, self.evaluator, self.layer, self.metric)
 
+    def object_name(self) -> str:
+        return hashlib.sha256(json.dumps(self.key()).encode()).hexdigest()[:24] + ".json"
+
 
 def read_rows(run_url: str | Path, endpoint_url: str = "") -> list[Row]:
-    """The rows of a run's results.json (any fsspec URL); none if it has no table yet."""
+    """The rows of a run (any fsspec URL); none if it has no results yet. A run written before
+    rows were objects has only results.json, which is read instead."""
     fs, path = filesystem(str(run_url), endpoint_url)
+    try:
+        names = sorted(fs.ls(join(path, ROWS), detail=False))
+    except FileNotFoundError:
+        names = []
+    names = [n for n in names if n.endswith(".json") and ".tmp-" not in n]
+    if names:
+        contents = fs.cat(names)  # concurrent on object storage
+        rows = [Row(**json.loads(contents[n])) for n in names]
+        return sorted(rows, key=lambda r: r.key())
     try:
         data = fs.cat_file(join(path, RESULTS_JSON))
     except FileNotFoundError:
@@ -55,13 +76,16 @@ def read_markdown(run_url: str | Path, endpoint_url: str = "") -> str:
 
 
 def append_rows(run_url: str | Path, rows: list[Row], endpoint_url: str = "") -> list[Row]:
-    """Merge rows into the run's results.json and rewrite results.md; returns all rows."""
+    """Write `rows` (each its own object), then rewrite results.json and results.md from every
+    row the run has; returns them all."""
     fs, path = filesystem(str(run_url), endpoint_url)
-    fs.makedirs(path, exist_ok=True)
-    merged = {r.key(): r for r in read_rows(run_url, endpoint_url)}
+    if not fs.exists(join(path, ROWS)):  # rows of a results.json from before: kept as objects
+        rows = [r for r in read_rows(run_url, endpoint_url) if r.key() not in
+                {n.key() for n in rows}] + rows  # fmt: skip
+    fs.makedirs(join(path, ROWS), exist_ok=True)
     for r in rows:
-        merged[r.key()] = r
-    everything = list(merged.values())
+        write_atomic(fs, join(path, ROWS, r.object_name()), json.dumps(asdict(r)).encode())
+    everything = read_rows(run_url, endpoint_url)
     table = {"format": "tessera-results/1", "rows": [asdict(r) for r in everything]}
     write_atomic(fs, join(path, RESULTS_JSON), json.dumps(table, indent=1).encode())
     write_atomic(fs, join(path, RESULTS_MD), markdown(everything).encode())
