@@ -666,8 +666,9 @@ def test_three_untidy_kills_of_one_rank_resume_to_the_uninterrupted_weights_byte
         print(f"kill {point} rank {rank} #{nth}:", *re.findall(r"KILL .*", out))  # the log
         assert proc.returncode != 0 and f"KILL {point} rank {rank}" in out, out[-3000:]
         if point == "shards":  # the shards of last + 3 are there, its marker is not
-            assert list((ckpts / checkpoint.tag(last + 3)).glob("*optim_states.pt"))
-            assert not checkpoint.is_complete(ckpts / checkpoint.tag(last + 3))
+            half = ckpts / f"{checkpoint.tag(last + 3)}{checkpoint.PARTIAL}"
+            assert list(half.glob("*optim_states.pt")) and not checkpoint.is_complete(half)
+            assert not (ckpts / checkpoint.tag(last + 3)).exists()
     assert checkpoint.is_complete(ckpts / checkpoint.tag(last + 6))  # the "marker" kill ...
     assert (ckpts / checkpoint.LATEST).read_text() == checkpoint.tag(last + 3)  # ... left it
     out = finish(pretrain(config, ranks=2))

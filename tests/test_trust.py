@@ -2,13 +2,16 @@
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import TESSERA
 from test_train import finish, pretrain, wait, write_config
 
+from pipeline.train import checkpoint
 from pipeline.train.engine import refuse_unsafe_pickles
 
 
@@ -22,12 +25,17 @@ class Planted:
         return (open, (str(self.marker), "w"))
 
 
-def plant(checkpoint: Path, marker: Path) -> Path:
-    """The checkpoint's model states replaced by the same dictionary plus a planted object."""
-    (target,) = checkpoint.glob("*model_states.pt")
+def plant(folder: Path, marker: Path) -> Path:
+    """The checkpoint's model states replaced by the same dictionary plus a planted object,
+    and its digest in COMPLETE updated to match: whoever can write the files can write the
+    marker too (digests catch damage, not intent), so only the pickle check stands between."""
+    (target,) = folder.glob("*model_states.pt")
     state = torch.load(target, weights_only=False)
     state["extra"] = Planted(marker)
     torch.save(state, target)
+    complete = json.loads((folder / checkpoint.COMPLETE).read_text())
+    complete["files"][target.name] = checkpoint.digest(target)
+    (folder / checkpoint.COMPLETE).write_text(json.dumps(complete))
     return target
 
 
@@ -43,6 +51,7 @@ def test_a_checkpoint_of_plain_data_passes_and_a_planted_global_is_named(tmp_pat
     good = tmp_path / "good"
     good.mkdir()
     torch.save({"w": torch.zeros(3), "n": 1, "names": ["a"]}, good / "x_model_states.pt")
+    (good / checkpoint.COMPLETE).write_text(json.dumps({"files": {}}))
     refuse_unsafe_pickles(good)
     marker = tmp_path / "ran"
     plant(good, marker)
@@ -98,7 +107,6 @@ def test_the_newest_checkpoint_is_found_and_kept_by_step_number_past_ten_million
     import fsspec
 
     from pipeline import runs
-    from pipeline.train import checkpoint
 
     root = tmp_path / "checkpoints"
     for step in (9_999_998, 9_999_999, 10_000_000):
@@ -150,13 +158,19 @@ def test_an_object_key_that_would_leave_the_staging_folder_is_refused(tmp_path, 
 
 
 class FakeComm:
-    rank, world = 0, 1
+    rank, world, folder_leader = 0, 1, True
 
     def any(self, flag, what=""):
         return flag
 
     def barrier(self, what=""):
         pass
+
+    def gather(self, obj, what=""):
+        return [obj]
+
+    def my_share(self, items):
+        return items
 
 
 class FakeEngine:
@@ -172,7 +186,6 @@ class FakeEngine:
 def test_a_complete_checkpoint_is_never_written_again(tmp_path):
     """SIGTERM at a checkpoint step saves the same step a second time: a no-op, not a rewrite
     in place of files that COMPLETE and `latest` already vouch for."""
-    from pipeline.train import checkpoint
 
     engine, root = FakeEngine(), tmp_path / "checkpoints"
     first = checkpoint.save(engine, root, 8, {"step": 8}, FakeComm(), keep_last=2)
@@ -182,6 +195,30 @@ def test_a_complete_checkpoint_is_never_written_again(tmp_path):
     assert (first / "mp_rank_00_model_states.pt").read_text() == "save 1"
     assert (first / checkpoint.COMPLETE).read_text() == marker
     assert json.loads((first / checkpoint.STATE).read_text()) == {"step": 8}
+
+
+def test_syncing_a_checkpoint_folder_skips_another_ranks_file_renamed_away_mid_walk(
+    tmp_path, monkeypatch
+):
+    """Ranks on one node write into one folder: rank 1's `.rng-rank00001.json.tmp-PID` can be
+    listed by rank 0's walk and renamed before rank 0 opens it. That was a crash at every
+    two-rank save under load; the rename's target is synced by its own writer."""
+
+    folder = tmp_path / "step-0000006"
+    folder.mkdir()
+    (folder / "mp_rank_00_model_states.pt").write_text("weights")
+    real_walk = os.walk
+
+    def walk_then_rename(top, *args, **kwargs):
+        for sub, dirs, files in real_walk(top, *args, **kwargs):
+            yield sub, dirs, [*files, ".rng-rank00001.json.tmp-28202"]
+
+    monkeypatch.setattr(checkpoint.os, "walk", walk_then_rename)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    checkpoint._fsync_tree(folder)
+    assert len(synced) == 2  # the shard and the folder; the vanished file skipped
 
 
 # -- the configured endpoint -------------------------------------------------------------------
@@ -238,19 +275,49 @@ def test_a_run_started_over_in_a_folder_with_newer_checkpoints_is_refused_unless
 
 @pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumed(tmp_path, digits_url):
+    """One flipped byte inside a tensor: the file still loads, with a wrong weight. Only the
+    digest its COMPLETE marker records tells; export refuses it, resume takes the one before."""
     config = write_config(tmp_path, digits_url, train={"steps": 8})
     finish(pretrain(config))
     ckpts = tmp_path / "run" / "checkpoints"
+    marker = json.loads((ckpts / "step-0000008" / "COMPLETE").read_text())
+    assert {"trainer.json", "rng-rank00000.json"} <= marker["files"].keys()
     (shard,) = (ckpts / "step-0000008").glob("*rank_0_*optim_states.pt")
-    torn = shard.read_bytes()[: shard.stat().st_size // 2]  # a torn write
-    shard.write_bytes(torn)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10  # bit rot, a bad disk, a partial overwrite
+    shard.write_bytes(data)
+    refuse_unsafe_pickles(shard.parent)  # still plain data: the pickle check cannot tell
+    export = subprocess.run(
+        [TESSERA, "export", str(tmp_path / "run"), str(tmp_path / "export")],
+        capture_output=True,
+        text=True,
+    )
+    assert export.returncode == 2 and f"{shard}: " in export.stderr, export.stderr[-2000:]
+    assert "changed since it was written" in export.stderr
+    assert not (tmp_path / "export").exists()
+
     out = finish(pretrain(config, "--set", "train.steps=12"))
-    assert f"warning: cannot resume from step-0000008: {shard}: cannot be read" in out
+    assert f"warning: cannot resume from step-0000008: {shard}: " in out
     assert f"resumed from {ckpts / 'step-0000004'} at step 4" in out
     (aside,) = ckpts.glob("step-0000008.unreadable-*")
-    assert (aside / shard.name).read_bytes() == torn  # kept to look at, never deleted
+    assert (aside / shard.name).read_bytes() == data  # kept to look at, never deleted
     # step 8 was written again, whole (not skipped as already complete), and pruning kept the
     # set-aside copy
     names = sorted(p.name for p in ckpts.glob("step-*"))
     assert names == ["step-0000008", aside.name, "step-0000012"], names
-    assert (ckpts / "step-0000008" / shard.name).stat().st_size > len(torn)
+    checkpoint.verify(ckpts / "step-0000008")
+
+
+def test_a_torn_file_without_a_recorded_digest_is_still_told_apart(tmp_path):
+    """Checkpoints from before markers recorded digests still get the pickle-level check."""
+    from pipeline.errors import CorruptCheckpoint
+
+    folder = tmp_path / "step-0000004"
+    folder.mkdir()
+    torch.save({"w": torch.arange(1000.0)}, folder / "mp_rank_00_model_states.pt")
+    (folder / "COMPLETE").write_text(json.dumps({"step": 4}))
+    checkpoint.verify(folder)  # nothing recorded, nothing to compare
+    shard = folder / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[:500])
+    with pytest.raises(CorruptCheckpoint, match="cannot be read"):
+        refuse_unsafe_pickles(folder)

@@ -3,16 +3,21 @@
   checkpoints/step-0000500/     DeepSpeed's ZeRO shards (every rank writes its own)
                                 rng-rank00000.json ... each rank's RNG states
                                 trainer.json           step, stream cursor of all ranks, config
-                                COMPLETE               written last, once every rank has written
+                                COMPLETE               written last, once every rank has written:
+                                                       the size and sha256 of every file above
   checkpoints/latest            the newest complete tag, replaced atomically after COMPLETE
 
-Resuming reads `latest` and checks its COMPLETE marker; if either is missing or stale it takes
-the newest directory that has one. A directory without COMPLETE (a kill while writing) is never
-loaded, and is removed once a newer checkpoint is complete.
+A checkpoint is written as `step-0000500.partial` and renamed once its marker is there, so a
+folder named for a step was whole when it got that name. Resuming reads `latest` and checks its
+COMPLETE marker; if either is missing or stale it takes the newest directory that has one. A
+directory without COMPLETE (a kill while writing) is never loaded, and is removed once a newer
+checkpoint is complete. Files that no longer match their marker are refused on load (`verify`),
+and the trainer falls back to the checkpoint before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -27,6 +32,7 @@ import torch
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 STATE = "trainer.json"
+PARTIAL = ".partial"  # suffix of a checkpoint folder being written
 
 
 def tag(step: int) -> str:
@@ -61,10 +67,18 @@ def _fsync_dir(folder: Path) -> None:
 
 def _fsync_tree(folder: Path) -> None:
     """Every file under `folder` and the folders themselves on disk: a marker written after
-    this cannot outlive the data it vouches for in a power loss or a kernel crash."""
+    this cannot outlive the data it vouches for in a power loss or a kernel crash.
+
+    Ranks sharing the folder write into it while this walks it: another rank's temporary file
+    can be renamed away between listing and opening. It is skipped; its writer syncs the file
+    it becomes before it reaches the barrier, so every file is synced by the rank that wrote it.
+    """
     for sub, _, files in os.walk(folder):
         for name in files:
-            fd = os.open(os.path.join(sub, name), os.O_RDONLY)
+            try:
+                fd = os.open(os.path.join(sub, name), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
             try:
                 os.fsync(fd)
             finally:
@@ -120,27 +134,95 @@ def find_latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def digest(path: Path) -> list[Any]:
+    """[size, sha256 hex] of a file."""
+    with open(path, "rb") as f:
+        return [os.fstat(f.fileno()).st_size, hashlib.file_digest(f, "sha256").hexdigest()]
+
+
+def listing(folder: Path) -> list[str]:
+    """The files a marker vouches for: everything under `folder` but the marker itself and
+    other writers' temporary files, as sorted relative paths."""
+    names = (
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != COMPLETE and ".tmp-" not in p.name
+    )
+    return sorted(names)
+
+
+def manifest(path: Path) -> dict[str, list[Any]]:
+    """What a checkpoint's COMPLETE marker records of its files (name: [size, sha256]); empty
+    for a checkpoint written before markers recorded them."""
+    return json.loads((path / COMPLETE).read_text() or "{}").get("files", {})
+
+
+def verify(path: Path, names: list[str] | None = None) -> None:
+    """Raise CorruptCheckpoint naming the first of `names` (default: every file the marker
+    records) that is missing or differs from the marker's size and sha256."""
+    from pipeline.errors import CorruptCheckpoint
+
+    files = manifest(path)
+    for name in sorted(files) if names is None else names:
+        size, sha = files[name]
+        file = path / name
+        if not file.is_file():
+            raise CorruptCheckpoint(f"{file}: missing; its COMPLETE marker records it")
+        got_size, got_sha = digest(file)
+        if (got_size, got_sha) != (size, sha):
+            raise CorruptCheckpoint(
+                f"{file}: {got_size} bytes, sha256 {got_sha[:16]}..., but its COMPLETE marker "
+                f"records {size} bytes, sha256 {sha[:16]}...: changed since it was written"
+            )
+
+
+def write_marker(path: Path, files: dict[str, list[Any]], **fields: Any) -> None:
+    _write_atomic(path / COMPLETE, json.dumps({**fields, "time": time.time(), "files": files}))
+
+
 def save(engine, root: Path, step: int, state: dict[str, Any], comm, keep_last: int) -> Path:
     """Every rank calls this (comm: pipeline.train.distributed.Comm); returns the checkpoint
     directory once it is complete."""
     name = tag(step)
-    path = root / name
+    path, work = root / name, root / f"{name}{PARTIAL}"
     # A complete checkpoint is never written again (SIGTERM at a checkpoint step, a drain
     # notice right after one, a resume that stops at once): rewriting it in place would leave it
     # torn, and trusted, if the writer died. Asked of every rank: on a remote run only the
     # first node's staging folder holds the marker.
     if comm.any(is_complete(path), f"whether {name} is already complete"):
         return path
-    engine.save_checkpoint(str(root), tag=name, save_latest=False)
-    _write_atomic(path / f"rng-rank{comm.rank:05d}.json", json.dumps(rng_state()))
-    _fsync_tree(path)
+    if comm.folder_leader:  # what a killed save of this step left, per folder
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)  # not complete: asked above
+    comm.barrier(f"clearing what a killed save of {name} left")
+    engine.save_checkpoint(str(root), tag=work.name, save_latest=False)
+    _write_atomic(work / f"rng-rank{comm.rank:05d}.json", json.dumps(rng_state()))
+    _fsync_tree(work)
     comm.barrier(f"every rank to write its shards of {name}")
+    # Every file hashed once per copy of the folder, the work split among the ranks that see
+    # it; the marker records them all (on a remote run the nodes' folders hold different
+    # shards, and the union is what is published).
+    mine = {n: digest(work / n) for n in comm.my_share(listing(work))}
+    parts = comm.gather(mine, f"the digests of {name}'s files")
+    files = {n: d for part in parts for n, d in part.items()}
     if comm.rank == 0:
-        _write_atomic(path / STATE, json.dumps(state))
-        _write_atomic(path / COMPLETE, json.dumps({"step": step, "time": time.time()}))
+        text = json.dumps(state)
+        _write_atomic(work / STATE, text)
+        files[STATE] = [len(text.encode()), hashlib.sha256(text.encode()).hexdigest()]
+        write_marker(work, dict(sorted(files.items())), step=step)
+    comm.barrier(f"rank 0 to mark {name} complete")
+    if comm.folder_leader:
+        try:
+            work.rename(path)
+        except FileNotFoundError:  # another machine's leader renamed the shared folder
+            if not path.is_dir():
+                raise
+        _fsync_dir(root)
+    comm.barrier(f"the rename of {work.name} to {name}")
+    if comm.rank == 0:
         _write_atomic(root / LATEST, name)
         _prune(root, keep_last)
-    comm.barrier(f"rank 0 to mark {name} complete")
+    comm.barrier(f"rank 0 to point {LATEST} at {name}")
     return path
 
 
@@ -150,7 +232,8 @@ def _prune(root: Path, keep_last: int) -> None:
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for half in root.glob("step-*"):  # half-written by a killed run, superseded now
-        if not is_complete(half) and 0 <= step_of(half.name) < newest:
+        step = step_of(half.name.removesuffix(PARTIAL))
+        if not is_complete(half) and 0 <= step < newest:
             shutil.rmtree(half, ignore_errors=True)
 
 
@@ -172,7 +255,7 @@ def load(engine, path: Path, rank: int, universal: bool = False) -> dict[str, An
 
     state = read_state(path)
     source = universal_path(path) if universal else path
-    refuse_unsafe_pickles(source)
+    refuse_unsafe_pickles(source)  # its files' digests: checked by the caller, split by rank
     loaded, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load {path}")

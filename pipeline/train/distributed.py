@@ -116,6 +116,8 @@ class Comm:
     io: Any = field(repr=False, default=None)  # gloo group: waits for another rank's I/O
     # whether on_each_node's work is this rank's: LOCAL_RANK 0 until group_by_folder
     node_leader: bool | None = None
+    # the ranks that see this rank's output folder (group_by_folder); this rank alone until then
+    folder_peers: list[int] | None = None
 
     @property
     def io_wait_s(self) -> float:
@@ -165,12 +167,24 @@ class Comm:
         key = f"{_machine_id()}:{st.st_dev}:{st.st_ino}"
         keys = self.gather(key, "which ranks share a staging folder")
         self.node_leader = keys.index(key) == self.rank
+        self.folder_peers = [r for r, k in enumerate(keys) if k == key]
+
+    def my_share(self, items: list[T]) -> list[T]:
+        """This rank's part of `items` (the same list on every rank that shares the folder),
+        split among those ranks: work on a folder's files done once per copy of the folder,
+        in parallel."""
+        peers = self.folder_peers or [self.rank]
+        return items[peers.index(self.rank) :: len(peers)]
+
+    @property
+    def folder_leader(self) -> bool:
+        """Whether this rank does the work done once per copy of the output folder."""
+        return self.local_rank == 0 if self.node_leader is None else self.node_leader
 
     def on_each_node(self, what: str, fn: Callable[[], Any]) -> None:
         """fn() on each node's first rank while the node's other ranks wait: I/O into a node's
         own staging folder (see group_by_folder)."""
-        leader = self.local_rank == 0 if self.node_leader is None else self.node_leader
-        self._io(what, fn, leader)
+        self._io(what, fn, self.folder_leader)
 
     def on_rank_0(self, what: str, fn: Callable[[], Any]) -> None:
         """fn() on rank 0 while every other rank waits: I/O into a folder all nodes share."""

@@ -374,6 +374,9 @@ def consolidated_state_dict(checkpoint_dir) -> dict[str, torch.Tensor]:
     number of ranks that wrote them."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from pipeline.train.checkpoint import verify
+
+    verify(Path(checkpoint_dir))
     refuse_unsafe_pickles(checkpoint_dir)
     path = os.fspath(checkpoint_dir)
     parent, tag = os.path.dirname(path), os.path.basename(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -176,10 +177,9 @@ class Trainer:
         self.remote = runs.is_remote(self.url)
         self.output = runs.local_dir(self.url)
         self.ckpt_root = self.output / "checkpoints"
-        if self.remote:
-            self.comm.group_by_folder(self.output)
-        elif self.world > 1:
+        if not self.remote and self.world > 1:
             self._check_output_is_shared()
+        self.comm.group_by_folder(self.output)
 
     def _check_output_is_shared(self) -> None:
         """Rank 0 leaves a token in the output folder; a rank that cannot read it writes its
@@ -352,11 +352,12 @@ class Trainer:
         else:
             self.comm.on_rank_0(f"setting {name} aside", move)
 
-    @staticmethod
-    def _unreadable(path: Path) -> str:
-        """ "" if `path` is a complete checkpoint whose files read as plain data, else why not."""
+    def _unreadable(self, path: Path) -> str:
+        """ "" if `path` is a complete checkpoint whose files match their marker and read as
+        plain data, else why not. The hashing is split among the ranks that see the folder."""
         try:
             checkpoint.read_state(path)
+            checkpoint.verify(path, self.comm.my_share(sorted(checkpoint.manifest(path))))
             refuse_unsafe_pickles(path)
         except (OSError, ValueError, CorruptCheckpoint, UnsafeCheckpoint) as e:
             return str(e)
@@ -417,9 +418,16 @@ class Trainer:
             )
 
         def convert() -> None:
-            if not (target / checkpoint.COMPLETE).is_file():
-                to_universal(path, target)
-                (target / checkpoint.COMPLETE).write_text("{}")
+            if (target / checkpoint.COMPLETE).is_file():
+                try:
+                    checkpoint.verify(target)
+                    return
+                except CorruptCheckpoint as e:
+                    self.log(f"warning: {e}; converting {path.name} again")
+            shutil.rmtree(target, ignore_errors=True)
+            to_universal(path, target)
+            files = {n: checkpoint.digest(target / n) for n in checkpoint.listing(target)}
+            checkpoint.write_marker(target, files, step=state["step"])
 
         what = f"converting {path.name} to a universal checkpoint"
         if self.remote:
