@@ -139,3 +139,33 @@ def test_a_hybrid_round_trips_but_has_no_timm_layout(tmp_path):
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"hybrid ViT \(model\.stem\)"):
         to_timm(model.state_dict())
+
+
+def test_an_export_cut_short_leaves_no_model_and_changed_weights_are_refused(tmp_path, monkeypatch):
+    """Exporting over a saved model: if the new weights never arrive, the folder holds no
+    model (not new weights under the old description, or the old under the new). Weights
+    changed after the save are refused by their sha256 in model.json."""
+    from pipeline.models import weights
+
+    old, new = create_model("vit-micro-p4", image_size=32), create_model("vit-micro-p4")
+    save_model(old, str(tmp_path))
+    real = weights.write_atomic
+
+    def crash_on_weights(fs, path, data):
+        if path.endswith(weights.WEIGHTS_FILE):
+            raise OSError("the disk filled up")
+        real(fs, path, data)
+
+    monkeypatch.setattr(weights, "write_atomic", crash_on_weights)
+    with pytest.raises(OSError):
+        save_model(new, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"model\.json is missing"):
+        load_model(str(tmp_path))
+    monkeypatch.setattr(weights, "write_atomic", real)
+    save_model(new, str(tmp_path))
+    load_model(str(tmp_path))
+    data = bytearray((tmp_path / weights.WEIGHTS_FILE).read_bytes())
+    data[-7] ^= 0x01  # one bit of one weight
+    (tmp_path / weights.WEIGHTS_FILE).write_bytes(data)
+    with pytest.raises(ValueError, match=r"sha256 is not the one model\.json records"):
+        load_model(str(tmp_path))

@@ -1,11 +1,15 @@
 """Model weights as safetensors + a JSON model config, over any fsspec URL; timm interop.
 
-A saved model is a folder: `model.safetensors` then `model.json` (written last, so a folder with
-a JSON file holds complete weights). Loading needs only torch and safetensors, not DeepSpeed.
+A saved model is a folder: `model.safetensors` then `model.json` (written last, with the
+weights' sha256, so a folder with a JSON file holds complete weights, and the weights it
+describes). Writing over a saved model removes its `model.json` first: a save cut short leaves
+no model, never new weights under the old description. Loading needs only torch and
+safetensors, not DeepSpeed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -30,9 +34,16 @@ def save_model(
     the S3 endpoint of a config's data.endpoint_url, here and below."""
     fs, path = filesystem(url, endpoint_url)
     fs.makedirs(path, exist_ok=True)
+    if fs.exists(join(path, CONFIG_FILE)):
+        fs.rm(join(path, CONFIG_FILE))
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    write_atomic(fs, join(path, WEIGHTS_FILE), save_safetensors(state))
-    meta = {"format": "tessera-model/1", "config": config_to_dict(model.cfg)}
+    data = save_safetensors(state)
+    write_atomic(fs, join(path, WEIGHTS_FILE), data)
+    meta = {
+        "format": "tessera-model/1",
+        "config": config_to_dict(model.cfg),
+        "weights_sha256": hashlib.sha256(data).hexdigest(),
+    }
     if provenance:
         meta["provenance"] = provenance
     write_atomic(fs, join(path, CONFIG_FILE), json.dumps(meta, indent=2).encode())
@@ -57,9 +68,17 @@ def read_model_meta(url: str, endpoint_url: str = "") -> dict[str, Any]:
 
 
 def load_state(url: str, endpoint_url: str = "") -> dict[str, torch.Tensor]:
+    """The weights, refused if they are not the ones model.json describes."""
+    want = read_model_meta(url, endpoint_url).get("weights_sha256")  # absent: saved before
     fs, path = filesystem(url, endpoint_url)
     with fs.open(join(path, WEIGHTS_FILE), "rb") as f:
-        return load_safetensors(f.read())
+        data = f.read()
+    if want and hashlib.sha256(data).hexdigest() != want:
+        raise ValueError(
+            f"{join(url, WEIGHTS_FILE)}: its sha256 is not the one {CONFIG_FILE} records; the "
+            "file changed after the model was saved (export it again)"
+        )
+    return load_safetensors(data)
 
 
 def load_model(url: str, endpoint_url: str = "", **overrides: Any) -> Backbone:
