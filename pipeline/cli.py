@@ -89,8 +89,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from pipeline.data.prepare import index_shards
+    from pipeline.data.prepare import index_shards, verify_shards
 
+    if args.verify:
+        checked = verify_shards(args.url, args.endpoint_url)
+        print(f"{args.url}: {checked} shards match their size and sha256 in the manifest")
+        return
     manifest = index_shards(args.url, args.split, args.endpoint_url)
     split = manifest.splits[args.split]
     print(f"{args.url}: {args.split}: {split.samples:,} samples in {len(split.shards)} shards")
@@ -292,9 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_build_ops)
 
-    p = sub.add_parser("index", help="make a manifest for WebDataset tars written by another tool")
+    p = sub.add_parser(
+        "index",
+        help="make a manifest for WebDataset tars written by another tool, or --verify a dataset",
+    )
     p.add_argument("url", help="folder of .tar shards")
     p.add_argument("--split", default="train")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every shard of a dataset and check it against its manifest's sha256 (exit 2 "
+        "naming each shard that differs)",
+    )
     p.add_argument("--endpoint-url", default="")
     p.set_defaults(func=cmd_index)
     return parser
@@ -323,7 +336,13 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"tessera: config error: {e}", file=sys.stderr)
         return 2
-    except (DatasetError, SourceError, FileNotFoundError, UnsafeCheckpoint, CorruptCheckpoint) as e:
+    except (
+        DatasetError,
+        SourceError,
+        FileNotFoundError,
+        UnsafeCheckpoint,
+        CorruptCheckpoint,
+    ) as e:
         print(f"tessera: {e}", file=sys.stderr)
         return 2
     except ValueError as e:

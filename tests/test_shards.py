@@ -1,11 +1,13 @@
 """Shard format: our tars are ordinary WebDataset tars; foreign tars can be indexed and read."""
 
 import io
+import shutil
 import subprocess
 import tarfile
 
 import numpy as np
 import pytest
+from conftest import TESSERA
 from PIL import Image
 
 from pipeline.data.prepare import index_shards
@@ -104,3 +106,25 @@ def test_scan_tar_of_a_truncated_tar_keeps_the_complete_members(tmp_path):
     np.testing.assert_array_equal(found, offsets[:8])  # sample 6 ends where sample 7 began
     with tarfile.open(fileobj=io.BytesIO(tar)) as tf:  # and Python's tarfile agrees on the full one
         assert len(tf.getnames()) == 20
+
+
+def test_index_verify_names_each_shard_that_differs_from_its_recorded_sha256(tmp_path, digits_url):
+    """A prepared dataset verifies; a copy with one flipped byte in one shard and one shard
+    gone fails with exit 2, naming both, and the good shards are not blamed."""
+
+    def verify(url):
+        return subprocess.run([TESSERA, "index", url, "--verify"], capture_output=True, text=True)
+
+    ok = verify(digits_url)
+    assert ok.returncode == 0 and "shards match their size and sha256" in ok.stdout, ok.stderr
+    copy = tmp_path / "ds"
+    shutil.copytree(digits_url, copy)
+    first, second, *_ = sorted(copy.glob("train-*.tar"))
+    data = bytearray(first.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    first.write_bytes(data)
+    second.unlink()
+    bad = verify(str(copy))
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert f"{first}" in bad.stdout and f"{second} (train): missing" in bad.stdout
+    assert "2 of" in bad.stderr and bad.stdout.count("verify: ") == 2

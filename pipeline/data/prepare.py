@@ -319,3 +319,45 @@ def index_shards(
     )
     manifest.save(fs, path)
     return manifest
+
+
+def verify_shards(url: str, endpoint_url: str = "", log: Callable[[str], None] = print) -> int:
+    """Read every shard a dataset's manifest lists and compare its size and sha256 with the
+    manifest's; log each shard that differs. Returns the number of shards checked; raises
+    DatasetError naming every shard that differs or is missing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    manifest = load_manifest(url, endpoint_url)
+    fs, path = filesystem(url, endpoint_url)
+    shards = [(split, s) for split, info in manifest.splits.items() for s in info.shards]
+
+    def check(item: tuple[str, ShardInfo]) -> str:
+        split, shard = item
+        where = f"{join(url, shard.name)} ({split})"
+        if not shard.sha256:
+            return ""  # a manifest from before shards carried their digest
+        try:
+            with fs.open(join(path, shard.name), "rb") as f:
+                reader = _HashingReader(f)
+                while reader.read(1 << 22):
+                    pass
+        except FileNotFoundError:
+            return f"{where}: missing"
+        if (reader.size, reader.hash.hexdigest()) != (shard.bytes, shard.sha256):
+            return (
+                f"{where}: {reader.size} bytes, sha256 {reader.hash.hexdigest()[:16]}...; the "
+                f"manifest records {shard.bytes} bytes, sha256 {shard.sha256[:16]}..."
+            )
+        return ""
+
+    with ThreadPoolExecutor(8) as pool:  # object storage: reads in flight, not CPU
+        problems = [p for p in pool.map(check, shards) if p]
+    for problem in problems:
+        log(f"verify: {problem}")
+    if problems:
+        raise DatasetError(
+            f"{url}: {len(problems)} of {len(shards)} shards differ from {MANIFEST}: "
+            + "; ".join(problems[:5])
+            + (" ..." if len(problems) > 5 else "")
+        )
+    return len(shards)
