@@ -18,6 +18,7 @@ from pipeline.errors import (
     ConfigError,
     CorruptCheckpoint,
     Preempted,
+    RunLeased,
     UnsafeCheckpoint,
 )
 from pipeline.models import create_model, list_models
@@ -342,6 +343,7 @@ def _run(args: argparse.Namespace) -> int:
         FileNotFoundError,
         UnsafeCheckpoint,
         CorruptCheckpoint,
+        RunLeased,
     ) as e:
         print(f"tessera: {e}", file=sys.stderr)
         return 2

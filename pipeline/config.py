@@ -168,9 +168,13 @@ class CheckpointConfig:
     # Seconds one node's checkpoint download, upload or universal conversion may take (and its
     # other ranks wait for it) before the job stops with an error naming it.
     io_timeout_s: float = 3600.0
+    # The run's lease (pipeline.train.lease): renewed every lease_s / 4; a second run of the
+    # same train.output stops, and one left by a dead writer elsewhere is taken after lease_s.
+    lease_s: float = 60.0
 
     def __post_init__(self) -> None:
         require(self.every_steps >= 1, "every_steps", self.every_steps, "must be >= 1")
+        require(self.lease_s >= 2, "lease_s", self.lease_s, "must be >= 2 seconds")
         require(self.io_timeout_s > 0, "io_timeout_s", self.io_timeout_s, "must be > 0 seconds")
         require(self.keep_last >= 1, "keep_last", self.keep_last, "must be >= 1")
 

@@ -33,6 +33,11 @@ class CorruptCheckpoint(ValueError):
     the file. Resuming then falls back to the complete checkpoint before it."""
 
 
+class RunLeased(RuntimeError):
+    """Another live run writes this run's folder (its lease is renewed): this one stops before
+    writing anything, or, having lost the lease, before writing another checkpoint."""
+
+
 # `tessera pretrain`, `finetune` and `run` exit with this status after SIGTERM once a checkpoint
 # is saved: "preempted, run me again", distinct from success (0), failure (1) and a config or
 # data error (2). 75 is sysexits' EX_TEMPFAIL; launch/slurm.sbatch requeues the job on it.

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -321,3 +322,91 @@ def test_a_torn_file_without_a_recorded_digest_is_still_told_apart(tmp_path):
     shard.write_bytes(shard.read_bytes()[:500])
     with pytest.raises(CorruptCheckpoint, match="cannot be read"):
         refuse_unsafe_pickles(folder)
+
+
+# -- one writer per run --------------------------------------------------------------------------
+
+
+def test_a_live_lease_stops_a_second_writer_and_a_released_one_is_taken_at_once(tmp_path):
+    from pipeline.errors import RunLeased
+    from pipeline.train.lease import Lease
+
+    first, second = (Lease(str(tmp_path), ttl_s=2.0, log=lambda _: None) for _ in range(2))
+    first.acquire(poll_s=0.1)
+    with pytest.raises(RunLeased, match=f"host .* pid {os.getpid()}"):
+        second.acquire(poll_s=0.1)  # first renews every 0.5 s: seen alive within ttl
+    assert first.check() == ""
+    first.release()
+    assert not (tmp_path / "LEASE").exists()
+    started = time.monotonic()
+    second.acquire(poll_s=0.1)
+    assert time.monotonic() - started < 1.0
+    second.release()
+
+
+def test_a_lease_left_by_a_dead_writer_is_taken_after_ttl_elsewhere_and_at_once_here(tmp_path):
+    from pipeline.train.lease import Lease, _here
+
+    proc = subprocess.Popen(["true"])  # a pid that existed and has exited
+    proc.wait()
+    stale = {"holder": "x", **_here(), "pid": proc.pid, "since": 0, "beat": 7}
+    (tmp_path / "LEASE").write_text(json.dumps(stale))
+    lease, log = Lease(str(tmp_path), ttl_s=3.0, log=print), []
+    lease.log = log.append
+    started = time.monotonic()
+    lease.acquire(poll_s=0.1)  # same machine, same PID namespace, process gone: no wait
+    assert time.monotonic() - started < 1.0 and "which is gone" in log[0]
+    lease.release()
+
+    elsewhere = {**stale, "machine": "another-boot-id"}  # cannot be asked: wait it out
+    (tmp_path / "LEASE").write_text(json.dumps(elsewhere))
+    started = time.monotonic()
+    lease.acquire(poll_s=0.1)
+    assert 3.0 <= time.monotonic() - started < 5.0
+    assert json.loads((tmp_path / "LEASE").read_text())["holder"] == lease.me["holder"]
+    lease.release()
+
+
+def test_a_writer_whose_lease_was_taken_over_knows_before_its_next_checkpoint(tmp_path):
+    from pipeline.train.lease import Lease
+
+    lease = Lease(str(tmp_path), ttl_s=2.0, log=lambda _: None)
+    lease.acquire(poll_s=0.1)
+    usurper = {"holder": "y", "host": "node-7", "pid": 4242, "since": time.time()}
+    (tmp_path / "LEASE").write_text(json.dumps(usurper))  # it stalled past ttl elsewhere
+    deadline = time.monotonic() + 3
+    while not lease.check() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "now held by host node-7 pid 4242" in lease.check()
+    lease.release()
+    assert json.loads((tmp_path / "LEASE").read_text())["holder"] == "y"  # not removed
+
+
+@pytest.mark.slow
+def test_a_second_run_of_the_same_output_is_stopped_and_the_first_keeps_writing(
+    tmp_path, digits_url
+):
+    """A requeued job while the old one still lives: the second stops before touching the run
+    (exit 2, naming the first); the first trains on, saves on SIGTERM and hands the lease back,
+    so the next start takes it at once."""
+    import signal
+
+    config = write_config(
+        tmp_path, digits_url, train={"steps": 100000}, checkpoint={"every_steps": 5, "lease_s": 4}
+    )
+    first = pretrain(config)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "run" / "checkpoints" / "step-0000005").exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
+        time.sleep(0.1)
+    second = pretrain(config)
+    out = wait(second)
+    assert second.returncode == 2, out[-3000:]
+    assert "is being written by another run" in out and f"pid {first.pid}" in out
+    assert first.poll() is None  # untouched
+    os.killpg(first.pid, signal.SIGTERM)
+    first_out = wait(first)
+    assert first.returncode == 75, first_out[-3000:]
+    assert not (tmp_path / "run" / "LEASE").exists()
+    third = pretrain(config, "--set", "train.steps=12")
+    assert "resumed from" in finish(third)

@@ -28,7 +28,7 @@ from pipeline import runs
 from pipeline.config import RunConfig, config_to_raw
 from pipeline.data.stream import Stream, stream_config
 from pipeline.data.transforms import model_input
-from pipeline.errors import ConfigError, CorruptCheckpoint, Preempted, UnsafeCheckpoint
+from pipeline.errors import ConfigError, CorruptCheckpoint, Preempted, RunLeased, UnsafeCheckpoint
 from pipeline.models import create_model, load_pretrained
 from pipeline.train import checkpoint
 from pipeline.train.distributed import native_bf16, resolve_precision
@@ -43,6 +43,7 @@ from pipeline.train.engine import (
     to_universal,
 )
 from pipeline.train.export import Weights, read_weights_for
+from pipeline.train.lease import Lease
 from pipeline.train.objectives import OBJECTIVES
 from pipeline.train.visuals import completion_panel, rollout_panel, save_panel
 
@@ -150,15 +151,21 @@ class Trainer:
         self._visual: dict[str, torch.Tensor] | None = None  # a few fixed samples for pictures
         self.init_provenance: dict[str, Any] = {}  # where finetune.init's weights came from
         self._setup_output()
-        start = self._checkpoint_to_resume(resume, restart)
-        self.stream = self._build_input()
-        universal = start is not None and self._prepare_universal(start)
-        init = self._finetune_init() if start is None else None  # a resumed run has its weights
-        self._choose_precision(start)
-        self._build_engine(init, universal)
-        if start is not None:
-            self._resume(start, universal)
-        self.writer = self._build_writer()
+        self._take_lease()
+        try:
+            start = self._checkpoint_to_resume(resume, restart)
+            self.stream = self._build_input()
+            universal = start is not None and self._prepare_universal(start)
+            init = self._finetune_init() if start is None else None  # a resumed run has weights
+            self._choose_precision(start)
+            self._build_engine(init, universal)
+            if start is not None:
+                self._resume(start, universal)
+            self.writer = self._build_writer()
+        except BaseException:
+            if self.lease:
+                self.lease.release()
+            raise
 
     @property
     def rank(self) -> int:
@@ -180,6 +187,22 @@ class Trainer:
         if not self.remote and self.world > 1:
             self._check_output_is_shared()
         self.comm.group_by_folder(self.output)
+
+    def _take_lease(self) -> None:
+        """Rank 0 takes the run's lease (pipeline.train.lease) before anything is read or
+        written; every rank stops if another live run holds it."""
+        self.lease: Lease | None = None
+        problem = ""
+        if self.rank == 0:
+            lease = Lease(self.url, self.endpoint, self.run.checkpoint.lease_s, log=self.log)
+            try:
+                lease.acquire()
+                self.lease = lease
+            except RunLeased as e:
+                problem = str(e)
+        problem = self.comm.gather(problem, "the run's lease")[0]
+        if problem:
+            raise RunLeased(problem)
 
     def _check_output_is_shared(self) -> None:
         """Rank 0 leaves a token in the output folder; a rank that cannot read it writes its
@@ -446,6 +469,10 @@ class Trainer:
             self.log(f"resumed from {path} at step {self.step}")
 
     def save(self) -> Path:
+        lost = self.lease.check() if self.lease else ""
+        lost = self.comm.gather(lost, "whether this run still holds its lease")[0]
+        if lost:
+            raise RunLeased(f"stopped before saving step {self.step}: {lost}")
         states = self.comm.gather(self.stream.state_dict(), "every rank's data cursor")
         state = {
             "step": self.step,
@@ -640,6 +667,8 @@ class Trainer:
             self.writer.close()
             if clean:
                 self._push_logs()
+        if getattr(self, "lease", None):
+            self.lease.release()
         self.comm.close(clean)
 
     def _log(self, window: dict[str, float], n: int, elapsed: float, start_step: int) -> None:
