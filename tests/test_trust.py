@@ -334,7 +334,7 @@ def test_a_live_lease_stops_a_second_writer_and_a_released_one_is_taken_at_once(
     first, second = (Lease(str(tmp_path), ttl_s=2.0, log=lambda _: None) for _ in range(2))
     first.acquire(poll_s=0.1)
     with pytest.raises(RunLeased, match=f"host .* pid {os.getpid()}"):
-        second.acquire(poll_s=0.1)  # first renews every 0.5 s: seen alive within ttl
+        second.acquire(poll_s=0.1)  # first renews every 0.5 s: still alive after 2 * ttl
     assert first.check() == ""
     first.release()
     assert not (tmp_path / "LEASE").exists()

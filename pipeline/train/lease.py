@@ -11,8 +11,8 @@ lease every `ttl_s / 4` (a thread, so a long step or a slow save never lets it l
 starting run takes a lease that is absent, its own, or left by a dead writer: one on this
 machine (same boot, same PID namespace) whose process is gone takes no wait; one elsewhere is
 dead when it has not changed for `ttl_s` of the starter's own clock (no two machines' clocks are
-compared). A lease that changes while the starter watches belongs to a live writer: the starter
-stops with RunLeased, naming it. The holder checks before each checkpoint that the lease is
+compared). A lease still renewed after `2 * ttl_s` belongs to a live writer: the starter stops
+with RunLeased, naming it. The holder checks before each checkpoint that the lease is
 still its own (fencing): a writer that stalled past `ttl_s` and was replaced stops instead of
 overwriting its successor's checkpoints.
 """
@@ -92,22 +92,20 @@ class Lease:
         return f"host {lease.get('host', '?')} pid {lease.get('pid', '?')} (since {since})"
 
     def acquire(self, poll_s: float = 1.0) -> None:
-        """Take the lease, waiting at most ttl_s for a silent one to prove its writer dead."""
-        first = self._read()
-        watched = time.monotonic()
+        """Take the lease: at once if it is free, after ttl_s of silence if its writer cannot be
+        asked; RunLeased if it is still being renewed after 2 * ttl_s (a retried worker group
+        waits here for the old one to go)."""
+        previous, changed = self._read(), time.monotonic()
+        deadline = changed + 2 * self.ttl_s
         while True:
             current = self._read()
-            if current is not None and not self._mine(current) and current != first:
-                raise RunLeased(
-                    f"{self.url} is being written by another run: {self.describe(current)}, "
-                    f"whose lease ({join(self.url, LEASE)}) was renewed just now. Stop that run "
-                    "first, or give this one another train.output"
-                )
+            if current != previous:
+                previous, changed = current, time.monotonic()
             free = (
                 current is None
                 or self._mine(current)
                 or self._dead_here(current)
-                or time.monotonic() - watched >= self.ttl_s
+                or time.monotonic() - changed >= self.ttl_s
             )
             if free:
                 if current is not None and not self._mine(current):
@@ -117,11 +115,17 @@ class Lease:
                     )
                 self._write()
                 time.sleep(min(poll_s, self.ttl_s / 10))
-                got = self._read()
-                if self._mine(got):
+                if self._mine(self._read()):
                     self._start_renewing()
                     return
-                first, watched = got, time.monotonic()  # another starter wrote at once: watch
+                # another starter wrote at the same moment: watch it like any other writer
+            elif time.monotonic() >= deadline:
+                raise RunLeased(
+                    f"{self.url} is being written by another run: {self.describe(current)}, "
+                    f"whose lease ({join(self.url, LEASE)}) it renewed in the last "
+                    f"{self.ttl_s:.0f} s. Stop that run first, or give this one another "
+                    "train.output"
+                )
             time.sleep(min(poll_s, self.ttl_s / 10))
 
     def _start_renewing(self) -> None:
