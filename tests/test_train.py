@@ -726,3 +726,45 @@ def test_fp16_on_cpu_ranks_stops_with_a_config_error_naming_the_choices(tmp_path
         proc.stderr
     )
     assert "choose one of ['bf16', 'fp32']" in proc.stderr
+
+
+@pytest.mark.slow  # loads (and where not built, compiles) DeepSpeed's CPU Adam op
+def test_cpu_adam_after_a_resume_updates_exactly_as_the_uninterrupted_optimizer():
+    """DeepSpeedCPUAdam (ZeRO-Offload's optimizer) keeps beta**t in the process, multiplied
+    once a step; a new instance resuming at step t computed pow(beta, t) instead, and every
+    update after the resume differed in the last bits. Replaying the steps makes it exact."""
+    from types import SimpleNamespace
+
+    import torch
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from pipeline.train.engine import replay_cpu_adam_steps
+
+    torch.manual_seed(0)
+    grads = [torch.randn(1000) for _ in range(40)]
+
+    def optimizer(weights):
+        p = torch.nn.Parameter(weights.clone())
+        return p, DeepSpeedCPUAdam([p], lr=1e-2, betas=(0.9, 0.999), weight_decay=0.05)
+
+    def train(p, opt, steps):
+        for g in steps:
+            p.grad = g.clone()
+            opt.step()
+
+    p, opt = optimizer(torch.zeros(1000))
+    train(p, opt, grads[:30])
+    state = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+    at_30 = p.detach().clone()
+    train(p, opt, grads[30:])
+
+    def resumed(replay):
+        q, fresh = optimizer(at_30)
+        fresh.state[q] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+        if replay:
+            replay_cpu_adam_steps(SimpleNamespace(optimizer=fresh, device=torch.device("cpu")))
+        train(q, fresh, grads[30:])
+        return q.detach()
+
+    assert not torch.equal(resumed(replay=False), p.detach())  # the bug, still in DeepSpeed
+    assert torch.equal(resumed(replay=True), p.detach())

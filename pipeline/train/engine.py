@@ -310,6 +310,38 @@ def _skip_non_finite_updates(optimizer) -> None:
     optimizer.step = checked_step
 
 
+def replay_cpu_adam_steps(engine) -> None:
+    """Make DeepSpeed's CPU Adam kernels hold what an uninterrupted process would, after a
+    resume: bit-exact updates from then on.
+
+    The CPU kernels (FusedAdam's CPU build, and DeepSpeedCPUAdam, the optimizer of ZeRO-Offload
+    on GPU clusters) keep beta1**t and beta2**t inside the process, multiplied by beta once per
+    step; a fresh process resuming at step t gets them from pow(beta, t), which differs in the
+    last bits, so every update after a resume differed from the uninterrupted run's (found by
+    comparing weights byte for byte). Steps 1..t are replayed on a one-element dummy, which
+    costs microseconds a step. The CUDA kernel computes pow(beta, t) at every step: nothing to
+    do there."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    steps = [int(s["step"]) for s in inner.state.values() if "step" in s]
+    if not steps or not inner.param_groups:
+        return
+    group = inner.param_groups[0]
+    (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+    dummy = [torch.zeros(1) for _ in range(4)]  # gradient, parameter, moments
+    if isinstance(inner, DeepSpeedCPUAdam):
+        for t in range(1, max(steps) + 1):
+            inner.ds_opt_adam.adam_update(inner.opt_id, t, lr, beta1, beta2, eps, 0.0, True, *dummy)
+    elif isinstance(inner, FusedAdam) and engine.device.type == "cpu":
+        noop = inner._dummy_overflow_buf
+        lists = [[d] for d in dummy]
+        for t in range(1, max(steps) + 1):
+            inner.multi_tensor_adam(
+                2048 * 32, noop, lists, lr, beta1, beta2, eps, t, inner.adam_w_mode, 1, 0.0
+            )
+
+
 def checkpoint_globals() -> list[type]:
     """The classes DeepSpeed's checkpoints pickle besides tensors and builtins: the loss scaler
     (also saved by bf16 and fp32 optimizers), the ZeRO stage and bf16's fragment addresses."""

@@ -40,6 +40,7 @@ from pipeline.train.engine import (
     model_init_context,
     modifiable_params,
     refuse_unsafe_pickles,
+    replay_cpu_adam_steps,
     to_universal,
 )
 from pipeline.train.export import Weights, read_weights_for
@@ -461,6 +462,7 @@ class Trainer:
 
     def _resume(self, path: Path, universal: bool) -> None:
         state = checkpoint.load(self.engine, path, self.rank, universal=universal)
+        replay_cpu_adam_steps(self.engine)
         self.step = state["step"]
         self.skipped = state.get("skipped", 0)
         self.init_provenance = state.get("init", {})
