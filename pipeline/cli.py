@@ -15,10 +15,12 @@ from pipeline.data.shards import DatasetError
 from pipeline.data.sources import SourceError
 from pipeline.errors import (
     EXIT_PREEMPTED,
+    EXIT_STORAGE,
     ConfigError,
     CorruptCheckpoint,
     Preempted,
     RunLeased,
+    StorageUnavailable,
     UnsafeCheckpoint,
 )
 from pipeline.models import create_model, list_models
@@ -334,6 +336,9 @@ def _run(args: argparse.Namespace) -> int:
     except Preempted as e:
         print(f"tessera: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except StorageUnavailable as e:
+        print(f"tessera: {e}", file=sys.stderr)
+        return EXIT_STORAGE
     except ConfigError as e:
         print(f"tessera: config error: {e}", file=sys.stderr)
         return 2

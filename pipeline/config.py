@@ -45,6 +45,10 @@ class DataConfig:
     palette: str = "kmeans"  # ImageGPT tokens: kmeans (fitted by prepare), uniform, grey, or a URL
     palette_size: int = 512  # colours of the grey palette; kmeans and URL palettes bring their own
     max_error_rate: float = 0.01  # stop when more than this fraction of samples is unreadable
+    # How long a read keeps retrying an unreachable store (timeouts, resets, 503s) before the run
+    # stops with exit status 69 (after a checkpoint): an outage is not bad data, so no sample is
+    # skipped for it. Below train.collective_timeout_s, which the other ranks wait meanwhile.
+    storage_deadline_s: float = 300.0
     # stream: exactly-once resumable reader on each rank; ray-data: Ray Data decodes on CPU
     # nodes and streams batches to the trainers (`tessera run` on Ray; resumes by epoch)
     ingest: Literal["stream", "ray-data"] = "stream"
@@ -64,6 +68,12 @@ class DataConfig:
             "max_error_rate",
             self.max_error_rate,
             "must be in [0, 1]",
+        )
+        require(
+            self.storage_deadline_s > 0,
+            "storage_deadline_s",
+            self.storage_deadline_s,
+            "must be > 0 seconds",
         )
 
 
@@ -353,6 +363,13 @@ class RunConfig:
             "optim.warmup_steps",
             self.optim.warmup_steps,
             f"must be below train.steps={self.train.steps}",
+        )
+        require(
+            self.data.storage_deadline_s < self.train.collective_timeout_s,
+            "data.storage_deadline_s",
+            self.data.storage_deadline_s,
+            f"must be below train.collective_timeout_s={self.train.collective_timeout_s:g}: "
+            "the other ranks wait for a rank's retries in a collective",
         )
         micro = self.deepspeed.micro_batch_size
         require(

@@ -38,6 +38,15 @@ class RunLeased(RuntimeError):
     writing anything, or, having lost the lease, before writing another checkpoint."""
 
 
+class StorageUnavailable(OSError):
+    """Object storage did not answer for data.storage_deadline_s: the run stops (after saving a
+    checkpoint where it can) with EXIT_STORAGE, instead of skipping good samples as bad."""
+
+
+# The storage was unreachable for data.storage_deadline_s: "the data is fine, its store is
+# down; run me again later". 69 is sysexits' EX_UNAVAILABLE.
+EXIT_STORAGE = 69
+
 # `tessera pretrain`, `finetune` and `run` exit with this status after SIGTERM once a checkpoint
 # is saved: "preempted, run me again", distinct from success (0), failure (1) and a config or
 # data error (2). 75 is sysexits' EX_TEMPFAIL; launch/slurm.sbatch requeues the job on it.

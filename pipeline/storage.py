@@ -15,6 +15,8 @@ from typing import Any
 import fsspec
 from fsspec import AbstractFileSystem
 
+from pipeline.errors import StorageUnavailable
+
 log = logging.getLogger(__name__)
 
 # Reads are split into chunks this large, so a dropped connection costs at most one chunk.
@@ -59,23 +61,37 @@ def with_retries(
     retries: int = 6,
     backoff: float | None = None,
     on_retry: Callable[[BaseException], None] | None = None,
+    deadline_s: float | None = None,
 ) -> Any:
     """Call fn, retrying transient storage errors (HTTP 503 SlowDown, connection resets,
-    timeouts) with exponential backoff; permanent errors (missing, forbidden) raise at once."""
-    for attempt in range(retries + 1):
+    timeouts) with exponential backoff; permanent errors (missing, forbidden) raise at once.
+
+    With `deadline_s`, retries go on (backoff capped at 5 s) until that long has passed since
+    the first failure, and then raise StorageUnavailable: the storage is down, which is not the
+    same as the data being bad, and a reader must not skip samples for it."""
+    first_failure = None
+    attempt = 0
+    while True:
         try:
             return fn()
         except PERMANENT:
             raise
         except Exception as e:
-            if attempt == retries:
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            if deadline_s is not None and now - first_failure >= deadline_s:
+                raise StorageUnavailable(
+                    f"{what}: storage unreachable for {now - first_failure:.0f} s "
+                    f"({attempt} retries; data.storage_deadline_s is {deadline_s:g}): {e!r}"
+                ) from e
+            if deadline_s is None and attempt == retries:
                 raise OSError(f"{what}: still failing after {retries} retries: {e!r}") from e
             if on_retry is not None:
                 on_retry(e)
-            delay = min((BACKOFF if backoff is None else backoff) * 2**attempt, 5.0)
+            delay = min((BACKOFF if backoff is None else backoff) * 2 ** min(attempt, 20), 5.0)
             log.debug("%s: %r; retrying in %.2fs", what, e, delay)
             time.sleep(delay)
-    raise AssertionError("unreachable")
+            attempt += 1
 
 
 def read_range(
@@ -84,6 +100,7 @@ def read_range(
     start: int,
     end: int,
     on_retry: Callable[[BaseException], None] | None = None,
+    deadline_s: float | None = None,
 ) -> bytes:
     """Bytes [start, end) of a file, fewer if the file is shorter (a truncated file).
 
@@ -98,6 +115,7 @@ def read_range(
             f"reading {path} bytes {pos}-{stop}",
             lambda pos=pos, stop=stop: fs.cat_file(path, start=pos, end=stop),
             on_retry=on_retry,
+            deadline_s=deadline_s,
         )
         parts.append(chunk)
         if len(chunk) < stop - pos:  # end of file before `end`

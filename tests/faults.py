@@ -1,7 +1,8 @@
 """A fault-injecting HTTP proxy between an S3 client and a real S3-compatible server.
 
 Object reads (GET with a Range header) are answered, in turn, with HTTP 503 SlowDown, with the
-response cut off halfway through its body (connection dropped), or passed through untouched.
+response cut off halfway through its body (connection dropped), or passed through untouched;
+during an `outage`, all with 503.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class FaultProxy:
         self.every = every  # of every `every` ranged GETs: one 503, one dropped, the rest pass
         self.lock = threading.Lock()
         self.gets = self.slow_downs = self.drops = 0
+        self.outage = False  # True: every ranged GET is answered 503, as by a store that is down
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -76,6 +78,8 @@ class FaultProxy:
             return ""
         with self.lock:
             self.gets += 1
+            if self.outage:
+                return "slow_down"
             turn = self.gets % self.every
             if turn == 1:
                 self.slow_downs += 1

@@ -304,6 +304,28 @@ def test_corrupt_unlabelled_and_truncated_samples_are_counted_and_skipped(damage
     assert stream.cursor.errors == 13
 
 
+def test_a_malformed_tar_header_costs_only_its_own_sample(tmp_path):
+    """A checksum field that is not a number (one flipped byte in a header) used to fail the
+    whole read of the run of samples around it: 40 good samples quarantined with it."""
+    from pipeline.data.prepare import index_shards
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    samples = [(f"s{i:02d}", {"png": png_bytes(i), "cls": b"1"}) for i in range(40)]
+    (root / "train-0.tar").write_bytes(write_tar(samples)[0])
+    index_shards(str(root), log=lambda _: None)
+    offsets = np.fromfile(root / "train-0.idx", dtype="<u8")
+    data = bytearray((root / "train-0.tar").read_bytes())
+    at = int(offsets[7]) + 148  # sample 7's first header: its checksum field
+    data[at : at + 6] = b"zz\x01zzz"
+    (root / "train-0.tar").write_bytes(bytes(data))
+    stream = Stream(cfg(str(root), train=False, batch_size=10, image_size=8, max_error_rate=0.5))
+    keys = [k for b in stream.iter_epoch() for k in b["key"]]
+    assert keys == [f"s{i:02d}" for i in range(40) if i != 7]
+    (bad,) = stream.state_dict()["quarantine"]
+    assert "bad tar data: malformed tar header field" in bad["reason"], bad
+
+
 def test_quarantine_travels_in_the_cursor(damaged_dataset):
     config = cfg(damaged_dataset, train=False, batch_size=10, image_size=8, max_error_rate=0.2)
     stream = Stream(config)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -410,3 +411,77 @@ def test_a_second_run_of_the_same_output_is_stopped_and_the_first_keeps_writing(
     assert not (tmp_path / "run" / "LEASE").exists()
     third = pretrain(config, "--set", "train.steps=12")
     assert "resumed from" in finish(third)
+
+
+# -- an unreachable store is not bad data --------------------------------------------------------
+
+
+def test_retries_go_on_to_the_storage_deadline_and_then_say_the_store_is_down():
+    from pipeline.errors import StorageUnavailable
+    from pipeline.storage import with_retries
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 12:  # more failures than the plain retry count allows
+            raise ConnectionResetError("reset by peer")
+        return "data"
+
+    assert with_retries("reading s3://b/x.tar", flaky, backoff=0.001, deadline_s=30) == "data"
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailable, match=r"reading s3://b/x.tar: storage unreachable"):
+        with_retries("reading s3://b/x.tar", lambda: 1 / 0, backoff=0.01, deadline_s=0.3)
+    assert 0.3 <= time.monotonic() - started < 2
+
+
+@pytest.mark.slow
+def test_an_outage_of_the_store_stops_the_run_with_a_checkpoint_and_skips_no_sample(
+    tmp_path, digits_url, s3_bucket, s3_endpoint
+):
+    """The store answers 503 to every read for longer than data.storage_deadline_s: the run
+    saves its last whole step and exits 69, naming the shard; nothing is quarantined, and the
+    resumed run ends with the weights of a run that never saw the outage, byte for byte."""
+    import fsspec
+    from faults import FaultProxy
+    from safetensors.torch import load_file
+    from test_train import run_export
+
+    url = f"{s3_bucket}/digits"
+    fsspec.filesystem("s3", skip_instance_cache=True).put(digits_url, url, recursive=True)
+    sections = {
+        "data": {"url": url, "workers": 2, "storage_deadline_s": 3},
+        "train": {"steps": 120},  # two epochs: reads go on long after the first checkpoint
+        "checkpoint": {"every_steps": 8, "keep_last": 20},
+    }
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "cut").mkdir()
+    finish(pretrain(write_config(tmp_path / "clean", digits_url, **{**sections, "data": {
+        **sections["data"], "url": digits_url}})))  # fmt: skip
+    with FaultProxy(s3_endpoint, every=10**9) as proxy:
+        sections["data"]["endpoint_url"] = proxy.url
+        config = write_config(tmp_path / "cut", digits_url, **sections)
+        proc = pretrain(config)
+        ckpts = tmp_path / "cut" / "run" / "checkpoints"
+        deadline = time.monotonic() + 300
+        while not (ckpts / "step-0000008" / "COMPLETE").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+        proxy.outage = True
+        out = wait(proc)
+        assert proc.returncode == 69, out[-3000:]
+        assert "storage unreachable" in out and ".tar" in out and "storage_deadline_s" in out
+        stopped = int(re.search(r"stopped at step (\d+)", out).group(1))
+        assert 8 <= stopped < 120
+        state = json.loads((ckpts / checkpoint.tag(stopped) / "trainer.json").read_text())
+        assert state["stream"]["errors"] == 0 and state["stream"]["quarantine"] == []
+        proxy.outage = False
+        out = finish(pretrain(config))
+        assert f"at step {stopped}" in out
+    for name in ("clean", "cut"):
+        run_export(tmp_path / name / "run", tmp_path / name / "export")
+    clean, cut = (
+        load_file(tmp_path / n / "export" / "model.safetensors") for n in ("clean", "cut")
+    )
+    differ = [k for k in clean if clean[k].numpy().tobytes() != cut[k].numpy().tobytes()]
+    assert differ == [], differ

@@ -94,15 +94,18 @@ class TarFormatError(ValueError):
     pass
 
 
-def _octal(field_bytes: bytes) -> int:
+def _octal(field_bytes: bytes, at: int = -1) -> int:
     if field_bytes[:1] == b"\x80":  # GNU base-256 for sizes >= 8 GiB
         return int.from_bytes(field_bytes[1:], "big")
     text = field_bytes.rstrip(b"\0 ").strip()
-    return int(text, 8) if text else 0
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:  # a damaged header: the sample's own fault, not the shard's
+        raise TarFormatError(f"malformed tar header field {text[:12]!r} at byte {at}") from None
 
 
 def _check_header(header: bytes, at: int) -> None:
-    stored = _octal(header[148:156])
+    stored = _octal(header[148:156], at)
     actual = sum(header[:148]) + 8 * 32 + sum(header[156:])
     if stored != actual:
         raise TarFormatError(f"bad tar header checksum at byte {at}")
@@ -121,7 +124,7 @@ def iter_tar(data: bytes, base: int = 0) -> Iterator[tuple[str, bytes]]:
         if header.count(0) == BLOCK:
             return
         _check_header(header, base + pos)
-        size = _octal(header[124:136])
+        size = _octal(header[124:136], base + pos)
         kind = header[156:157]
         start, end = pos + BLOCK, pos + BLOCK + size
         if end > len(data):
@@ -330,7 +333,13 @@ def sha256(data: bytes) -> str:
 
 
 def read_samples(
-    fs: AbstractFileSystem, path: str, offsets: np.ndarray, first: int, last: int, on_retry=None
+    fs: AbstractFileSystem,
+    path: str,
+    offsets: np.ndarray,
+    first: int,
+    last: int,
+    on_retry=None,
+    deadline_s: float | None = None,
 ) -> Iterator[tuple[int, str | None, dict[str, bytes] | None, str]]:
     """Samples first..last (inclusive) of one shard with one ranged read.
 
@@ -338,7 +347,7 @@ def read_samples(
     for samples that are cut short or unparseable.
     """
     start, end = int(offsets[first]), int(offsets[last + 1])
-    data = read_range(fs, path, start, end, on_retry=on_retry)
+    data = read_range(fs, path, start, end, on_retry=on_retry, deadline_s=deadline_s)
     for i in range(first, last + 1):
         a, b = int(offsets[i]) - start, int(offsets[i + 1]) - start
         if b > len(data):

@@ -44,7 +44,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -64,6 +64,7 @@ from pipeline.data.shards import (
     read_samples,
 )
 from pipeline.data.transforms import ImageTransform, empty
+from pipeline.errors import StorageUnavailable
 from pipeline.storage import filesystem, join, with_retries
 
 RUN_GAP = 8  # coalesce reads of two runs in one shard when fewer samples than this lie between
@@ -91,6 +92,7 @@ class StreamConfig:
     workers: int = 0  # DataLoader worker processes per rank
     max_error_rate: float = 0.01
     endpoint_url: str = ""
+    storage_deadline_s: float | None = None  # None: a few retries, then the sample is quarantined
 
 
 def resolve_palette(
@@ -134,6 +136,7 @@ def stream_config(run: RunConfig, split: str, batch_size: int, train: bool) -> S
         labels=not run.train.objective.startswith("igpt"), shuffle_shards=data.shuffle_shards,
         shuffle_buffer=data.shuffle_buffer, workers=data.workers,
         max_error_rate=data.max_error_rate, endpoint_url=data.endpoint_url,
+        storage_deadline_s=data.storage_deadline_s,
     )  # fmt: skip
 
 
@@ -169,7 +172,10 @@ class _Reader:
         if shard not in self.index:
             path = join(self.root, self.shards[shard].index)
             self.index[shard] = with_retries(
-                f"reading {path}", lambda: read_index(self.fs, path), on_retry=self._count_retry
+                f"reading {path}",
+                lambda: read_index(self.fs, path),
+                on_retry=self._count_retry,
+                deadline_s=self.cfg.storage_deadline_s,
             )
         return self.index[shard]
 
@@ -192,9 +198,12 @@ class _Reader:
                         first,
                         last,
                         on_retry=self._count_retry,
+                        deadline_s=self.cfg.storage_deadline_s,
                     )
                     for i, key, sample, reason in got:
                         out[(int(shard), i)] = (key, sample, reason)
+                except StorageUnavailable:
+                    raise  # the store is down, not the data bad: nothing is quarantined
                 except Exception as e:  # the shard cannot be read at all
                     for i in run:
                         out[(int(shard), int(i))] = (None, None, f"shard unreadable: {e}")
@@ -562,6 +571,16 @@ class Stream:
             )
 
     # -- state -----------------------------------------------------------------------------
+
+    def mark(self) -> Cursor:
+        """The cursor as it is now, to go back to with `rewind` when the batches drawn since
+        cannot be trained on (another rank's store went down in the middle of a step)."""
+        return replace(self.cursor, consumed=dict(self.cursor.consumed))
+
+    def rewind(self, mark: Cursor) -> None:
+        """The cursor of `mark`: the batches drawn since count as never delivered, for a
+        checkpoint taken before the process stops (the readers themselves are not rewound)."""
+        self.cursor = mark
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's cursor (JSON-serialisable): its own readers' positions and what it

@@ -28,7 +28,14 @@ from pipeline import runs
 from pipeline.config import RunConfig, config_to_raw
 from pipeline.data.stream import Stream, stream_config
 from pipeline.data.transforms import model_input
-from pipeline.errors import ConfigError, CorruptCheckpoint, Preempted, RunLeased, UnsafeCheckpoint
+from pipeline.errors import (
+    ConfigError,
+    CorruptCheckpoint,
+    Preempted,
+    RunLeased,
+    StorageUnavailable,
+    UnsafeCheckpoint,
+)
 from pipeline.models import create_model, load_pretrained
 from pipeline.train import checkpoint
 from pipeline.train.distributed import native_bf16, resolve_precision
@@ -542,8 +549,7 @@ class Trainer:
         overflow check discards the whole step: no update, no scheduler step."""
         totals: dict[str, float] = {}
         poisoned = False
-        for micro in range(self.accum):
-            raw = next(batches)
+        for micro, raw in enumerate(self._draw(batches)):
             if self._visual is None:
                 self._visual = {
                     k: raw[k][:4].to(self.engine.device) for k in ("image", "tokens") if k in raw
@@ -573,6 +579,27 @@ class Trainer:
             )
         return totals if applied else None
 
+    def _draw(self, batches: Iterator[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The step's `accum` micro-batches, drawn before any forward. A rank whose store stays
+        unreachable past data.storage_deadline_s raises StorageUnavailable in its reader; every
+        rank learns of it here, before a collective of the step could wait on the missing
+        rank, gives back what it drew for the step (the cursor returns to the step's start)
+        and raises StorageUnavailable on every rank, so that `train` can save a checkpoint of
+        the last whole step."""
+        mark = self.stream.mark() if hasattr(self.stream, "mark") else None
+        drawn, problem = [], ""
+        try:
+            for _ in range(self.accum):
+                drawn.append(next(batches))
+        except StorageUnavailable as e:
+            problem = f"rank {self.rank}: {e}"
+        if self.comm.any(bool(problem), "the storage check"):
+            problems = [p for p in self.comm.gather(problem, "what the storage said") if p]
+            if mark is not None:
+                self.stream.rewind(mark)
+            raise StorageUnavailable(problems[0])
+        return drawn
+
     def train(self) -> str:
         """Train to train.steps; returns "done", or "preempted" after SIGTERM (checkpoint saved)."""
         run = self.run
@@ -586,7 +613,13 @@ class Trainer:
         start_step = self.step
         try:
             while self.step < run.train.steps:
-                metrics = self.train_step(batches)
+                try:
+                    metrics = self.train_step(batches)
+                except StorageUnavailable as e:
+                    path = self.save()  # the last whole step, its batches not counted
+                    if self.rank == 0:
+                        self.log(f"storage unreachable: saved {path}; run again once it is back")
+                    raise StorageUnavailable(f"stopped at step {self.step}: {e}") from None
                 if metrics is None:
                     self.skipped += 1
                     in_a_row += 1
