@@ -616,9 +616,12 @@ class Trainer:
                 try:
                     metrics = self.train_step(batches)
                 except StorageUnavailable as e:
-                    path = self.save()  # the last whole step, its batches not counted
+                    try:  # the last whole step, its batches not counted
+                        saved = f"saved {self.save()}"
+                    except Exception as failed:  # the run's own store may be the one down
+                        saved = f"no checkpoint saved ({failed!r}); the last one stands"
                     if self.rank == 0:
-                        self.log(f"storage unreachable: saved {path}; run again once it is back")
+                        self.log(f"storage unreachable: {saved}; run again once it is back")
                     raise StorageUnavailable(f"stopped at step {self.step}: {e}") from None
                 if metrics is None:
                     self.skipped += 1
