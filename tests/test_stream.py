@@ -1,5 +1,6 @@
 """The stream: one global order, every rank in step, exactly-once resume, bad input, faults."""
 
+import json
 import random
 import shutil
 from collections import Counter
@@ -503,3 +504,28 @@ os.kill(os.getpid(), signal.SIGKILL)
     alive = [p for p in workers if Path(f"/proc/{p}/status").exists()
              and "zombie" not in Path(f"/proc/{p}/status").read_text()]  # fmt: skip
     assert alive == []
+
+
+def test_ray_data_ingestion_reports_skipped_samples_and_enforces_the_budget(damaged_dataset):
+    """Ray Data's decode tasks used to print what they skipped and nothing else: no count in
+    the logs, no budget. The shard's first row now carries them to the trainer's input."""
+    from types import SimpleNamespace
+
+    from pipeline.data.ray_ingest import RayDataInput, decode_shard
+    from pipeline.data.shards import load_manifest
+
+    config = cfg(damaged_dataset, train=False, batch_size=10, image_size=8, max_error_rate=0.1)
+    manifest = load_manifest(damaged_dataset)
+    rows = decode_shard(config, manifest)({"shard": 0})
+    assert len(rows) == 37 and rows[0]["bad"] == 3 and sum(r["bad"] for r in rows) == 3
+    reasons = {e["key"]: e["reason"] for e in json.loads(rows[0]["bad_detail"])}
+    assert "no label" in reasons["s0-25"] and "undecodable" in reasons["s0-03"]
+    rows += [r for shard in (1, 2) for r in decode_shard(config, manifest)({"shard": shard})]
+
+    ingest = object.__new__(RayDataInput)  # its shard of the dataset, without a Ray job
+    ingest.cfg, ingest.cursor = config, SimpleNamespace(errors=0, retries=0, seen=0, quarantine=[])
+    columns = {k: np.array([r[k] for r in rows]) for k in ("key", "bad", "bad_detail")}
+    with pytest.raises(DataError, match=r"13 of 103 samples unreadable .* worst shards: train-2"):
+        for start in range(0, len(rows), 10):  # batches of rows, as iter_batches makes them
+            ingest._count({k: v[start : start + 10] for k, v in columns.items()})
+    assert ingest.cursor.errors == 13

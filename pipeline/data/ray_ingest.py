@@ -11,13 +11,23 @@ with `ray start --resources '{"ingest": 1000}'`).
 Resume guarantee: by epoch, not by sample. A restored run continues at its saved step and epoch,
 with the optimizer and schedule where they were, and starts that epoch over in a fresh order:
 samples it had seen may come again, and the epoch is counted once. Augmentation is not seeded
-per sample. The error budget is not enforced; unreadable samples are skipped and logged. The
-default, `data.ingest: stream`, resumes exactly once and is reproducible sample for sample.
+per sample. The default, `data.ingest: stream`, resumes exactly once and is reproducible
+sample for sample.
+
+Errors: a decode task skips a sample that cannot be read or decoded, and its shard's first row
+carries the count and the first reasons (`bad`, `bad_detail`) to the trainer, which counts them
+per epoch (TensorBoard `data/errors`) and enforces `data.max_error_rate` as the stream does,
+naming the worst shards. A shard with no good sample at all has no row to carry its count: the
+task fails instead, naming it. A store that stays unreachable fails the task after
+`data.storage_deadline_s` (Ray Data retries it) rather than skipping its samples.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import random
+from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
@@ -44,7 +54,8 @@ def decode_shard(cfg: StreamConfig, manifest: Manifest):
         n = reader.shards[shard].samples
         fetched = reader.fetch(np.full(n, shard), np.arange(n))
         rng = random.Random()  # a fresh augmentation on every pass
-        out = []
+        name = reader.shards[shard].name
+        out, bad = [], []
         for i in range(n):
             key, sample, reason = fetched[(shard, i)]
             if sample is not None:
@@ -53,15 +64,19 @@ def decode_shard(cfg: StreamConfig, manifest: Manifest):
                 except Exception as e:
                     reason = f"undecodable: {e}"
             if reason:
-                print(f"ray-data ingest: skipped {reader.shards[shard].name}#{i} ({key}): {reason}")
+                bad.append({"key": key or f"{name}#{i}", "shard": name, "reason": reason})
                 continue
-            row: dict[str, Any] = {"x": x, "key": key}
+            row: dict[str, Any] = {"x": x, "key": key, "bad": 0, "bad_detail": ""}
             if cfg.labels and manifest.multi_label:
                 row["label"] = np.zeros(classes, np.float32)
                 row["label"][labels] = 1.0
             elif cfg.labels:
                 row["label"] = labels[0]
             out.append(row)
+        if bad and not out:
+            raise DataError(f"{cfg.url}: no sample of shard {name} can be read: {bad[0]['reason']}")
+        if bad:  # carried by the shard's first row: the trainer counts them
+            out[0]["bad"], out[0]["bad_detail"] = len(bad), json.dumps(bad[:20])
         return out
 
     return rows
@@ -102,7 +117,8 @@ class RayDataInput:
             )
         self.cfg = cfg
         self.epoch, self.batches = 0, 0
-        self.cursor = SimpleNamespace(errors=0, retries=0)  # what the trainer logs
+        # What the trainer logs; counted per epoch, like the stream's error budget.
+        self.cursor = SimpleNamespace(errors=0, retries=0, seen=0, quarantine=[])
 
     def __iter__(self):
         key = "tokens" if self.cfg.palette is not None else "image"
@@ -112,6 +128,7 @@ class RayDataInput:
                 local_shuffle_buffer_size=self.cfg.shuffle_buffer,
             ):  # fmt: skip
                 self.batches += 1
+                self._count(rows)
                 batch = {key: torch.from_numpy(rows["x"]), "key": list(rows["key"])}
                 if "label" in rows:
                     batch["label"] = torch.from_numpy(rows["label"])
@@ -119,6 +136,27 @@ class RayDataInput:
             if self.batches == 0:
                 raise DataError(f"{self.cfg.url}: an epoch of Ray Data ingestion gave no batch")
             self.epoch, self.batches = self.epoch + 1, 0
+            self.cursor.errors, self.cursor.seen, self.cursor.quarantine = 0, 0, []
+
+    def _count(self, rows: dict[str, Any]) -> None:
+        """The skipped samples the decode tasks reported in these rows, against the budget."""
+        c, rate = self.cursor, self.cfg.max_error_rate
+        bad = int(np.sum(rows["bad"])) if "bad" in rows else 0
+        c.errors += bad
+        c.seen += len(rows["key"]) + bad
+        for detail in rows.get("bad_detail", []):
+            if detail:
+                c.quarantine.extend(json.loads(detail))
+        enough = c.seen >= max(100, math.ceil(10 / rate)) if rate > 0 else True
+        if c.errors and enough and c.errors > rate * c.seen:
+            worst = Counter(e["shard"] for e in c.quarantine).most_common(3)
+            raise DataError(
+                f"{self.cfg.url} ({self.cfg.split}, Ray Data): {c.errors} of {c.seen} samples "
+                f"unreadable this epoch ({100 * c.errors / c.seen:.1f}%), over the "
+                f"{100 * rate:g}% budget; worst shards: "
+                + ", ".join(f"{name} ({n})" for name, n in worst)
+                + f"; latest: {c.quarantine[-1]['key']}: {c.quarantine[-1]['reason']}"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "epoch": self.epoch, "batches": self.batches}
