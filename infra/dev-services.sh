@@ -82,7 +82,7 @@ def stop(pids):
         for pid in pids:
             try:
                 os.kill(pid, sig)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):  # gone (its number reused)
                 pass
         deadline = time.monotonic() + wait
         while any(map(alive, pids)) and time.monotonic() < deadline:

@@ -79,7 +79,15 @@ def test_quickstart_interrupted_resumed_and_reused(quickstart):
         assert time.monotonic() < deadline, "no ViT checkpoint within 10 minutes"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)
-    out = proc.communicate(timeout=120)[0]
+    try:
+        out = proc.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired as e:  # say what was still running, then clean up
+        ps = ["ps", "-eo", "pid,ppid,pgid,stat,etime,args", "--forest"]
+        tree = subprocess.run(ps, capture_output=True, text=True).stdout
+        subprocess.run([str(ROOT / "infra" / "dev-services.sh"), "stop"], env=env, cwd=ROOT)
+        os.killpg(proc.pid, signal.SIGKILL)
+        shown = (e.output or b"")[-3000:]
+        raise AssertionError(f"still running 120 s after Ctrl-C:\n{tree}\n{shown}") from None
     assert proc.returncode != 0
     interrupted_at = int(runs.latest_checkpoint(str(vit)).split("-")[-1])
     assert interrupted_at < 100, out[-3000:]
