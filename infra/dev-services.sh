@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Local development services, bound to loopback only: a Ray head (its dashboard and job API on
-# 127.0.0.1:8265) and an S3-compatible endpoint (moto) on 127.0.0.1:$S3_PORT.
+# Local development services, every port on loopback only: a Ray head (its dashboard and job API
+# on 127.0.0.1:8265, its GCS, raylet and agents on 127.0.0.1) and an S3-compatible endpoint
+# (moto) on 127.0.0.1:$S3_PORT. A single-machine head: no other node can join it.
 #
 #   infra/dev-services.sh start    # then: eval "$(infra/dev-services.sh env)"
 #   infra/dev-services.sh env      # the exports that point tessera and ray at them
@@ -118,7 +119,12 @@ case "${1:-}" in
     [ "$RAY_AUTH_MODE" != token ] || "$BIN/ray" get-auth-token --generate >/dev/null
     # Jobs' entrypoints (`tessera run`) and workers find this environment's commands first.
     # TESSERA_DEV_SERVICES marks the processes Ray starts (and `stop` stops only those).
-    TESSERA_DEV_SERVICES="$MARK" PATH="$(cd "$BIN" && pwd):$PATH" "$BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: `ray start` turns --node-ip-address 127.0.0.1 into
+    # the machine's external address (resolve_ip_for_localhost), and Ray binds its GCS, raylet,
+    # agents and client server to the node address; with clusters off it keeps 127.0.0.1, and
+    # every Ray port listens on loopback. The price: no other node can join this head.
+    TESSERA_DEV_SERVICES="$MARK" RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
+      PATH="$(cd "$BIN" && pwd):$PATH" "$BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
       --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --num-cpus "$RAY_CPUS" \
       --disable-usage-stats >"$STATE/ray.log" 2>&1 \
       || { echo "dev-services: ray start failed, see $STATE/ray.log" >&2; exit 1; }

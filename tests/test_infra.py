@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 import yaml
 from conftest import BIN, free_port
+from ports import exposed, listening, marked, process_tree, sockets_of
 
 INFRA = Path(__file__).parent.parent / "infra"
 
@@ -75,19 +76,9 @@ def test_the_aws_cluster_starts_every_node_with_token_authentication():
     assert "--dashboard-host=127.0.0.1" in starts[0]
 
 
-def listening_addresses(port: int) -> set[str]:
-    """The local addresses with a socket listening on this TCP port, from /proc/net/tcp{,6}."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, hex_port = local.split(":")
-            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
-                found.add(address)
-    return found
-
-
-LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
+def listening_addresses(port: int) -> set:
+    """The local addresses with a socket listening on this TCP port (IPv4 and IPv6)."""
+    return {address for address, p in listening().values() if p == port}
 
 
 @pytest.mark.slow
@@ -104,9 +95,15 @@ def test_dev_services_start_on_loopback_only_and_stop(tmp_path):
                                  timeout=300)  # fmt: skip
         assert started.returncode == 0, started.stdout + started.stderr
         assert f"export AWS_ENDPOINT_URL=http://127.0.0.1:{ports['S3_PORT']}" in started.stdout
-        for port in (ports["S3_PORT"], ports["DASHBOARD_PORT"]):
+        for port in (ports["S3_PORT"], ports["DASHBOARD_PORT"], ports["RAY_PORT"]):
             bound = listening_addresses(port)
-            assert bound and bound <= LOOPBACK, (port, bound)
+            assert bound and all(a.is_loopback for a in bound), (port, bound)
+        # Every port of every process they started (Ray's GCS, raylet, agents, client server,
+        # dashboard; moto), IPv4 and IPv6: none reachable from another machine.
+        moto = int((tmp_path / "moto.pid").read_text())
+        ours = process_tree(marked(f"TESSERA_DEV_SERVICES={tmp_path}") | {moto})
+        assert len(sockets_of(ours)) >= 6, sockets_of(ours)
+        assert exposed(ours) == []
         # Token authentication is on: no answer without the token, the version with it.
         version = f"http://127.0.0.1:{ports['DASHBOARD_PORT']}/api/version"
         with pytest.raises(urllib.error.HTTPError, match="401"):

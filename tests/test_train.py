@@ -768,3 +768,31 @@ def test_cpu_adam_after_a_resume_updates_exactly_as_the_uninterrupted_optimizer(
 
     assert not torch.equal(resumed(replay=False), p.detach())  # the bug, still in DeepSpeed
     assert torch.equal(resumed(replay=True), p.detach())
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_on_one_machine_listens_on_loopback_only(tmp_path, digits_url):
+    """torch's rendezvous store listened on every interface (::) on MASTER_PORT, whatever
+    MASTER_ADDR said: a single-machine job's store was open to the network. Every port of the
+    launcher and both ranks (store, gloo pairs) is on loopback now."""
+    import ipaddress
+
+    from ports import in_group, sockets_of
+
+    config = write_config(
+        tmp_path, digits_url, train={"steps": 100000}, checkpoint={"every_steps": 4}
+    )
+    port = _port()
+    launcher = [BIN / "deepspeed", "--num_gpus", 2, "--no_local_rank", "--master_port", port]
+    proc = launch([*launcher, "--module", "pipeline.cli", "pretrain", config])
+    marker = tmp_path / "run" / "checkpoints" / "step-0000004" / "COMPLETE"
+    deadline = time.monotonic() + TIMEOUT
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    pids = in_group(proc.pid)
+    held = sockets_of(pids)
+    os.killpg(proc.pid, signal.SIGTERM)
+    wait(proc)
+    assert port in {p for *_, p in held}, held  # the store is among them
+    assert [s for s in held if not ipaddress.ip_address(s[2]).is_loopback] == []

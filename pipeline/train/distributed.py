@@ -95,11 +95,31 @@ def _environment() -> tuple[int, int, int]:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:  # a single process: a free port on loopback
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ.setdefault("MASTER_PORT", "0")  # a single process: rank 0 picks a free port
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+
+
+def _loopback_store(rank: int, world: int, timeout: timedelta) -> Any:
+    """The rendezvous store, listening on 127.0.0.1 only, when every rank is on this machine
+    (MASTER_ADDR is loopback); None otherwise (torch makes it from MASTER_ADDR and MASTER_PORT).
+
+    torch's TCPStore listens on every interface (::) whatever MASTER_ADDR says, which put a
+    single-machine job's store on the network. Rank 0 binds the socket to loopback itself and
+    hands it to the store. torchrun's agent keeps its own store: left alone."""
+    if os.environ.get("MASTER_ADDR") not in ("127.0.0.1", "localhost"):
+        return None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return None
+    port = int(os.environ["MASTER_PORT"])
+    if rank != 0:
+        return dist.TCPStore("127.0.0.1", port, world, False, timeout)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(max(128, 2 * world))
+    port = sock.getsockname()[1]
+    os.environ["MASTER_PORT"] = str(port)
+    return dist.TCPStore("127.0.0.1", port, world, True, timeout, master_listen_fd=sock.detach())
 
 
 @dataclass
@@ -272,6 +292,9 @@ def setup(timeout_s: float = DEFAULT_TIMEOUT_S, io_timeout_s: float = DEFAULT_IO
         options["device_id"] = device  # the communicator is made now, on this device
     comm = Comm(rank, world, local_rank, device, timeout_s, io_timeout_s)
     if not dist.is_initialized():
+        store = _loopback_store(rank, world, options["timeout"])
+        if store is not None:
+            options["store"] = store
         dist.init_process_group(comm.backend, rank=rank, world_size=world, **options)
     comm.objects = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     comm.io = dist.new_group(backend="gloo", timeout=timedelta(seconds=comm.io_wait_s))
