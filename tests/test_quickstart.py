@@ -42,11 +42,19 @@ def quickstart(tmp_path_factory):
     return tmp, env, args
 
 
+def _as_from_a_terminal() -> None:
+    """SIGINT handled by default, as in a terminal. A test run started in the background (`cmd
+    &` in a script, as CI harnesses may) passes SIGINT on ignored, and bash cannot trap a
+    signal that was ignored when it started: the quickstart then never saw the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args, env) -> subprocess.Popen:
     """The script as a user runs it: its own process group (Ctrl-C reaches all of it)."""
     return subprocess.Popen(
         list(map(str, args)), cwd=ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=_as_from_a_terminal,
     )  # fmt: skip
 
 
