@@ -25,9 +25,7 @@ task fails instead, naming it. A store that stays unreachable fails the task aft
 from __future__ import annotations
 
 import json
-import math
 import random
-from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
@@ -36,7 +34,15 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.data.shards import Manifest, load_manifest
-from pipeline.data.stream import DataError, StreamConfig, _Reader, make_transform, stream_config
+from pipeline.data.stream import (
+    DataError,
+    StreamConfig,
+    _Reader,
+    budget_error,
+    make_transform,
+    over_budget,
+    stream_config,
+)
 from pipeline.errors import ConfigError
 
 STATE_FORMAT = "tessera-ray-data/1"
@@ -147,16 +153,9 @@ class RayDataInput:
         for detail in rows.get("bad_detail", []):
             if detail:
                 c.quarantine.extend(json.loads(detail))
-        enough = c.seen >= max(100, math.ceil(10 / rate)) if rate > 0 else True
-        if c.errors and enough and c.errors > rate * c.seen:
-            worst = Counter(e["shard"] for e in c.quarantine).most_common(3)
-            raise DataError(
-                f"{self.cfg.url} ({self.cfg.split}, Ray Data): {c.errors} of {c.seen} samples "
-                f"unreadable this epoch ({100 * c.errors / c.seen:.1f}%), over the "
-                f"{100 * rate:g}% budget; worst shards: "
-                + ", ".join(f"{name} ({n})" for name, n in worst)
-                + f"; latest: {c.quarantine[-1]['key']}: {c.quarantine[-1]['reason']}"
-            )
+        if over_budget(c.errors, c.seen, rate):
+            where = f"{self.cfg.url} ({self.cfg.split}, Ray Data)"
+            raise budget_error(where, c.errors, c.seen, rate, c.quarantine)
 
     def state_dict(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "epoch": self.epoch, "batches": self.batches}

@@ -95,6 +95,28 @@ class StreamConfig:
     storage_deadline_s: float | None = None  # None: a few retries, then the sample is quarantined
 
 
+def over_budget(errors: int, seen: int, rate: float, final: bool = False) -> bool:
+    """Whether more than `rate` of the `seen` samples of an epoch were unreadable, once enough
+    were seen to tell (or at the epoch's end)."""
+    enough = seen >= max(100, math.ceil(10 / rate)) if rate > 0 else True
+    return bool(errors) and (enough or final) and errors > rate * seen
+
+
+def budget_error(
+    where: str, errors: int, seen: int, rate: float, quarantine: list[dict[str, Any]]
+) -> DataError:
+    """The error of an epoch over its budget, naming the worst shards of `quarantine` (the
+    epoch's entries: key, shard, reason) and the latest."""
+    worst = Counter(e["shard"] for e in quarantine).most_common(5)
+    latest = quarantine[-1]
+    return DataError(
+        f"{where}: {errors} of {seen} samples unreadable this epoch "
+        f"({100 * errors / seen:.1f}%), over the {100 * rate:g}% budget; worst shards: "
+        f"{', '.join(f'{s} ({n})' for s, n in worst)}; latest: {latest['key']}: "
+        f"{latest['reason']}"
+    )
+
+
 def resolve_palette(
     spec: str, size: int, manifest: Manifest, channels: int, endpoint_url: str = ""
 ) -> Palette:
@@ -557,18 +579,10 @@ class Stream:
 
     def _check_budget(self, final: bool = False) -> None:
         c, rate = self.cursor, self.cfg.max_error_rate
-        enough = c.seen >= max(100, math.ceil(10 / rate)) if rate > 0 else True
-        if c.errors and (enough or final) and c.errors > rate * c.seen:
-            worst = Counter(
-                e["shard"] for e in c.quarantine if e["epoch"] == c.phase.epoch
-            ).most_common(5)
-            latest = c.quarantine[-1]
-            raise DataError(
-                f"{self.cfg.url} ({self.cfg.split}): {c.errors} of {c.seen} samples unreadable this "
-                f"epoch ({100 * c.errors / c.seen:.1f}%), over the {100 * rate:g}% budget; worst "
-                f"shards: {', '.join(f'{s} ({n})' for s, n in worst)}; latest: {latest['key']}: "
-                f"{latest['reason']}"
-            )
+        if over_budget(c.errors, c.seen, rate, final):
+            this_epoch = [e for e in c.quarantine if e["epoch"] == c.phase.epoch]
+            where = f"{self.cfg.url} ({self.cfg.split})"
+            raise budget_error(where, c.errors, c.seen, rate, this_epoch)
 
     # -- state -----------------------------------------------------------------------------
 

@@ -80,8 +80,8 @@ def append_rows(run_url: str | Path, rows: list[Row], endpoint_url: str = "") ->
     row the run has; returns them all."""
     fs, path = filesystem(str(run_url), endpoint_url)
     if not fs.exists(join(path, ROWS)):  # rows of a results.json from before: kept as objects
-        rows = [r for r in read_rows(run_url, endpoint_url) if r.key() not in
-                {n.key() for n in rows}] + rows  # fmt: skip
+        new = {r.key() for r in rows}
+        rows = [r for r in read_rows(run_url, endpoint_url) if r.key() not in new] + rows
     fs.makedirs(join(path, ROWS), exist_ok=True)
     for r in rows:
         write_atomic(fs, join(path, ROWS, r.object_name()), json.dumps(asdict(r)).encode())
