@@ -109,9 +109,9 @@ def rate_ray_data(cfg: StreamConfig, seconds: float, cpus: int) -> float:
 
     from pipeline.data.ray_ingest import decode_shard
     from pipeline.data.shards import load_manifest
+    from pipeline.orchestrate.ray_tasks import start_local_ray
 
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)  # fmt: skip
+    start_local_ray(num_cpus=cpus, log_to_driver=False)
     try:
         manifest = load_manifest(cfg.url, cfg.endpoint_url)
         items = [{"shard": i} for i in range(len(manifest.split(cfg.split).shards))]

@@ -44,7 +44,7 @@ stop_ray() {
   # processes whose environment holds this state folder's mark (the ones `start` launched, as
   # Ray passes its environment on) and their descendants. In `ray stop`'s order (the raylet,
   # the rest, the GCS last, so none waits on a gone peer): TERM, then KILL after 5 s.
-  "$BIN/python" - "$MARK" <<'PY'
+  "$BIN/python" - "$MARK" "$RAY_PORT" <<'PY'
 import os, signal, sys, time
 
 mark = f"TESSERA_DEV_SERVICES={sys.argv[1]}".encode()
@@ -94,6 +94,18 @@ procs = ours()
 stop([p for p, name in procs.items() if name == "raylet"])
 stop([p for p, name in procs.items() if name not in ("raylet", "gcs_server")])
 stop(list(set(procs) | set(ours())))  # those whose parent went first are in `procs`
+
+# As `ray stop` does: forget this head's address (`ray start` wrote it to ray_current_cluster),
+# or the next plain `ray.init()` or `ray status` on this machine waits for a GCS that is gone.
+from ray._common.utils import get_ray_address_file  # Ray's own path (RAY_TMPDIR, TMPDIR)
+
+address_file = get_ray_address_file(None)
+try:
+    with open(address_file) as f:
+        if f.read().strip() == f"127.0.0.1:{sys.argv[2]}":
+            os.remove(address_file)
+except FileNotFoundError:
+    pass
 PY
 }
 

@@ -5,8 +5,10 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
+from ipaddress import ip_address
 from pathlib import Path
 
 import jsonschema
@@ -121,6 +123,47 @@ def test_dev_services_start_on_loopback_only_and_stop(tmp_path):
     assert not listening_addresses(ports["DASHBOARD_PORT"])
     assert not listening_addresses(ports["RAY_PORT"])
     assert other_survived, "dev-services.sh stop ended a Ray process it had not started"
+    # The head's address is forgotten, as `ray stop` does: a plain ray.init() would wait on it.
+    from ray._common.utils import get_ray_address_file
+
+    current = Path(get_ray_address_file(None))
+    assert not current.exists() or current.read_text().strip() != f"127.0.0.1:{ports['RAY_PORT']}"
+
+
+@pytest.mark.slow
+def test_a_local_ray_instance_listens_on_loopback_only_and_ignores_a_gone_head(tmp_path):
+    """`tessera prepare` and a `tessera run` outside a cluster start Ray for themselves. Ray
+    imported first (its cluster flag is read at import) and a `ray start` address left behind
+    by a head that is gone: the tasks still run, on a new instance with every port on loopback."""
+    import ray
+    from ray._common.utils import get_ray_address_file
+
+    from pipeline.orchestrate.ray_tasks import parallel_map
+
+    address_file = Path(get_ray_address_file(None))
+    address_file.parent.mkdir(parents=True, exist_ok=True)
+    left = address_file.read_text() if address_file.exists() else None
+    address_file.write_text(f"127.0.0.1:{free_port()}")  # nothing listens there
+
+    def pid_after(seconds: float, shared: object) -> int:  # local: Ray sends it by value
+        time.sleep(seconds)
+        return os.getpid()
+
+    seen: list = []
+    try:
+        out = parallel_map(
+            pid_after, [0.5, 0.5], executor="ray",
+            on_result=lambda i, r: seen.append(sockets_of(process_tree({os.getpid()}))),
+        )  # fmt: skip
+    finally:
+        if left is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(left)
+    assert not ray.is_initialized()
+    assert len(out) == 2 and os.getpid() not in out  # ran in Ray's workers
+    assert all(len(sockets) >= 4 for sockets in seen), seen  # the GCS, raylet, agents, workers
+    assert [s for sockets in seen for s in sockets if not ip_address(s[2]).is_loopback] == []
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import BIN, TESSERA, free_port
+from ports import exposed, process_tree, sockets_of
 from test_train import finish, launch, wait
 
 from pipeline.config import parse_config
@@ -243,6 +244,11 @@ def test_ray_worker_killed_resumes_and_a_cancelled_job_resubmitted_skips_done_st
     workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True,
                              text=True).stdout.split()  # fmt: skip
     assert len(workers) == 2, workers
+    # Mid-training on a single-machine cluster: nothing the ranks opened (the rendezvous store
+    # that Ray Train's workers meet on included) listens beyond loopback.
+    ranks = process_tree({int(w) for w in workers})
+    assert any(port for *_, port in sockets_of(ranks)), "no listening socket seen at all"
+    assert exposed(ranks) == [], exposed(ranks)
     os.kill(int(workers[1]), signal.SIGKILL)  # one rank dies mid-pretraining
 
     wait_for(tmp_path / "run" / "export" / "model.json", "export", timeout=TIMEOUT)

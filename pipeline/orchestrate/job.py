@@ -35,6 +35,7 @@ from pipeline import runs
 from pipeline.config import RunConfig, config_to_raw, parse_config
 from pipeline.errors import EXIT_PREEMPTED, ConfigError, Preempted
 from pipeline.evaluate.results import RESULTS_MD
+from pipeline.orchestrate.ray_tasks import connect_ray
 from pipeline.storage import basename, filesystem, join
 
 
@@ -192,6 +193,9 @@ def ray_drain_notice() -> str:
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
+    from pipeline.orchestrate.ray_train import set_rank_environment
+
+    set_rank_environment()
     _train_in_process(config["raw"], config["kind"], drain_notice=ray_drain_notice)
 
 
@@ -199,7 +203,9 @@ def train_on_ray(run: RunConfig, kind: str) -> None:
     """job.workers Ray Train workers; a dead one is replaced and the stage resumes."""
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.orchestrate.ray_train import RendezvousConfig
 
     job = run.job
     # Workers' prints reach the job's log once (Ray Train's print patch would add a copy).
@@ -230,7 +236,7 @@ def train_on_ray(run: RunConfig, kind: str) -> None:
             num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
             resources_per_worker=resources,
         ),
-        torch_config=TorchConfig(
+        torch_config=RendezvousConfig(
             backend="nccl" if job.gpus_per_worker else "gloo",
             timeout_s=math.ceil(run.train.collective_timeout_s),
         ),
@@ -344,7 +350,7 @@ def run_job(run: RunConfig) -> str:
         )
     stages = run.job.stages
     say(f"{run.name}: stages {' -> '.join(stages)} ({executor}, {run.job.workers} workers)")
-    started_ray = _connect_ray() if executor == "ray" else False
+    started_ray = connect_ray() if executor == "ray" else False
     try:
         for i, stage in enumerate(stages, 1):
             began = time.perf_counter()
@@ -393,19 +399,6 @@ def write_curves(run: RunConfig) -> str:
         fs.put_file(str(path), join(remote, "curves.png"))
         return join(run.train.output, "curves.png")
     return str(path)
-
-
-def _connect_ray() -> bool:
-    """Joins the job's cluster (RAY_ADDRESS), or starts a local one on loopback; True if started."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return False
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
-    return True
 
 
 def stage_prepare(run: RunConfig, executor: str) -> str:

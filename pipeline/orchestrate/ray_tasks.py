@@ -2,7 +2,7 @@
 
 On a Ray cluster (`RAY_ADDRESS` set, as inside `ray job submit`, or an explicit address) the
 tasks go to the cluster; otherwise a local Ray instance is started for the call and stopped
-after it, bound to loopback, without a dashboard.
+after it, every port on loopback, without a dashboard (`start_local_ray`).
 """
 
 from __future__ import annotations
@@ -34,14 +34,7 @@ def parallel_map(
         return results
     import ray
 
-    started_here = False
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS", "")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
-            started_here = True
+    started_here = connect_ray(address)
     try:
         shared_ref = ray.put(shared)
         task = ray.remote(num_cpus=1, max_retries=2)(fn)
@@ -63,3 +56,46 @@ def parallel_map(
     finally:
         if started_here:
             ray.shutdown()
+
+
+def connect_ray(address: str = "") -> bool:
+    """Joins the cluster at `address` (or RAY_ADDRESS), or starts a Ray instance of this machine
+    alone; True if it started one, which the caller shuts down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    start_local_ray(log_to_driver=True)
+    return True
+
+
+_CLUSTERS = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def start_local_ray(**options: Any) -> None:
+    """A new Ray instance (never the last `ray start` cluster, which may be gone) with every
+    port on 127.0.0.1 and no dashboard.
+
+    `_node_ip_address="127.0.0.1"` alone is not enough: the driver replaces it with the
+    machine's external address, and the GCS, raylet, agents and workers listen there or on
+    every interface. With Ray's multi-node support off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+    read once when Ray is imported, and inherited by the processes it starts) the node keeps
+    127.0.0.1. Both are set for the start only, and restored after."""
+    import ray
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(_CLUSTERS), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_CLUSTERS], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                 **options)  # fmt: skip
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_CLUSTERS, None)
+        else:
+            os.environ[_CLUSTERS] = saved_env

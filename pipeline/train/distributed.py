@@ -277,7 +277,7 @@ def setup(timeout_s: float = DEFAULT_TIMEOUT_S, io_timeout_s: float = DEFAULT_IO
     """Joins (or starts) the job's process group: NCCL on GPUs, gloo on CPUs, and two gloo
     groups beside it for objects and I/O waits. Rank and world size come from the environment
     (deepspeed, torchrun, Ray Train, SLURM via the launch scripts, or nothing: one process)."""
-    if dist.is_initialized():  # a Ray Train worker: Ray made the group
+    if dist.is_initialized():  # made by the caller (a notebook, a framework of its own)
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     else:
