@@ -383,6 +383,62 @@ def test_a_writer_whose_lease_was_taken_over_knows_before_its_next_checkpoint(tm
     assert json.loads((tmp_path / "LEASE").read_text())["holder"] == "y"  # not removed
 
 
+@pytest.fixture(params=["local", "s3"])
+def lease_url(request, tmp_path):
+    """Where a run's lease lives: a local folder, or a prefix in a bucket (moto)."""
+    if request.param == "local":
+        return str(tmp_path / "run")
+    return f"{request.getfixturevalue('s3_bucket')}/run"
+
+
+def test_a_starter_that_saw_the_lease_free_cannot_take_it_once_it_is_held(lease_url):
+    """The race a read-then-write lease loses: two starters read "no lease", both write, and the
+    slower one overwrites the first, which then trains on for up to a renewal period. Here the
+    write is conditional on what was read, so the stale starter's write is refused; it looks
+    again, finds a live writer, and stops."""
+    from pipeline.errors import RunLeased
+    from pipeline.train.lease import Lease
+
+    first, second = (Lease(lease_url, ttl_s=1.5, log=lambda _: None) for _ in range(2))
+    first.acquire(poll_s=0.1)
+    real_read, stale = second.slot.read, [(None, None)]  # its first look, taken before `first`
+    second.slot.read = lambda: stale.pop() if stale else real_read()
+    with pytest.raises(RunLeased, match="is being written by another run"):
+        second.acquire(poll_s=0.1)
+    assert not stale  # it did act on the stale look
+    assert first.check() == ""  # never lost its lease, not even for a moment
+    first.release()
+    assert first.slot.read() == (None, None)
+
+
+def test_starters_racing_for_a_free_lease_leave_exactly_one_holder(lease_url):
+    import threading
+
+    from pipeline.errors import RunLeased
+    from pipeline.train.lease import Lease
+
+    starters = [Lease(lease_url, ttl_s=1.5, log=lambda _: None) for _ in range(6)]
+    go, won, refused = threading.Barrier(len(starters)), [], []
+
+    def start(lease: Lease) -> None:
+        go.wait()
+        try:
+            lease.acquire(poll_s=0.05)
+            won.append(lease)
+        except RunLeased:
+            refused.append(lease)
+
+    threads = [threading.Thread(target=start, args=(lease,)) for lease in starters]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(won) == 1 and len(refused) == len(starters) - 1
+    holder = json.loads(won[0].slot.read()[0])["holder"]
+    assert holder == won[0].me["holder"] and won[0].check() == ""
+    won[0].release()
+
+
 @pytest.mark.slow
 def test_a_second_run_of_the_same_output_is_stopped_and_the_first_keeps_writing(
     tmp_path, digits_url
