@@ -24,6 +24,8 @@ import ray.train
 from ray.train.backend import Backend
 from ray.train.torch import TorchConfig
 
+from pipeline.train.distributed import leave
+
 SHUTDOWN_TIMEOUT_S = 30
 
 
@@ -51,13 +53,6 @@ def set_rank_environment() -> None:
     os.environ["NODE_RANK"] = str(context.get_node_rank())
 
 
-def _leave_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # a worker stopped before Comm.close
-        dist.destroy_process_group()
-
-
 class _Rendezvous(Backend):
     def on_start(self, worker_group: Any, backend_config: Any) -> None:
         addr, port = worker_group.execute_single(0, _meeting_point)
@@ -66,7 +61,7 @@ class _Rendezvous(Backend):
     def on_shutdown(self, worker_group: Any, backend_config: Any) -> None:
         # As Ray's own backend does: bounded, since a worker may be dead or stuck.
         try:
-            ray.get(worker_group.execute_async(_leave_group), timeout=SHUTDOWN_TIMEOUT_S)
+            ray.get(worker_group.execute_async(leave), timeout=SHUTDOWN_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             print(f"warning: training workers did not leave their process group within "
                   f"{SHUTDOWN_TIMEOUT_S} s", flush=True)  # fmt: skip

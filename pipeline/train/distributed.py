@@ -273,6 +273,13 @@ class Comm:
         dist.destroy_process_group()
 
 
+def leave() -> None:
+    """Leave the process group without waiting for anyone, if this process is still in one (a
+    Ray Train worker stopped before its Comm was closed)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def setup(timeout_s: float = DEFAULT_TIMEOUT_S, io_timeout_s: float = DEFAULT_IO_TIMEOUT_S) -> Comm:
     """Joins (or starts) the job's process group: NCCL on GPUs, gloo on CPUs, and two gloo
     groups beside it for objects and I/O waits. Rank and world size come from the environment
