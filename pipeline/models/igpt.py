@@ -131,3 +131,30 @@ class ImageGPT(Backbone):
             raise ValueError(f"ImageGPT heads are 'lm' and 'classes', not {head!r}")
         logits = self.lm_head(self.forward_features(tokens))
         return logits[:, :-1] if self.cfg.causal else logits[:, 1:]
+
+    @torch.no_grad()
+    def sample(
+        self, tokens: torch.Tensor, start: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Token ids (B, T) with pixels from `start` on sampled, one at a time, each from the
+        palette distribution given the pixels before it (autoregressive models only).
+
+        Every block keeps the keys and values of the positions it has seen (a cache): the
+        known pixels go through the network once, then each new pixel alone, instead of the
+        whole sequence once per pixel: hundreds of times fewer model FLOPs for a 32x32 image from
+        its upper half; the same samples for the same generator (tested against `forward`)."""
+        if not self.cfg.causal:
+            raise ValueError(f"{self.cfg.name} is BERT-style: it fills masked pixels at once")
+        out = tokens.flatten(1).clone()
+        caches: list[list[torch.Tensor]] = [[] for _ in self.blocks]
+        sos = out.new_full((out.shape[0], 1), self.cfg.sos_id)
+        x = self.tok_embed(torch.cat([sos, out[:, :start]], 1)) + self.pos_embed[:, : start + 1]
+        for i in range(start, out.shape[1]):
+            for block, cache in zip(self.blocks, caches, strict=True):
+                x = block(x, cache)
+            logits = self.lm_head(self.norm(x[:, -1]))  # at position i: predicts pixel i
+            probs = logits.float().softmax(-1)
+            out[:, i] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            if i + 1 < out.shape[1]:  # pixel i enters at position i + 1
+                x = self.tok_embed(out[:, i : i + 1]) + self.pos_embed[:, i + 1 : i + 2]
+        return out

@@ -92,22 +92,33 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]  # each (B, H, N, D/H)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """`cache` (sampling): a list, empty at first, that keeps this layer's keys and values
+        ([k, v], each (B, H, N, D/H)); x then holds only the tokens after the cached ones, all
+        at once when the cache is empty, one at a time after."""
         q, k, v = self._qkv(x)
+        causal = self.causal
+        if cache is not None:
+            if cache:
+                if x.shape[1] != 1:
+                    raise ValueError("after the first call, a cached attention takes one token")
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+                causal = False  # the one new token reads every earlier one, and itself
+            cache[:] = [k, v]
         if uses_fused_attention(x.device, x.dtype):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         else:
-            out = self._probs(q, k) @ v
+            out = self._probs(q, k, causal) @ v
         return self.proj(out.transpose(1, 2).flatten(2))
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
         """Attention probabilities (B, H, N, N), computed explicitly; for maps, not training."""
         q, k, _ = self._qkv(x)
-        return self._probs(q, k)
+        return self._probs(q, k, self.causal)
 
-    def _probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def _probs(self, q: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
         scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-        if self.causal:
+        if causal:
             n = q.shape[-2]
             future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
             scores = scores.masked_fill(future, float("-inf"))
@@ -157,8 +168,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, mlp_dim, out_std=out_std)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), cache))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

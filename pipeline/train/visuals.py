@@ -56,7 +56,6 @@ def complete(
 
     Autoregressive models sample pixel by pixel; BERT-style models predict every masked pixel
     at once from the visible half."""
-    t = tokens.shape[1]
     half = (model.cfg.image_size // 2) * model.cfg.image_size
     out = tokens.clone()
     if not model.cfg.causal:
@@ -64,10 +63,7 @@ def complete(
         logits = model(out)[:, half:].float()
         out[:, half:] = logits.argmax(-1)
         return out
-    for i in range(half, t):
-        probs = model(out)[:, i].float().softmax(-1)
-        out[:, i] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return out
+    return model.sample(out, half, generator)
 
 
 @torch.no_grad()
