@@ -181,9 +181,16 @@ class CheckpointConfig:
     # The run's lease (pipeline.train.lease): renewed every lease_s / 4; a second run of the
     # same train.output stops, and one left by a dead writer elsewhere is taken after lease_s.
     lease_s: float = 60.0
+    # Training waits only for DeepSpeed's write of the shards; hashing, the COMPLETE marker and
+    # the upload of a remote run happen behind it (false: all before training goes on).
+    background: bool = True
+    # After SIGTERM, how long the checkpoint may take to complete before the process exits
+    # anyway (the one before it then stands): keep it below the launcher's grace period.
+    grace_s: float = 90.0
 
     def __post_init__(self) -> None:
         require(self.every_steps >= 1, "every_steps", self.every_steps, "must be >= 1")
+        require(self.grace_s >= 0, "grace_s", self.grace_s, "must be >= 0 seconds")
         require(self.lease_s >= 2, "lease_s", self.lease_s, "must be >= 2 seconds")
         require(self.io_timeout_s > 0, "io_timeout_s", self.io_timeout_s, "must be > 0 seconds")
         require(self.keep_last >= 1, "keep_last", self.keep_last, "must be >= 1")

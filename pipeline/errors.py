@@ -38,6 +38,11 @@ class RunLeased(RuntimeError):
     writing anything, or, having lost the lease, before writing another checkpoint."""
 
 
+class CheckpointNotFinished(OSError):
+    """A checkpoint's files were written but it could not be marked complete or published (a
+    rank could not read or sync them, an upload failed): the previous complete one stands."""
+
+
 class StorageUnavailable(OSError):
     """Object storage did not answer for data.storage_deadline_s: the run stops (after saving a
     checkpoint where it can) with EXIT_STORAGE, instead of skipping good samples as bad."""

@@ -15,7 +15,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from pipeline.storage import basename, filesystem, join, with_retries, write_atomic
 from pipeline.train.checkpoint import COMPLETE, LATEST, STATE
@@ -99,13 +102,34 @@ def pull_checkpoint(url: str, name: str, endpoint_url: str = "") -> Path:
     if not stale and (local / COMPLETE).is_file():
         return local
     (local / COMPLETE).unlink(missing_ok=True)
-    for remote_file in [*stale, marker]:
+
+    def download(remote_file: str) -> None:
         target = local / remote_file[len(remote) + 1 :]
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.part")
-        with_retries(f"downloading {remote_file}", lambda r=remote_file, t=tmp: fs.get_file(r, t))
+        with_retries(f"downloading {remote_file}", lambda: fs.get_file(remote_file, tmp))
         os.replace(tmp, target)
+
+    each(download, stale)
+    download(marker)
     return local
+
+
+TRANSFERS = 8  # files moved at once: one stream rarely fills a node's link to object storage
+
+
+def each(fn: Callable[[Any], None], items: list[Any]) -> None:
+    """fn(item) for every item, TRANSFERS at a time in threads (s3fs serves them all from its
+    one event loop); once all are done, the first error is raised."""
+    if len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(min(TRANSFERS, len(items)), thread_name_prefix="tessera-io") as pool:
+        futures = [pool.submit(fn, item) for item in items]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]
 
 
 def _inside(folder: Path, relative: str, key: str) -> Path:
@@ -134,11 +158,19 @@ def push_files(url: str, folder: Path, endpoint_url: str = "", skip: tuple[str, 
     place in the remote run, except names in `skip`."""
     fs, path = filesystem(url, endpoint_url)
     base = local_dir(url)
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        if file.name in skip or file.name.endswith((".part", ".tmp")) or ".tmp-" in file.name:
-            continue
+    files = [
+        file
+        for file in sorted(p for p in folder.rglob("*") if p.is_file())
+        if file.name not in skip
+        and not file.name.endswith((".part", ".tmp"))
+        and ".tmp-" not in file.name
+    ]
+
+    def upload(file: Path) -> None:
         remote = join(path, file.relative_to(base).as_posix())
-        with_retries(f"uploading {file}", lambda f=file, r=remote: fs.put_file(str(f), r))
+        with_retries(f"uploading {file}", lambda: fs.put_file(str(file), remote))
+
+    each(upload, files)
 
 
 def publish_checkpoint(url: str, name: str, keep_last: int, endpoint_url: str = "") -> None:

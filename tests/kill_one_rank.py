@@ -8,6 +8,9 @@ POINT   step     rank RANK dies in its N-th objective call: mid-step, after a fo
                  shards and RNG state, before the COMPLETE marker
         marker   rank 0 dies at the N-th checkpoint of this launch, after COMPLETE, before
                  `latest` is moved
+        upload   (a remote run) every checkpoint's upload starts 2 s late, printing "UPLOAD
+                 begin/end NAME after objective call K"; rank RANK dies in the N-th, after
+                 its first file
         none     no kill
 
 Prints "KILL <point> rank <r> ..." just before dying. Used by tests only: the production code
@@ -17,14 +20,15 @@ has no fault hook.
 import os
 import signal
 import sys
+import time
 
 import torch
 
-from pipeline import cli
+from pipeline import cli, runs
 from pipeline.train import checkpoint, trainer
 
 config, point, victim, nth = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-calls = {"objective": 0, "rng": 0, "latest": 0}
+calls = {"objective": 0, "rng": 0, "latest": 0, "upload": 0}
 
 
 def die(what: str) -> None:
@@ -59,6 +63,34 @@ def write_atomic(path, text):
             die(f"after writing the shards of {path.parent.name}, before COMPLETE")
 
 
+real_push, real_retries = runs.push_files, runs.with_retries
+
+
+def push_files(url, folder, endpoint_url="", skip=()):
+    if point != "upload" or "checkpoints" not in folder.parts:
+        return real_push(url, folder, endpoint_url, skip)
+    calls["upload"] += 1
+    print(f"UPLOAD begin {folder.name} after objective call {calls['objective']}", flush=True)
+    time.sleep(2)
+    dying = torch.distributed.get_rank() == victim and calls["upload"] == nth
+    files = []
+
+    def with_retries(what, fn, *args, **kwargs):
+        result = real_retries(what, fn, *args, **kwargs)
+        files.append(what)
+        if dying:
+            die(f"mid-upload of {folder.name}, after {what}")
+        return result
+
+    runs.with_retries = with_retries
+    try:
+        real_push(url, folder, endpoint_url, skip)
+    finally:
+        runs.with_retries = real_retries
+    print(f"UPLOAD end {folder.name} after objective call {calls['objective']}", flush=True)
+
+
 trainer.OBJECTIVES["supervised"] = objective
 checkpoint._write_atomic = write_atomic
+runs.push_files = push_files
 sys.exit(cli.main(["pretrain", config]))

@@ -117,3 +117,53 @@ def test_two_ranks_checkpoint_to_s3_and_resume_there_on_a_fresh_machine(
     table = s3.cat_file(f"{run_url}/results.md").decode()
     assert "| ds:val | linear_probe | 1 | top1 |" in table and table in done
     assert json.loads(s3.cat_file(f"{run_url}/export/model.json"))["provenance"]["step"] == 12
+
+
+@pytest.mark.slow
+def test_checkpoints_upload_behind_training_and_a_kill_mid_upload_resumes_exactly(
+    tmp_path, digits_url, s3_bucket
+):
+    """Two ranks on one machine, the run on S3, every upload 2 s slow: training goes on while a
+    checkpoint uploads; the uploading rank killed mid-upload of step 8 (one file up, no marker)
+    leaves step 4 as the newest checkpoint on the remote, and the run resumed on a fresh machine
+    ends with the weights of a run that was never interrupted, byte for byte."""
+    import re
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from test_train import BIN, _port, run_export
+
+    sections = {"train": {"steps": 12}, "checkpoint": {"every_steps": 4, "keep_last": 3}}
+    (tmp_path / "clean").mkdir()
+    finish(pretrain(write_config(tmp_path / "clean", digits_url, **sections), ranks=2))
+    run_url = f"{s3_bucket}/runs/behind"
+    config = write_config(tmp_path, digits_url, train={"steps": 12, "output": run_url},
+                          checkpoint=sections["checkpoint"])  # fmt: skip
+    launcher = [BIN / "deepspeed", "--num_gpus", 2, "--no_local_rank", "--master_port", _port()]
+    script = Path(__file__).with_name("kill_one_rank.py")
+    first = launch([*launcher, script, config, "upload", 0, 2],
+                   env={"TESSERA_STAGING": str(tmp_path / "machine-a")})  # fmt: skip
+    out = wait(first)
+    assert first.returncode != 0 and "KILL upload rank 0 mid-upload of step-0000008" in out, out[
+        -3000:
+    ]
+    began, ended = (
+        {name: int(k) for name, k in re.findall(rf"UPLOAD {edge} (\S+) after objective call (\d+)", out)}
+        for edge in ("begin", "end")
+    )  # fmt: skip
+    assert ended["step-0000004"] > began["step-0000004"], out[-3000:]  # steps ran meanwhile
+    s3 = fsspec.filesystem("s3", skip_instance_cache=True)
+    remote = f"{run_url}/checkpoints"
+    assert s3.cat_file(f"{remote}/{LATEST}").decode() == "step-0000004"
+    assert s3.exists(f"{remote}/step-0000008") and not s3.exists(
+        f"{remote}/step-0000008/{COMPLETE}"
+    )
+
+    out = finish(pretrain(config, ranks=2, env={"TESSERA_STAGING": str(tmp_path / "machine-b")}))
+    assert "at step 4" in out and sorted(losses(out)) == list(range(5, 13)), out[-3000:]
+    run_export(tmp_path / "clean" / "run", tmp_path / "clean" / "export")
+    run_export(run_url, tmp_path / "export")
+    clean = load_file(tmp_path / "clean" / "export" / "model.safetensors")
+    resumed = load_file(tmp_path / "export" / "model.safetensors")
+    differ = [k for k in clean if clean[k].numpy().tobytes() != resumed[k].numpy().tobytes()]
+    assert clean.keys() == resumed.keys() and differ == [], differ

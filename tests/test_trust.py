@@ -4,6 +4,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -199,28 +200,56 @@ def test_a_complete_checkpoint_is_never_written_again(tmp_path):
     assert json.loads((first / checkpoint.STATE).read_text()) == {"step": 8}
 
 
-def test_syncing_a_checkpoint_folder_skips_another_ranks_file_renamed_away_mid_walk(
-    tmp_path, monkeypatch
-):
-    """Ranks on one node write into one folder: rank 1's `.rng-rank00001.json.tmp-PID` can be
-    listed by rank 0's walk and renamed before rank 0 opens it. That was a crash at every
-    two-rank save under load; the rename's target is synced by its own writer."""
+def test_a_checkpoint_finishing_behind_training_hands_its_error_to_the_training_thread():
+    behind, gate = checkpoint.Behind(), threading.Event()
+    behind.start("step-0000004", gate.wait)
+    assert behind.busy and behind.wait(0.05) is False  # still finishing: the caller decides
+    gate.set()
+    assert behind.wait() is True and not behind.busy
 
-    folder = tmp_path / "step-0000006"
-    folder.mkdir()
-    (folder / "mp_rank_00_model_states.pt").write_text("weights")
-    real_walk = os.walk
+    def fail() -> None:
+        raise OSError("upload of step-0000008 refused: 403")
 
-    def walk_then_rename(top, *args, **kwargs):
-        for sub, dirs, files in real_walk(top, *args, **kwargs):
-            yield sub, dirs, [*files, ".rng-rank00001.json.tmp-28202"]
+    behind.start("step-0000008", fail)
+    with pytest.raises(OSError, match="step-0000008 refused"):
+        behind.wait()
+    assert behind.wait() is True  # raised once
 
-    monkeypatch.setattr(checkpoint.os, "walk", walk_then_rename)
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
-    checkpoint._fsync_tree(folder)
-    assert len(synced) == 2  # the shard and the folder; the vanished file skipped
+
+def test_a_checkpoint_not_finished_by_one_rank_is_never_marked(tmp_path, monkeypatch):
+    """A rank that cannot read back what it wrote (a disk error): no marker, no rename, no
+    `latest`, and every rank gets the error (it travels in the gather), not a hang."""
+    from pipeline.errors import CheckpointNotFinished
+
+    engine, root = FakeEngine(), tmp_path / "checkpoints"
+    pending = checkpoint.write(engine, root, 4, {"step": 4}, FakeComm(), keep_last=2)
+
+    def unreadable(path, sync=False):
+        raise OSError(5, "Input/output error", str(path))
+
+    monkeypatch.setattr(checkpoint, "digest", unreadable)
+    with pytest.raises(CheckpointNotFinished, match="step-0000004 not marked complete: rank 0"):
+        checkpoint.finish(pending, FakeComm())
+    assert not checkpoint.is_complete(pending.work) and not pending.path.exists()
+    assert not (root / checkpoint.LATEST).exists()
+
+
+def test_transfers_run_side_by_side_and_the_first_error_comes_once_all_are_done():
+    from pipeline import runs
+
+    done = []
+
+    def transfer(i: int) -> None:
+        time.sleep(0.2)
+        if i == 3:
+            raise OSError(f"file {i}: connection reset")
+        done.append(i)
+
+    started = time.monotonic()
+    with pytest.raises(OSError, match="file 3"):
+        runs.each(transfer, list(range(8)))
+    assert time.monotonic() - started < 0.8  # 8 x 0.2 s one after another would be 1.6 s
+    assert sorted(done) == [0, 1, 2, 4, 5, 6, 7]  # the others still finished
 
 
 # -- the configured endpoint -------------------------------------------------------------------

@@ -22,12 +22,17 @@ import json
 import os
 import random
 import shutil
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from pipeline.errors import CheckpointNotFinished, RunLeased
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -63,27 +68,6 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Every file under `folder` and the folders themselves on disk: a marker written after
-    this cannot outlive the data it vouches for in a power loss or a kernel crash.
-
-    Ranks sharing the folder write into it while this walks it: another rank's temporary file
-    can be renamed away between listing and opening. It is skipped; its writer syncs the file
-    it becomes before it reaches the barrier, so every file is synced by the rank that wrote it.
-    """
-    for sub, _, files in os.walk(folder):
-        for name in files:
-            try:
-                fd = os.open(os.path.join(sub, name), os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(sub))
 
 
 def rng_state() -> dict[str, Any]:
@@ -134,9 +118,12 @@ def find_latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def digest(path: Path) -> list[Any]:
-    """[size, sha256 hex] of a file."""
+def digest(path: Path, sync: bool = False) -> list[Any]:
+    """[size, sha256 hex] of a file; with `sync`, once it is on disk (a marker written after
+    this cannot outlive the data it vouches for in a power loss or a kernel crash)."""
     with open(path, "rb") as f:
+        if sync:
+            os.fsync(f.fileno())
         return [os.fstat(f.fileno()).st_size, hashlib.file_digest(f, "sha256").hexdigest()]
 
 
@@ -180,36 +167,80 @@ def write_marker(path: Path, files: dict[str, list[Any]], **fields: Any) -> None
     _write_atomic(path / COMPLETE, json.dumps({**fields, "time": time.time(), "files": files}))
 
 
-def save(engine, root: Path, step: int, state: dict[str, Any], comm, keep_last: int) -> Path:
-    """Every rank calls this (comm: pipeline.train.distributed.Comm); returns the checkpoint
-    directory once it is complete."""
-    name = tag(step)
-    path, work = root / name, root / f"{name}{PARTIAL}"
+@dataclass
+class Pending:
+    """A checkpoint whose files every rank has written, not yet complete (`finish`)."""
+
+    root: Path
+    step: int
+    state: dict[str, Any]
+    keep_last: int
+
+    @property
+    def name(self) -> str:
+        return tag(self.step)
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.name
+
+    @property
+    def work(self) -> Path:
+        return self.root / f"{self.name}{PARTIAL}"
+
+
+def write(
+    engine, root: Path, step: int, state: dict[str, Any], comm, keep_last: int
+) -> Pending | None:
+    """The part of a save that holds training, on every rank: DeepSpeed writes its shards into
+    `step-N.partial`. None when the step's checkpoint is complete already."""
+    pending = Pending(root, step, state, keep_last)
+    name, path, work = pending.name, pending.path, pending.work
     # A complete checkpoint is never written again (SIGTERM at a checkpoint step, a drain
     # notice right after one, a resume that stops at once): rewriting it in place would leave it
     # torn, and trusted, if the writer died. Asked of every rank: on a remote run only the
     # first node's staging folder holds the marker.
     if comm.any(is_complete(path), f"whether {name} is already complete"):
-        return path
+        return None
     if comm.folder_leader:  # what a killed save of this step left, per folder
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(path, ignore_errors=True)  # not complete: asked above
     comm.barrier(f"clearing what a killed save of {name} left")
     engine.save_checkpoint(str(root), tag=work.name, save_latest=False)
     _write_atomic(work / f"rng-rank{comm.rank:05d}.json", json.dumps(rng_state()))
-    _fsync_tree(work)
     comm.barrier(f"every rank to write its shards of {name}")
-    # Every file hashed once per copy of the folder, the work split among the ranks that see
-    # it; the marker records them all (on a remote run the nodes' folders hold different
-    # shards, and the union is what is published).
-    mine = {n: digest(work / n) for n in comm.my_share(listing(work))}
-    parts = comm.gather(mine, f"the digests of {name}'s files")
-    files = {n: d for part in parts for n, d in part.items()}
+    return pending
+
+
+def finish(pending: Pending, comm, lost: Callable[[], str] = str) -> Path:
+    """The rest, on every rank, which may run behind training (comm.background()): the files
+    synced and hashed, once per copy of the folder, the work split among the ranks that see
+    it; the marker, recording them all (on a remote run the nodes' folders hold different
+    shards, and the union is what is published), then the rename and `latest`. `lost()`, asked
+    on rank 0 just before the marker, says why this run may no longer write (its lease)."""
+    name, path, work = pending.name, pending.path, pending.work
+    mine, problem, leased = {}, "", ""
+    try:
+        mine = {n: digest(work / n, sync=True) for n in comm.my_share(listing(work))}
+        if comm.folder_leader:
+            for sub, _, _ in os.walk(work):
+                _fsync_dir(Path(sub))
+    except OSError as e:
+        problem = f"rank {comm.rank}: {e!r}"
     if comm.rank == 0:
-        text = json.dumps(state)
+        leased = lost()
+    parts = comm.gather((mine, problem, leased), f"the digests of {name}'s files")
+    if parts[0][2]:
+        raise RunLeased(f"stopped before marking {name} complete: {parts[0][2]}")
+    problems = [p for _, p, _ in parts if p]
+    if problems:
+        raise CheckpointNotFinished(f"{name} not marked complete: {'; '.join(problems)}")
+    files = {n: d for part, _, _ in parts for n, d in part.items()}
+    if comm.rank == 0:
+        text = json.dumps(pending.state)
         _write_atomic(work / STATE, text)
         files[STATE] = [len(text.encode()), hashlib.sha256(text.encode()).hexdigest()]
-        write_marker(work, dict(sorted(files.items())), step=step)
+        write_marker(work, dict(sorted(files.items())), step=pending.step)
     comm.barrier(f"rank 0 to mark {name} complete")
     if comm.folder_leader:
         try:
@@ -217,13 +248,59 @@ def save(engine, root: Path, step: int, state: dict[str, Any], comm, keep_last: 
         except FileNotFoundError:  # another machine's leader renamed the shared folder
             if not path.is_dir():
                 raise
-        _fsync_dir(root)
+        _fsync_dir(pending.root)
     comm.barrier(f"the rename of {work.name} to {name}")
     if comm.rank == 0:
-        _write_atomic(root / LATEST, name)
-        _prune(root, keep_last)
+        _write_atomic(pending.root / LATEST, name)
+        _prune(pending.root, pending.keep_last)
     comm.barrier(f"rank 0 to point {LATEST} at {name}")
     return path
+
+
+class Behind:
+    """At most one checkpoint finishing behind training (a thread per rank). `wait` joins it
+    and raises what it raised, on the training thread."""
+
+    def __init__(self) -> None:
+        self.name = ""
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, name: str, fn: Callable[[], Any]) -> None:
+        assert not self.busy, f"{self.name} is still finishing"
+
+        def target() -> None:
+            try:
+                fn()
+            except BaseException as e:  # handed to the training thread by wait()
+                self._error = e
+
+        self.name, self._error = name, None
+        self._thread = threading.Thread(target=target, name=f"tessera-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """True once nothing is finishing (False if it still is after timeout_s); raises the
+        finishing thread's error, once."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                return False
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return True
+
+
+def save(engine, root: Path, step: int, state: dict[str, Any], comm, keep_last: int) -> Path:
+    """write, then finish, in this thread: returns the checkpoint directory, complete."""
+    pending = write(engine, root, step, state, comm, keep_last)
+    return root / tag(step) if pending is None else finish(pending, comm)
 
 
 def _prune(root: Path, keep_last: int) -> None:

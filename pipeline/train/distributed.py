@@ -22,7 +22,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -138,6 +138,9 @@ class Comm:
     node_leader: bool | None = None
     # the ranks that see this rank's output folder (group_by_folder); this rank alone until then
     folder_peers: list[int] | None = None
+    # gloo group of the background thread (checkpoints finished while training goes on)
+    behind: Any = field(repr=False, default=None)
+    in_background: bool = False
 
     @property
     def io_wait_s(self) -> float:
@@ -148,16 +151,26 @@ class Comm:
     def backend(self) -> str:
         return "nccl" if self.device.type == "cuda" else "gloo"
 
+    def background(self) -> Comm:
+        """This Comm for one background thread per rank: its gathers, barriers and I/O waits go
+        over a gloo group of their own, so they never interleave with the training thread's
+        collectives (each group sees its calls in the same order on every rank). Its waits
+        have the I/O deadline. Tensor collectives (`any`, `sum`) stay the training thread's."""
+        return replace(self, objects=self.behind, io=self.behind, timeout_s=self.io_wait_s,
+                       in_background=True)  # fmt: skip
+
     # -- tensors, on the rank's device -----------------------------------------------------
 
     def any(self, flag: bool, what: str = "a flag") -> bool:
         """True on every rank if it is true on any."""
+        assert not self.in_background, f"{what}: a tensor collective off the training thread"
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         self._call(what, lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX))
         return bool(t.item())
 
     def sum(self, values: list[float], what: str = "sums") -> list[float]:
         """Element-wise sums over ranks, in float64 (exact for counts below 2**53)."""
+        assert not self.in_background, f"{what}: a tensor collective off the training thread"
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         self._call(what, lambda: dist.all_reduce(t))
         return t.tolist()
@@ -305,4 +318,5 @@ def setup(timeout_s: float = DEFAULT_TIMEOUT_S, io_timeout_s: float = DEFAULT_IO
         dist.init_process_group(comm.backend, rank=rank, world_size=world, **options)
     comm.objects = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     comm.io = dist.new_group(backend="gloo", timeout=timedelta(seconds=comm.io_wait_s))
+    comm.behind = dist.new_group(backend="gloo", timeout=timedelta(seconds=comm.io_wait_s))
     return comm

@@ -38,7 +38,7 @@ from pipeline.errors import (
 )
 from pipeline.models import create_model, load_pretrained
 from pipeline.train import checkpoint
-from pipeline.train.distributed import native_bf16, resolve_precision
+from pipeline.train.distributed import Comm, native_bf16, resolve_precision
 from pipeline.train.engine import (
     batch_layout,
     build_engine,
@@ -56,6 +56,7 @@ from pipeline.train.objectives import OBJECTIVES
 from pipeline.train.visuals import completion_panel, rollout_panel, save_panel
 
 MAX_NONFINITE_IN_A_ROW = 5
+CLOSE_WAIT_S = 10.0  # for a checkpoint still finishing when a failed run closes
 
 
 class NonFiniteError(RuntimeError):
@@ -158,6 +159,7 @@ class Trainer:
         self._stop = False
         self._visual: dict[str, torch.Tensor] | None = None  # a few fixed samples for pictures
         self.init_provenance: dict[str, Any] = {}  # where finetune.init's weights came from
+        self.behind = checkpoint.Behind()  # the checkpoint finishing behind training
         self._setup_output()
         self._take_lease()
         try:
@@ -477,8 +479,13 @@ class Trainer:
         if self.rank == 0:
             self.log(f"resumed from {path} at step {self.step}")
 
-    def save(self) -> Path:
-        lost = self.lease.check() if self.lease else ""
+    def save(self, wait: bool = False) -> Path:
+        """A checkpoint of this step. Training waits only for DeepSpeed's own write of the shards
+        (and for the checkpoint before, if that is still finishing); hashing, the marker and,
+        for a remote run, the upload happen behind it (`checkpoint.background`), unless `wait`.
+        Returns the checkpoint's folder, which is complete once `wait_for_checkpoint` is."""
+        self.wait_for_checkpoint()  # one at a time: its error, if any, stops the run here
+        lost = self._lease_lost()
         lost = self.comm.gather(lost, "whether this run still holds its lease")[0]
         if lost:
             raise RunLeased(f"stopped before saving step {self.step}: {lost}")
@@ -491,32 +498,50 @@ class Trainer:
             "config": config_to_raw(self.run),
             "init": self.init_provenance,
         }
-        path = checkpoint.save(
+        if self.writer:
+            self.writer.flush()  # on this thread: what the upload behind training sends
+        pending = checkpoint.write(
             self.engine, self.ckpt_root, self.step, state, self.comm, self.run.checkpoint.keep_last
         )
-        if self.remote:
-            self._publish(path)
-        return path
+        if pending is None:  # complete already
+            return self.ckpt_root / checkpoint.tag(self.step)
+        if wait or not self.run.checkpoint.background:
+            self._finish(pending, self.comm)
+        else:
+            behind = self.comm.background()
+            self.behind.start(pending.name, lambda: self._finish(pending, behind))
+        return pending.path
 
-    def _publish(self, path: Path) -> None:
-        """The checkpoint just written locally, to the remote run: every node's shards, then
+    def wait_for_checkpoint(self, timeout_s: float | None = None) -> bool:
+        """Until the checkpoint finishing behind training is complete (raising its error);
+        False if it still is not after timeout_s."""
+        return self.behind.wait(timeout_s)
+
+    def _lease_lost(self) -> str:
+        return self.lease.check() if self.lease else ""
+
+    def _finish(self, pending: checkpoint.Pending, comm: Comm) -> None:
+        path = checkpoint.finish(pending, comm, lost=self._lease_lost)
+        if self.remote:
+            self._publish(path, comm)
+
+    def _publish(self, path: Path, comm: Comm) -> None:
+        """The checkpoint just completed locally, to the remote run: every node's shards, then
         (rank 0) its marker and `latest`, then TensorBoard. Complete there, or ignored."""
-        self.comm.on_each_node(
+        comm.on_each_node(
             f"uploading {path.name}",
             lambda: runs.push_files(self.url, path, self.endpoint, skip=runs.WRITTEN_LAST),
         )
 
         def publish() -> None:
-            if self.rank == 0:
+            if comm.rank == 0:
                 runs.publish_checkpoint(
                     self.url, path.name, self.run.checkpoint.keep_last, self.endpoint
                 )
-                if self.writer:
-                    self.writer.flush()
-                    self._push_logs()
+                self._push_logs()
             runs.prune_local(self.url, keep=path.name)
 
-        self.comm.on_each_node(f"publishing {path.name}", publish)
+        comm.on_each_node(f"publishing {path.name}", publish)
 
     def _push_logs(self) -> None:
         """TensorBoard events and the pictures, to a remote run."""
@@ -617,7 +642,7 @@ class Trainer:
                     metrics = self.train_step(batches)
                 except StorageUnavailable as e:
                     try:  # the last whole step, its batches not counted
-                        saved = f"saved {self.save()}"
+                        saved = f"saved {self.save(wait=True)}"
                     except Exception as failed:  # the run's own store may be the one down
                         saved = f"no checkpoint saved ({failed!r}); the last one stands"
                     if self.rank == 0:
@@ -650,10 +675,9 @@ class Trainer:
                 if self.drain_notice and not self._drain_saved:
                     self._save_on_drain(saved)
                 if self.comm.any(self._stop, "the SIGTERM check"):
-                    path = self.save()
-                    if self.rank == 0:
-                        self.log(f"SIGTERM: saved {path}; the same command resumes it")
+                    self._save_on_sigterm()
                     return "preempted"
+            self.wait_for_checkpoint()
             return "done"
         finally:
             if in_main:
@@ -661,13 +685,39 @@ class Trainer:
             if self.writer:
                 self.writer.flush()
 
+    def _save_on_sigterm(self) -> None:
+        """A checkpoint of this step, waited for within checkpoint.grace_s (the launcher kills
+        the process after its own grace period): past that, the checkpoint before stands."""
+        grace = self.run.checkpoint.grace_s
+        began = time.monotonic()
+        finished = self.wait_for_checkpoint(grace)  # the one still finishing, if any
+        if finished:
+            path = self.save()
+            finished = self.wait_for_checkpoint(max(0.0, grace - (time.monotonic() - began)))
+        if self.rank != 0:
+            return
+        if finished:
+            self.log(f"SIGTERM: saved {path}; the same command resumes it")
+        else:
+            newest = checkpoint.find_latest(self.ckpt_root) if not self.remote else None
+            self.log(
+                f"SIGTERM: {self.behind.name} not complete within checkpoint.grace_s={grace:g}s; "
+                f"the checkpoint before it stands ({newest or 'the newest complete one'}), and the "
+                "same command resumes from there"
+            )
+
     def _save_on_drain(self, saved: bool) -> None:
         """Once a node is announced to go, a checkpoint at this step (unless one was just
-        written), so that the restart loses nothing; then training goes on."""
+        written), complete before training goes on: the node may be gone before a checkpoint
+        finishing behind training would be, and the restart would lose the steps."""
         notice = self.drain_notice()
         if not self.comm.any(bool(notice), "the drain-notice check"):
             return
-        path = self.ckpt_root / checkpoint.tag(self.step) if saved else self.save()
+        path = self.ckpt_root / checkpoint.tag(self.step)
+        if saved:  # written behind training at this step: completed now
+            self.wait_for_checkpoint()
+        else:
+            path = self.save(wait=True)
         self._drain_saved = True
         if self.rank == 0:
             self.log(f"{notice or 'a node is draining'}: checkpoint {path} saved; training on")
@@ -700,13 +750,24 @@ class Trainer:
     def close(self, clean: bool = True) -> None:
         """Flush logs and leave the process group, so no communication thread outlives it
         (an exit with one still running aborts the process). After a failure, no barrier: the
-        other ranks may be gone."""
+        other ranks may be gone. A checkpoint still finishing is waited for, briefly after a
+        failure, not at all after SIGTERM (its grace period is spent)."""
+        try:
+            idle = self.behind.wait(0 if self._stop else None if clean else CLOSE_WAIT_S)
+        except Exception as e:
+            if clean:
+                raise
+            idle = True
+            self.log(f"warning: {self.behind.name} not complete: {e!r}")
         if self.writer:
             self.writer.close()
             if clean:
                 self._push_logs()
         if getattr(self, "lease", None):
             self.lease.release()
+        if not idle:  # its collectives would meet a destroyed group; the exit ends it
+            self.log(f"warning: {self.behind.name} still finishing at exit; not complete")
+            return
         self.comm.close(clean)
 
     def _log(self, window: dict[str, float], n: int, elapsed: float, start_step: int) -> None:
