@@ -7,7 +7,8 @@ from this one run, and printed side by side:
   roof          bf16 matmul FLOP/s of this machine (the best of square sizes 1024-3072)
   mfu           a ViT-S/16 (224 px) training step through Tessera's DeepSpeed engine (bf16,
                 ZeRO-0, one process): analytic model FLOPs / step time / roof
-  activations   peak resident memory of that step above the memory before it, activation
+  activations   the CPU allocator's peak during that step's forward and backward (the
+                profiler's memory events, as tests/test_plan.py measures the plan), activation
                 checkpointing off and on
   zero          per-rank memory of model + gradients + optimizer states for a ViT-B (86M
                 parameters) at 2 ranks, ZeRO-3 against ZeRO-0: the bytes of live tensors
@@ -19,8 +20,20 @@ from this one run, and printed side by side:
                 on CPU in bf16, at the quickstart's shapes and ViT-S/16's
   checkpoint    bytes/s of the engine writing a ViT-B checkpoint against one plain sequential
                 write of the same number of bytes to the same disk
+  publish       (also alone: --only publish) `tessera pretrain` of a 21M-parameter ViT to an
+                s3:// run on moto (loopback), --publish-steps steps with a checkpoint every
+                --publish-every, wall time of Trainer.train(), three ways, interleaved,
+                --repeats times: checkpoints finished behind training (the default), finished
+                before training goes on (checkpoint.background false), and none but the last
+                (which every way ends with). "Training stood": the training thread's time in
+                checkpoints (Trainer.blocked_s) above the last checkpoint's; the figure is
+                behind's over before's. Wall time is shown too: on a machine whose cores both
+                train, the work behind training still takes CPU from it
+  pull          a resume's download of that run's newest checkpoint (runs.pull_checkpoint, 8
+                files at a time) against s3fs's own concurrent recursive get
 Targets (issue 4, 2-core CPU): MFU >= 35% of the roof; ZeRO-3 <= 0.55x ZeRO-0 per rank;
-checkpoint write >= 0.5x a sequential write.
+checkpoint write >= 0.5x a sequential write. Issue 22: publishing behind training blocks <= 10%
+of what publishing before it does.
 """
 
 from __future__ import annotations
@@ -28,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,10 +53,6 @@ import torch
 def rss_gb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def run_config(model: dict, zero: int, batch: int, world: int = 1):
@@ -70,11 +78,15 @@ def engine_for(run, world: int):
     return build_engine(model, run, world, run.train.steps)[0]
 
 
-def step(engine, cfg, batch: int) -> None:
+def forward_backward(engine, cfg, batch: int) -> None:
     x = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size, dtype=torch.bfloat16)
     y = torch.randint(0, cfg.num_classes, (batch,))
     loss = torch.nn.functional.cross_entropy(engine(x).float(), y)
     engine.backward(loss)
+
+
+def step(engine, cfg, batch: int) -> None:
+    forward_backward(engine, cfg, batch)
     engine.step()
 
 
@@ -89,6 +101,7 @@ def role_roof(_: argparse.Namespace) -> dict:
 
 
 def role_step(args: argparse.Namespace) -> dict:
+    from pipeline.plan import peak_allocated
     from pipeline.train.engine import init_distributed
 
     init_distributed()
@@ -96,13 +109,17 @@ def role_step(args: argparse.Namespace) -> dict:
     run = run_config(model, zero=0, batch=args.batch)
     engine = engine_for(run, 1)
     step(engine, run.model, args.batch)  # warm-up: allocates optimizer states
-    before = rss_gb()
     start = time.perf_counter()
     for _ in range(args.steps):
         step(engine, run.model, args.batch)
     seconds = (time.perf_counter() - start) / args.steps
     flops = run.model.train_flops() * args.batch / seconds
-    return {"step_s": seconds, "model_flops": flops, "activation_gb": peak_rss_gb() - before}
+    # Activations as the plan counts them (tests/test_plan.py): the allocator's peak during a
+    # forward and backward, not resident memory, which also grows by gradients and by what
+    # the allocator keeps after frees.
+    activation = peak_allocated(lambda: forward_backward(engine, run.model, args.batch))
+    engine.step()
+    return {"step_s": seconds, "model_flops": flops, "activation_gb": activation / 1e9}
 
 
 def role_zero(args: argparse.Namespace) -> dict:
@@ -175,7 +192,7 @@ def role_attention(_: argparse.Namespace) -> dict:
                     q, k, v, is_causal=attn.causal
                 )
             else:
-                out = attn._probs(q, k) @ v
+                out = attn._probs(q, k, attn.causal) @ v
             out.sum().backward()
             times.append(time.perf_counter() - start)
         return sorted(times)[len(times) // 2]  # median
@@ -191,7 +208,22 @@ def role_attention(_: argparse.Namespace) -> dict:
     return result
 
 
+def role_publish(args: argparse.Namespace) -> dict:
+    """One `tessera pretrain` in this process, timed around Trainer.train() alone."""
+    from pipeline.config import parse_config
+    from pipeline.train.trainer import Trainer
+
+    run = parse_config(json.loads(args.config))
+    trainer = Trainer(run, resume="never", log=lambda _: None)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    trainer.close()
+    return {"train_s": seconds, "blocked_s": trainer.blocked_s}
+
+
 ROLES = {
+    "publish": role_publish,
     "roof": role_roof,
     "attention": role_attention,
     "step": role_step,
@@ -238,6 +270,125 @@ def launch(role: str, *extra: str, ranks: int = 0, threads: int | None = None) -
     return results
 
 
+def pulling(url: str, tmp: Path, repeats: int) -> dict:
+    """Medians of downloading a run's newest checkpoint as a resume does (runs.pull_checkpoint,
+    into an empty staging folder) and as s3fs's own concurrent recursive get, interleaved."""
+    import statistics
+
+    import fsspec
+
+    from pipeline import runs
+
+    name = runs.latest_checkpoint(url)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    remote = f"{url.removeprefix('s3://')}/checkpoints/{name}"
+    mb = sum(fs.du(remote, total=False).values()) / 1e6
+    pull, get = [], []
+    for i in range(repeats):
+        os.environ["TESSERA_STAGING"] = str(tmp / f"pull-{i}")
+        start = time.perf_counter()
+        runs.pull_checkpoint(url, name)
+        pull.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        fs.get(remote, str(tmp / f"get-{i}"), recursive=True)
+        get.append(time.perf_counter() - start)
+    return {"mb": mb, "pull_s": statistics.median(pull), "get_s": statistics.median(get)}
+
+
+def publishing(args: argparse.Namespace) -> tuple[list, dict]:
+    """Rows and figures of the `publish` measurement (see the module docstring)."""
+    import socket
+    import statistics
+
+    from pipeline.data.prepare import PrepareOptions, prepare
+    from pipeline.data.sources import open_source
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    moto = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    ways = ("behind", "before", "none")
+    times: dict[str, list[float]] = {way: [] for way in ways}
+    blocked: dict[str, list[float]] = {way: [] for way in ways}
+    try:
+        import fsspec
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                fsspec.filesystem("s3", skip_instance_cache=True).mkdir("bench")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["TESSERA_STAGING"] = str(Path(tmp, "staging"))
+            data = str(Path(tmp, "digits"))
+            prepare(open_source("digits"), data,
+                    PrepareOptions(samples_per_shard=500, executor="local", progress=False))  # fmt: skip
+            for repeat in range(args.repeats):
+                for way in ways:
+                    every = args.publish_steps if way == "none" else args.publish_every
+                    config = {
+                        "model": {"name": "vit-small-p4", "image_size": 32, "channels": 1},
+                        "data": {"url": data, "workers": 1, "augment": "none"},
+                        "train": {"steps": args.publish_steps, "global_batch_size": 32,
+                                  "output": f"s3://bench/{way}-{repeat}"},
+                        "deepspeed": {"zero_stage": 1, "precision": "bf16"},
+                        "checkpoint": {"every_steps": every, "keep_last": 2,
+                                       "background": way != "before"},
+                        "logging": {"every_steps": 1000, "tensorboard": False,
+                                    "peak_tflops": 1.0},
+                    }  # fmt: skip
+                    result = launch("publish", "--config", json.dumps(config))[0]
+                    times[way].append(result["train_s"])
+                    blocked[way].append(result["blocked_s"])
+                    print(f"  publish {way:<6} #{repeat + 1}: {result['train_s']:.1f} s, "
+                          f"blocked {result['blocked_s']:.1f} s", flush=True)  # fmt: skip
+            pull = pulling("s3://bench/before-0", Path(tmp), args.repeats)
+    finally:
+        moto.terminate()
+        moto.wait(10)
+    wall = {way: statistics.median(t) for way, t in times.items()}
+    # The training thread's own stalls beyond the last checkpoint's, which every way waits for.
+    stall = {
+        way: statistics.median(blocked[way]) - statistics.median(blocked["none"]) for way in ways
+    }
+    extra = {way: wall[way] - wall["none"] for way in ways}
+    ratio = stall["behind"] / stall["before"] if stall["before"] > 0 else float("nan")
+    n = args.publish_steps // args.publish_every - 1  # checkpoints besides the last
+    rows = [
+        (f"{args.publish_steps} steps, none but the last", f"{wall['none']:.1f} s",
+         f"median of {args.repeats}, interleaved"),
+        (f"+{n} published before training on", f"{wall['before']:.1f} s",
+         f"training stood {stall['before']:.1f} s; wall +{extra['before']:.1f} s"),
+        (f"+{n} published behind training", f"{wall['behind']:.1f} s",
+         f"training stood {stall['behind']:.1f} s: {ratio:.2f}x (target <= 0.10x); "
+         f"wall +{extra['behind']:.1f} s"),
+        (f"resume: pull {pull['mb']:.0f} MB checkpoint", f"{pull['pull_s']:.2f} s",
+         f"{pull['mb'] / pull['pull_s']:.0f} MB/s"),
+        ("s3fs parallel get of the same", f"{pull['get_s']:.2f} s",
+         f"pull {pull['get_s'] / pull['pull_s']:.2f}x its speed (target >= 0.8x)"),
+    ]  # fmt: skip
+    figures = {
+        "resume_pull_vs_parallel_get_ratio": round(pull["get_s"] / pull["pull_s"], 3),
+        "publish_behind_vs_before_blocked_ratio": round(ratio, 3),
+        "publish_behind_vs_before_wall_overhead_ratio": round(
+            extra["behind"] / extra["before"] if extra["before"] > 0 else float("nan"), 3
+        ),
+        "publish_seconds": {way: [round(t, 2) for t in ts] for way, ts in times.items()},
+        "publish_blocked_seconds": {way: [round(t, 2) for t in b] for way, b in blocked.items()},
+    }
+    return rows, figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -253,9 +404,21 @@ def main() -> None:
     parser.add_argument(
         "--dir", default=None, help="where the checkpoint I/O test writes (default: temp)"
     )
+    parser.add_argument("--only", choices=["publish"], help="run one measurement alone")
+    parser.add_argument("--publish-steps", type=int, default=24)
+    parser.add_argument("--publish-every", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="of the publish measurement")
+    parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
         return child(args)
+    if args.only == "publish":
+        rows, figures = publishing(args)
+        print(f"{'checkpoints published to s3:// (moto)':<36} {'value':>14}  note")
+        for name, value, note in rows:
+            print(f"{name:<36} {value:>14}  {note}")
+        print(json.dumps(figures))
+        return
 
     common = ["--steps", str(args.steps), "--batch", str(args.batch)]
     roof = launch("roof")[0]["roof_flops"]
@@ -276,6 +439,7 @@ def main() -> None:
 
     attention = launch("attention", threads=1)[0]
     io = launch("checkpoint", *(["--dir", args.dir] if args.dir else []))[0]
+    publish_rows, publish_figures = publishing(args)
 
     mfu = plain["model_flops"] / roof
     (z0, z0_rss), (z3, z3_rss) = zero_state("0"), zero_state("3")
@@ -321,6 +485,7 @@ def main() -> None:
             f"{io['plain_bytes_per_s'] / 1e6:.0f} MB/s",
             f"{io['ckpt_bytes_per_s'] / io['plain_bytes_per_s']:.2f}x (target >= 0.5x)",
         ),
+        *publish_rows,
     ]
     print(f"{'train step (' + str(cores) + ' CPU cores)':<36} {'value':>14}  note")
     for name, value, note in rows:
@@ -345,6 +510,7 @@ def main() -> None:
                 "checkpoint_vs_sequential_write_ratio": round(
                     io["ckpt_bytes_per_s"] / io["plain_bytes_per_s"], 3
                 ),
+                **publish_figures,
             }
         )
     )

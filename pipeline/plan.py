@@ -83,6 +83,24 @@ def parameter_count(run: RunConfig) -> int:
         return sum(p.numel() for p in create_model(run.model).parameters())
 
 
+def peak_allocated(fn) -> int:
+    """What the plan predicts for activations, measured: the peak bytes the CPU allocator handed
+    out while fn() ran, above what was allocated before it (the profiler's memory events; the
+    allocator's own peak, not resident memory, which also holds what it keeps after frees)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        events = json.loads(Path(trace.name).read_text())["traceEvents"]
+    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
+
+
 def live_tensor_bytes(device: str = "cpu") -> int:
     """What the plan predicts, measured: the bytes of every tensor Python can reach on `device`,
     each storage counted once (views share one). Taken between backward and the optimizer step,

@@ -3,7 +3,6 @@
 import json
 import re
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,22 +20,11 @@ from pipeline.plan import (
     model_state_bytes,
     parameter_count,
     parse_bytes,
+    peak_allocated,
 )
 from pipeline.train.objectives import OBJECTIVES
 
 CONFIGS = Path(__file__).parent.parent / "configs"
-
-
-def peak_allocated(fn) -> int:
-    """Peak bytes the CPU allocator handed out while fn ran, from the profiler's memory events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
-        prof.export_chrome_trace(trace.name)
-        events = json.loads(Path(trace.name).read_text())["traceEvents"]
-    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
 
 
 ACTIVATION_CASES = [

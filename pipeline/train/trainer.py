@@ -160,6 +160,7 @@ class Trainer:
         self._visual: dict[str, torch.Tensor] | None = None  # a few fixed samples for pictures
         self.init_provenance: dict[str, Any] = {}  # where finetune.init's weights came from
         self.behind = checkpoint.Behind()  # the checkpoint finishing behind training
+        self.blocked_s = 0.0  # training thread's time in checkpoints (save and final wait)
         self._setup_output()
         self._take_lease()
         try:
@@ -671,19 +672,30 @@ class Trainer:
                     self._log_images()
                 saved = self.step % run.checkpoint.every_steps == 0 or self.step == run.train.steps
                 if saved:
+                    began = time.perf_counter()
                     self.save()
+                    self._note_blocked(time.perf_counter() - began)
                 if self.drain_notice and not self._drain_saved:
                     self._save_on_drain(saved)
                 if self.comm.any(self._stop, "the SIGTERM check"):
                     self._save_on_sigterm()
                     return "preempted"
+            began = time.perf_counter()
             self.wait_for_checkpoint()
+            self._note_blocked(time.perf_counter() - began)
             return "done"
         finally:
             if in_main:
                 signal.signal(signal.SIGTERM, previous)
             if self.writer:
                 self.writer.flush()
+
+    def _note_blocked(self, seconds: float) -> None:
+        """Time the training thread stood still for checkpoints: in total (`blocked_s`, read by
+        benchmarks/train_step.py) and per checkpoint in TensorBoard."""
+        self.blocked_s += seconds
+        if self.writer:
+            self.writer.add_scalar("checkpoint/blocked_s", seconds, self.step)
 
     def _save_on_sigterm(self) -> None:
         """A checkpoint of this step, waited for within checkpoint.grace_s (the launcher kills
