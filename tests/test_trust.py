@@ -428,7 +428,7 @@ def test_a_starter_that_saw_the_lease_free_cannot_take_it_once_it_is_held(lease_
     from pipeline.errors import RunLeased
     from pipeline.train.lease import Lease
 
-    first, second = (Lease(lease_url, ttl_s=1.5, log=lambda _: None) for _ in range(2))
+    first, second = (Lease(lease_url, ttl_s=3.0, log=lambda _: None) for _ in range(2))
     first.acquire(poll_s=0.1)
     real_read, stale = second.slot.read, [(None, None)]  # its first look, taken before `first`
     second.slot.read = lambda: stale.pop() if stale else real_read()
@@ -446,7 +446,7 @@ def test_starters_racing_for_a_free_lease_leave_exactly_one_holder(lease_url):
     from pipeline.errors import RunLeased
     from pipeline.train.lease import Lease
 
-    starters = [Lease(lease_url, ttl_s=1.5, log=lambda _: None) for _ in range(6)]
+    starters = [Lease(lease_url, ttl_s=3.0, log=lambda _: None) for _ in range(6)]
     go, won, refused = threading.Barrier(len(starters)), [], []
 
     def start(lease: Lease) -> None:
