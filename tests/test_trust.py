@@ -191,10 +191,11 @@ def test_a_complete_checkpoint_is_never_written_again(tmp_path):
     in place of files that COMPLETE and `latest` already vouch for."""
 
     engine, root = FakeEngine(), tmp_path / "checkpoints"
-    first = checkpoint.save(engine, root, 8, {"step": 8}, FakeComm(), keep_last=2)
+    pending = checkpoint.write(engine, root, 8, {"step": 8}, FakeComm(), keep_last=2)
+    first = checkpoint.finish(pending, FakeComm())
     marker = (first / checkpoint.COMPLETE).read_text()
-    again = checkpoint.save(engine, root, 8, {"step": 8, "other": 1}, FakeComm(), keep_last=2)
-    assert again == first and engine.saves == 1
+    again = checkpoint.write(engine, root, 8, {"step": 8, "other": 1}, FakeComm(), keep_last=2)
+    assert again is None and engine.saves == 1
     assert (first / "mp_rank_00_model_states.pt").read_text() == "save 1"
     assert (first / checkpoint.COMPLETE).read_text() == marker
     assert json.loads((first / checkpoint.STATE).read_text()) == {"step": 8}

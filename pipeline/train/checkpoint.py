@@ -297,12 +297,6 @@ class Behind:
         return True
 
 
-def save(engine, root: Path, step: int, state: dict[str, Any], comm, keep_last: int) -> Path:
-    """write, then finish, in this thread: returns the checkpoint directory, complete."""
-    pending = write(engine, root, step, state, comm, keep_last)
-    return root / tag(step) if pending is None else finish(pending, comm)
-
-
 def _prune(root: Path, keep_last: int) -> None:
     complete = complete_checkpoints(root)
     newest = step_of(complete[-1].name)

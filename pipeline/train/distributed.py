@@ -138,8 +138,10 @@ class Comm:
     node_leader: bool | None = None
     # the ranks that see this rank's output folder (group_by_folder); this rank alone until then
     folder_peers: list[int] | None = None
-    # gloo group of the background thread (checkpoints finished while training goes on)
-    behind: Any = field(repr=False, default=None)
+    # gloo groups of the background thread (checkpoints finished while training goes on), the
+    # twins of `objects` and `io`
+    behind_objects: Any = field(repr=False, default=None)
+    behind_io: Any = field(repr=False, default=None)
     in_background: bool = False
 
     @property
@@ -153,11 +155,10 @@ class Comm:
 
     def background(self) -> Comm:
         """This Comm for one background thread per rank: its gathers, barriers and I/O waits go
-        over a gloo group of their own, so they never interleave with the training thread's
-        collectives (each group sees its calls in the same order on every rank). Its waits
-        have the I/O deadline. Tensor collectives (`any`, `sum`) stay the training thread's."""
-        return replace(self, objects=self.behind, io=self.behind, timeout_s=self.io_wait_s,
-                       in_background=True)  # fmt: skip
+        over gloo groups of their own, with the same deadlines, so they never interleave with
+        the training thread's collectives (each group sees its calls in the same order on every
+        rank). Tensor collectives (`any`, `sum`) stay the training thread's."""
+        return replace(self, objects=self.behind_objects, io=self.behind_io, in_background=True)
 
     # -- tensors, on the rank's device -----------------------------------------------------
 
@@ -294,8 +295,9 @@ def leave() -> None:
 
 
 def setup(timeout_s: float = DEFAULT_TIMEOUT_S, io_timeout_s: float = DEFAULT_IO_TIMEOUT_S) -> Comm:
-    """Joins (or starts) the job's process group: NCCL on GPUs, gloo on CPUs, and two gloo
-    groups beside it for objects and I/O waits. Rank and world size come from the environment
+    """Joins (or starts) the job's process group: NCCL on GPUs, gloo on CPUs, and gloo
+    groups beside it for objects and I/O waits (twice: the training thread's and the background
+    thread's, `Comm.background`). Rank and world size come from the environment
     (deepspeed, torchrun, Ray Train, SLURM via the launch scripts, or nothing: one process)."""
     if dist.is_initialized():  # made by the caller (a notebook, a framework of its own)
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -318,5 +320,6 @@ def setup(timeout_s: float = DEFAULT_TIMEOUT_S, io_timeout_s: float = DEFAULT_IO
         dist.init_process_group(comm.backend, rank=rank, world_size=world, **options)
     comm.objects = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     comm.io = dist.new_group(backend="gloo", timeout=timedelta(seconds=comm.io_wait_s))
-    comm.behind = dist.new_group(backend="gloo", timeout=timedelta(seconds=comm.io_wait_s))
+    comm.behind_objects = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    comm.behind_io = dist.new_group(backend="gloo", timeout=timedelta(seconds=comm.io_wait_s))
     return comm
