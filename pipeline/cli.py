@@ -78,6 +78,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         samples_per_shard=args.samples_per_shard,
         val_fraction=args.val_fraction,
         palette_size=args.palette,
+        pixels=args.pixels,
         executor="local" if args.local else "ray",
         ray_address=args.ray_address,
         endpoint_url=args.endpoint_url,
@@ -212,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--palette", type=int, default=0, metavar="K", help="fit a K-colour palette (iGPT)"
+    )
+    p.add_argument(
+        "--pixels",
+        default="encoded",
+        choices=["encoded", "raw"],
+        help="raw: store decoded uint8 pixels, read without a decoder (small images of one size: "
+        "28 px Fashion-MNIST streams 3x faster; 4x the bytes of its PNGs)",
     )
     p.add_argument(
         "--local", action="store_true", help="write shards in this process, not Ray tasks"

@@ -1,11 +1,13 @@
 """`tessera prepare`: sources to shards, deterministic, resumable, to local paths and S3."""
 
 import json
+import random
 import subprocess
 
 import fsspec
 import numpy as np
 import pytest
+import torch
 from conftest import TESSERA, fashion_mnist_subset
 from PIL import Image
 
@@ -13,6 +15,7 @@ from pipeline.data.prepare import PrepareOptions, parse_size, prepare
 from pipeline.data.shards import DatasetError, load_manifest
 from pipeline.data.sources import FASHION_MNIST_CLASSES, SourceError, open_source
 from pipeline.data.stream import Stream, StreamConfig
+from pipeline.data.transforms import ImageTransform
 
 LOCAL = PrepareOptions(samples_per_shard=50, executor="local", progress=False)
 
@@ -251,3 +254,103 @@ def test_palette_is_fitted_at_prepare_and_used_for_tokens(tmp_path):
     batch = next(iter(stream.iter_epoch()))
     assert batch["tokens"].shape == (10, 64) and batch["tokens"].dtype.is_floating_point is False
     assert batch["tokens"].max() < 16
+
+
+# -- raw pixels ---------------------------------------------------------------------------------
+
+
+def test_raw_pixels_stream_the_same_batches_as_their_pngs(fmnist_subset, tmp_path):
+    """`--pixels raw` stores the decoded pixels; training batches (crops, flips, palette tokens)
+    and evaluation batches are byte for byte those of the same images stored as PNG."""
+    from pipeline.data.palette import Palette
+
+    folder, full = fmnist_subset
+    png = prepare(open_source(str(folder)), str(tmp_path / "png"), LOCAL)
+    raw = prepare(
+        open_source(str(folder)), str(tmp_path / "raw"), PrepareOptions(**{**LOCAL.__dict__, "pixels": "raw"})
+    )  # fmt: skip
+    assert (raw.pixels, raw.image_size, raw.channels) == ("raw", [28, 28], 1)
+    assert png.pixels == "encoded"
+    per_sample = raw.splits["train"].shards[0].bytes / raw.splits["train"].shards[0].samples
+    assert 28 * 28 + 512 < per_sample < 28 * 28 + 4 * 512  # pixels, headers, label, padding
+    for kwargs in (
+        dict(batch_size=32, image_size=24, seed=3),
+        dict(batch_size=32, train=False),
+        dict(batch_size=32, palette=Palette.grey(8)),
+    ):
+        a = list(Stream(StreamConfig(str(tmp_path / "png"), **kwargs)).iter_epoch())
+        b = list(Stream(StreamConfig(str(tmp_path / "raw"), **kwargs)).iter_epoch())
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b, strict=True):
+            assert x["key"] == y["key"]
+            name = "tokens" if "palette" in kwargs else "image"
+            assert torch.equal(x[name], y[name]) and torch.equal(x["label"], y["label"])
+    first = next(
+        iter(Stream(StreamConfig(str(tmp_path / "raw"), "test", 100, train=False)).iter_epoch())
+    )
+    for key, image in zip(first["key"], first["image"], strict=True):
+        np.testing.assert_array_equal(image[0].numpy(), full.arrays["test"][int(key)])
+
+
+def test_raw_pixels_of_a_folder_take_its_size_and_refuse_mixed_sizes(tmp_path):
+    make_folder(tmp_path / "imgs")  # 12x12 RGB, and one corrupt file
+    raw = PrepareOptions(**{**LOCAL.__dict__, "pixels": "raw"})
+    m = prepare(open_source(str(tmp_path / "imgs")), str(tmp_path / "ds"), raw)
+    assert (m.image_size, m.channels, m.splits["train"].samples) == ([12, 12], 3, 12)
+    assert len(m.skipped) == 1 and "bad.png" in m.skipped[0]["reason"]
+    batch = next(
+        iter(Stream(StreamConfig(str(tmp_path / "ds"), batch_size=12, train=False)).iter_epoch())
+    )
+    assert batch["image"].shape == (12, 3, 12, 12)
+    assert {int(batch["image"][i, 0, 0, 0]) for i in range(12)} == {40 + i for i in range(6)} | {
+        200 + i for i in range(6)
+    }
+
+    Image.fromarray(np.zeros((20, 12, 3), np.uint8)).save(tmp_path / "imgs" / "dog" / "tall.png")
+    with pytest.raises(SourceError, match=r"images of 2 sizes .*12x12, 20x12.*one size"):
+        prepare(open_source(str(tmp_path / "imgs")), str(tmp_path / "ds2"), raw)
+    assert not (tmp_path / "ds2" / "dataset.json").exists()
+
+    # Encoded, the mixed sizes stream; each size is resized in a group of its own, into its rows.
+    prepare(open_source(str(tmp_path / "imgs")), str(tmp_path / "ds3"), LOCAL)
+    batch = next(
+        iter(
+            Stream(
+                StreamConfig(str(tmp_path / "ds3"), batch_size=13, train=False, image_size=8)
+            ).iter_epoch()
+        )
+    )
+    transform = ImageTransform(8, 3, augment=False)
+    files = {f"{p.parent.name}_{p.stem}": p for p in (tmp_path / "imgs").rglob("*.png")}
+    assert "dog_tall" in batch["key"]
+    for key, image in zip(batch["key"], batch["image"], strict=True):
+        expected = transform(files[key].read_bytes(), random.Random(0))
+        np.testing.assert_array_equal(image.numpy(), expected)
+
+
+def test_a_raw_sample_of_the_wrong_length_is_quarantined_by_name(tmp_path):
+    from pipeline.data.shards import write_tar
+
+    m = prepare(
+        open_source("digits"),
+        str(tmp_path / "ds"),
+        PrepareOptions(**{**LOCAL.__dict__, "pixels": "raw", "samples_per_shard": 2000}),
+    )
+    shard = tmp_path / "ds" / m.splits["train"].shards[0].name
+    samples = [(f"s{i:03d}", {"raw": bytes(64 if i != 7 else 60), "cls": b"1"}) for i in range(200)]
+    tar, offsets = write_tar(samples)
+    shard.write_bytes(tar)
+    (tmp_path / "ds" / m.splits["train"].shards[0].index).write_bytes(
+        np.asarray(offsets, "<u8").tobytes()
+    )
+    from pipeline.data.shards import ShardInfo, SplitInfo
+
+    m.splits["train"] = SplitInfo([ShardInfo(shard.name, 200, len(tar), "")])
+    m.save(fsspec.filesystem("file"), str(tmp_path / "ds"))
+    stream = Stream(StreamConfig(str(tmp_path / "ds"), batch_size=50, train=False))
+    keys = [k for b in stream.iter_epoch() for k in b["key"]]
+    assert len(keys) == 199 and "s007" not in keys
+    (bad,) = stream.state_dict()["quarantine"]
+    assert (
+        bad["key"] == "s007" and "raw pixels: 60 bytes" in bad["reason"] and "64" in bad["reason"]
+    )

@@ -9,7 +9,12 @@ import torch
 from PIL import Image
 
 from pipeline.data import jpeg
-from pipeline.data.transforms import ImageTransform, model_input, random_resized_crop_box
+from pipeline.data.transforms import (
+    SMALL,
+    ImageTransform,
+    model_input,
+    random_resized_crop_box,
+)
 
 
 def gradient_jpeg(w, h, quality=95):
@@ -154,10 +159,12 @@ def test_without_a_compiler_the_decoder_says_what_is_missing(monkeypatch, tmp_pa
     assert list(tmp_path.iterdir()) == []  # no half-written library left to load later
 
 
-@pytest.mark.parametrize("w,h", [(90, 60), (20, 26)])  # down, and up
+@pytest.mark.parametrize("w,h", [(190, 120), (20, 26), (90, 60)])  # down, up; small: down
 def test_samples_are_resized_by_torch_antialiased_bilinear(w, h):
-    """The crop is resized straight into the batch (the kernel's out= form): the pixels must be
-    F.interpolate's."""
+    """Large images: the crop is resized straight into the batch by torch's kernel (its out=
+    form), so the pixels are F.interpolate's. Small ones (at most SMALL pixels) go through the
+    same filter as weight matrices (raw_into): within one level of it (torch's uint8 kernel
+    rounds its weights to fixed point)."""
     rgb = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
@@ -167,7 +174,41 @@ def test_samples_are_resized_by_torch_antialiased_bilinear(w, h):
     crop = torch.from_numpy(rgb[top : top + side, left : left + side]).permute(2, 0, 1)[None]
     expected = torch.nn.functional.interpolate(crop, size=(32, 32), mode="bilinear", antialias=True)
     assert out.flags.c_contiguous and out.shape == (3, 32, 32)
-    np.testing.assert_array_equal(out, expected[0].numpy())
+    if w * h > SMALL:
+        np.testing.assert_array_equal(out, expected[0].numpy())
+    else:
+        assert np.abs(out.astype(int) - expected[0].numpy().astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("augment", [True, False])
+def test_a_batch_of_raw_pixels_is_each_sample_transformed_alone(channels, augment):
+    """raw_into (the stream's batched path) gives every sample what the one-sample transform
+    gives it from the same rng (same crop box, same flip), and torch's kernel within one level."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (12, 28, 28, channels), dtype=np.uint8)
+    t = ImageTransform(24, channels, augment)
+    out = torch.empty(12, 24, 24, channels, dtype=torch.uint8).permute(0, 3, 1, 2)
+    t.raw_into(images, [random.Random(i) for i in range(12)], out)
+    for i in range(12):
+        alone = t(images[i], random.Random(i))
+        np.testing.assert_array_equal(out[i].numpy(), alone)
+        r = random.Random(i)
+        left, top, right, bottom = t.crop_box(28, 28, r)
+        crop = torch.from_numpy(images[i, top:bottom, left:right]).permute(2, 0, 1)[None]
+        ref = torch.nn.functional.interpolate(crop, (24, 24), mode="bilinear", antialias=True)[0]
+        if augment and r.random() < 0.5:
+            ref = ref.flip(-1)
+        assert (out[i].int() - ref.int()).abs().max() <= 1
+
+
+def test_raw_pixels_change_channels_as_pil_converts():
+    rgb = np.random.default_rng(2).integers(0, 256, (1, 16, 16, 3), dtype=np.uint8)
+    out = torch.empty(1, 1, 16, 16, dtype=torch.uint8)
+    ImageTransform(16, 1, augment=False).raw_into(rgb, [random.Random(0)], out)
+    np.testing.assert_array_equal(
+        out[0, 0].numpy(), np.asarray(Image.fromarray(rgb[0]).convert("L"))
+    )
 
 
 def test_without_the_built_decoder_jpegs_decode_with_pil(monkeypatch):

@@ -11,6 +11,7 @@ seed, so output is byte-for-byte reproducible and an interrupted run can resume:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -53,6 +54,7 @@ class PrepareOptions:
     samples_per_shard: int = 0  # overrides shard_bytes when > 0
     val_fraction: float = 0.0  # carve a "val" split out of "train" (when the source has none)
     palette_size: int = 0  # fit a k-means palette of this many colours on "train" (0: none)
+    pixels: str = "encoded"  # "raw": decoded uint8 pixels (KEY.raw), for small images of one size
     executor: Executor = "ray"
     ray_address: str = ""
     endpoint_url: str = ""
@@ -105,7 +107,9 @@ def plan_splits(source: Source, opts: PrepareOptions) -> dict[str, list[Record]]
     return splits
 
 
-def estimate_samples_per_shard(source: Source, records: list[Record], shard_bytes: int) -> int:
+def estimate_samples_per_shard(
+    source: Source, records: list[Record], shard_bytes: int, raw: bool = False
+) -> int:
     """From the first 64 records: tar bytes per sample (headers and 512-byte padding included)."""
     sizes = []
     for record in records[: min(64, len(records))]:
@@ -113,6 +117,8 @@ def estimate_samples_per_shard(source: Source, records: list[Record], shard_byte
             image = len(source.load(record)[0])
         except SourceError:
             continue
+        if raw:
+            image = int(np.prod(source.image_size)) * source.channels
         label = 64 if source.multi_label else 2  # a .json list or a .cls digit or two
         sizes.append(sum(BLOCK + -(-n // BLOCK) * BLOCK for n in (image, label)))
     mean = sum(sizes) / len(sizes) if sizes else 4 * BLOCK
@@ -139,19 +145,59 @@ def _plan_document(source: Source, opts: PrepareOptions, tasks: list[ShardTask])
         "source": source.describe(),
         "seed": opts.seed,
         "val_fraction": opts.val_fraction,
+        **({"pixels": opts.pixels} if opts.pixels != "encoded" else {}),  # older plans: encoded
         "shards": len(tasks),
         "records_sha256": digest.hexdigest(),
     }
 
 
-def write_shard(task: ShardTask, ctx: tuple[Source, str, str]) -> dict:
+def raw_layout(source: Source, records: list[Record]) -> Source:
+    """The source with the image size and channels raw pixels are stored at: its own, or (for
+    files) those of its first 64 images, grey only if all of them are; they must agree in size."""
+    if source.image_size:
+        return source
+    sizes, grey = set(), True
+    for record in records[:64]:
+        try:
+            with Image.open(io.BytesIO(source.load(record)[0])) as im:
+                sizes.add((im.size[1], im.size[0]))
+                grey &= im.mode in ("1", "L", "I", "I;16", "F")
+        except (SourceError, OSError):
+            continue
+    if len(sizes) != 1:
+        raise SourceError(
+            f"{source.url}: images of {len(sizes) or 'no'} sizes among the first 64 "
+            f"({', '.join(f'{h}x{w}' for h, w in sorted(sizes)[:4])}); raw pixels need images of "
+            "one size: prepare them encoded, or resize them first"
+        )
+    return dataclasses.replace(source, image_size=list(sizes.pop()), channels=1 if grey else 3)
+
+
+def raw_pixels(source: Source, data: bytes, key: str) -> bytes:
+    """An encoded image -> its uint8 pixels (H, W, C) as bytes, in the source's size and channels."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            pixels = np.asarray(im.convert("L" if source.channels == 1 else "RGB"))
+    except Exception as e:
+        raise SourceError(f"{key}: cannot decode the image: {e}") from None
+    if list(pixels.shape[:2]) != list(source.image_size or []):
+        raise SourceError(
+            f"{key}: {pixels.shape[0]}x{pixels.shape[1]} pixels where the source's images are "
+            f"{source.image_size}; raw pixels need images of one size"
+        )
+    return pixels.tobytes()
+
+
+def write_shard(task: ShardTask, ctx: tuple[Source, str, str, str]) -> dict:
     """Load, encode and write one shard; returns its part record. Runs as a Ray task."""
-    source, url, endpoint_url = ctx
+    source, url, endpoint_url, pixels = ctx
     fs, path = filesystem(url, endpoint_url)
     samples, skipped = [], []
     for record in task.records:
         try:
             data, ext = source.load(record)
+            if pixels == "raw":
+                data, ext = raw_pixels(source, data, record.key), "raw"
         except SourceError as e:
             skipped.append({"split": task.split, "key": record.key, "reason": str(e)})
             continue
@@ -211,9 +257,13 @@ class Progress:
 def prepare(source: Source, url: str, opts: PrepareOptions = PrepareOptions()) -> Manifest:
     """Write `source` as shards + manifest to `url`; resume an interrupted run of the same plan."""
     fs, path = filesystem(url, opts.endpoint_url)
+    if opts.pixels not in ("encoded", "raw"):
+        raise ValueError(f"pixels must be encoded or raw, not {opts.pixels!r}")
     splits = plan_splits(source, opts)
+    if opts.pixels == "raw":
+        source = raw_layout(source, next(iter(splits.values())))
     per_shard = opts.samples_per_shard or estimate_samples_per_shard(
-        source, next(iter(splits.values())), opts.shard_bytes
+        source, next(iter(splits.values())), opts.shard_bytes, opts.pixels == "raw"
     )
     tasks = plan_tasks(splits, per_shard)
     plan = _plan_document(source, opts, tasks)
@@ -247,7 +297,7 @@ def prepare(source: Source, url: str, opts: PrepareOptions = PrepareOptions()) -
     parallel_map(
         write_shard,
         todo,
-        shared=(source, url, opts.endpoint_url),
+        shared=(source, url, opts.endpoint_url, opts.pixels),
         executor=opts.executor,
         address=opts.ray_address,
         on_result=lambda _, part: progress.update(part["shard"]["samples"], part["shard"]["bytes"]),
@@ -260,6 +310,7 @@ def prepare(source: Source, url: str, opts: PrepareOptions = PrepareOptions()) -
         multi_label=source.multi_label,
         image_size=source.image_size,
         channels=source.channels,
+        pixels=opts.pixels,
         seed=opts.seed,
         source={**source.describe(), "plan": plan},
         url=url,

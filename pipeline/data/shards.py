@@ -106,7 +106,7 @@ def _octal(field_bytes: bytes, at: int = -1) -> int:
 
 def _check_header(header: bytes, at: int) -> None:
     stored = _octal(header[148:156], at)
-    actual = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    actual = sum(header) - sum(header[148:156]) + 8 * 32  # the field counts as 8 spaces
     if stored != actual:
         raise TarFormatError(f"bad tar header checksum at byte {at}")
 
@@ -232,6 +232,7 @@ class Manifest:
     multi_label: bool = False
     image_size: list[int] | None = None  # [height, width]; None when sizes vary
     channels: int = 3
+    pixels: str = "encoded"  # or "raw": KEY.raw holds image_size x channels uint8 pixels
     palette: str = ""  # palette file name (tessera-palette/1 JSON), when one was fitted
     seed: int = 0
     source: dict[str, Any] = field(default_factory=dict)

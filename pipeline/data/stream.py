@@ -56,6 +56,7 @@ from pipeline.data.cursor import STATE_FORMAT, Cursor, Tally, merge_states, rank
 from pipeline.data.order import Phase, compress, locate, shard_order
 from pipeline.data.palette import Palette
 from pipeline.data.shards import (
+    IMAGE_EXTS,
     DatasetError,
     Manifest,
     check_shards,
@@ -186,6 +187,8 @@ class _Reader:
         self.index: dict[int, np.ndarray] = {}
         self.retries = 0
         self.num_classes = len(manifest.classes)
+        size = manifest.image_size
+        self.raw_shape = (*size, manifest.channels) if size else None  # of raw pixel samples
 
     def _count_retry(self, _: BaseException) -> None:
         self.retries += 1
@@ -239,18 +242,18 @@ class _Reader:
             return [int(x) for x in labels] if isinstance(labels, list) else None
         return None
 
-    def decode(
-        self,
-        key: str,
-        sample: dict[str, bytes],
-        rng: random.Random,
-        out: torch.Tensor | None = None,
-    ) -> tuple[np.ndarray | torch.Tensor, list[int]]:
-        """(the sample, in a new array or written into `out` (ImageTransform.into), its labels)."""
-        image = next(
-            (sample[e] for e in ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm") if e in sample),
-            None,
-        )
+    def image(self, sample: dict[str, bytes]) -> tuple[bytes | np.ndarray, list[int]]:
+        """(the encoded image, or raw pixels (h, w, C) uint8; its labels), checked."""
+        if "raw" in sample:
+            image = np.frombuffer(sample["raw"], np.uint8)
+            if self.raw_shape is None or image.size != math.prod(self.raw_shape):
+                raise ValueError(
+                    f"raw pixels: {image.size} bytes, but the manifest's image_size and channels "
+                    f"make {math.prod(self.raw_shape or (0,))}"
+                )
+            image = image.reshape(self.raw_shape)
+        else:
+            image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
         if image is None:
             raise ValueError(f"no image member (has: {', '.join(sample) or 'nothing'})")
         labels = self.labels(sample) if self.cfg.labels else []
@@ -259,9 +262,14 @@ class _Reader:
                 raise ValueError("no label (.cls or .json)")
             if self.num_classes and not all(0 <= lab < self.num_classes for lab in labels):
                 raise ValueError(f"label {labels} outside the {self.num_classes} classes")
-        if out is None:
-            return self.transform(image, rng), labels
-        return self.transform.into(image, rng, out), labels
+        return image, labels
+
+    def decode(
+        self, key: str, sample: dict[str, bytes], rng: random.Random
+    ) -> tuple[np.ndarray, list[int]]:
+        """(the sample in a new array (ImageTransform.__call__), its labels)."""
+        image, labels = self.image(sample)
+        return self.transform(image, rng), labels
 
 
 def _as_made(batch: dict[str, Any]) -> dict[str, Any]:
@@ -385,12 +393,20 @@ class _ReaderDataset(IterableDataset):
             slot, memory = self._buffer(len(positions))
             out = self.transform.batch(memory)  # each good sample is decoded into the next row
             labels, keys, errors = [], [], []
+            raw: list[tuple[int, np.ndarray, random.Random]] = []  # resized together, below
             for g, s, m in zip(positions, shards, members, strict=True):
                 key, sample, reason = fetched.pop((int(s), int(m)))
                 if sample is not None:
                     rng = random.Random(((cfg.seed * 1_000_003 + phase.epoch) << 40) + int(g))
                     try:
-                        _, lab = reader.decode(key, sample, rng, out[len(keys)])
+                        image, lab = reader.image(sample)
+                        if not isinstance(image, np.ndarray):  # a small image comes decoded
+                            pixels = self.transform.small(image)
+                            image = image if pixels is None else pixels
+                        if isinstance(image, np.ndarray):
+                            raw.append((len(keys), image, rng))
+                        else:
+                            self.transform.into(image, rng, out[len(keys)])
                         labels.append(lab)
                         keys.append(key)
                         continue
@@ -399,6 +415,7 @@ class _ReaderDataset(IterableDataset):
                 errors.append(
                     {"key": key or f"{names[s]}#{m}", "shard": names[s], "reason": reason}
                 )
+            self._resize_together(raw, out, memory)
             batch = self._labelled({"key": keys}, labels)
             if slot is None:
                 batch["tokens" if cfg.palette is not None else "image"] = out[: len(keys)]
@@ -409,6 +426,22 @@ class _ReaderDataset(IterableDataset):
                 "_retries": reader.retries,
             }  # fmt: skip
             reader.retries = 0
+
+    def _resize_together(
+        self, raw: list[tuple[int, np.ndarray, random.Random]], out: torch.Tensor,
+        memory: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """Pixels (row, (h, w, C), rng) -> their rows of the batch, one `raw_into` per size."""
+        by_size: dict[tuple[int, ...], list] = {}
+        for item in raw:
+            by_size.setdefault(item[1].shape, []).append(item)
+        for group in by_size.values():
+            rows, images, rngs = zip(*group, strict=True)
+            if rows == tuple(range(len(rows))):  # all of the batch so far: straight into it
+                self.transform.raw_into(np.stack(images), list(rngs), out[: len(rows)])
+            else:
+                made = self.transform.batch(empty((len(rows), *memory.shape[1:]), memory.dtype))
+                out[list(rows)] = self.transform.raw_into(np.stack(images), list(rngs), made)
 
     def _buffer(self, n: int) -> tuple[tuple[int, int] | None, torch.Tensor]:
         """(worker and slot, or None in the main process; memory for n samples)."""
