@@ -20,7 +20,11 @@ Measured, each as samples/s, rates side by side (torch and each worker on one th
   stream s3     the stream (2 workers) reading the same shards from an S3 server on loopback
   ray-data      `data.ingest: ray-data`: Ray Data tasks (2 CPUs of a local Ray) read, decode and
                 augment the same shards; one consumer takes the batches, as a trainer would
-Targets (issue 3): stream w=0 >= 0.9 x decode; 2 workers >= 1.7 x 1 worker.
+  stream 28px   the 28x28 PNGs as prepared (PNG), and as `prepare --pixels raw` stores them
+                (no decoder), both against the bare PNG decode loop
+Every figure is the median over --runs whole runs (each run measures every row in turn, so the
+runs interleave). Targets (issue 22): 28 px stream >= 0.8x decode; 256 px JPEG >= 0.95x; S3 vs
+disk >= 0.8x; 2 workers vs 1 >= 1.8x.
 """
 
 from __future__ import annotations
@@ -160,48 +164,88 @@ def start_s3() -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
+ROWS = [  # (figure name of the rate, label, name of its baseline's rate)
+    ("decode", "decode JPEG 500x375, PIL (bare loop)", "decode"),
+    ("decode_lj", "decode JPEG 500x375, libjpeg-turbo direct (bare loop)", "decode"),
+    ("w0", "stream, in process (1 worker's rate)", "decode"),
+    ("w0_pil", "stream, in process, PIL decodes whole images", "decode"),
+    ("w1", "stream, 1 worker process", "decode"),
+    ("w2", "stream, 2 worker processes", "decode"),
+    ("s3", "stream, 2 workers, S3 on loopback", "decode"),
+    ("ray_data", "ray-data, 2 decode CPUs, 1 consumer", "decode"),
+    ("decode_256", "decode JPEG 256x256, PIL (bare loop)", "decode_256"),
+    ("w0_256", "stream 256x256, in process", "decode_256"),
+    ("decode_png", "decode PNG 28x28 (bare loop)", "decode_png"),
+    ("png_w0", "stream 28px PNGs, in process", "decode_png"),
+    ("raw_w0", "stream 28px raw pixels (--pixels raw), in process", "decode_png"),
+]
+FIGURES = {  # name in the JSON line: (numerator, denominator) rates
+    "stream_vs_decode_ratio": ("w0", "decode"),
+    "stream_vs_libjpeg_whole_decode_ratio": ("w0", "decode_lj"),
+    "pil_stream_vs_decode_ratio": ("w0_pil", "decode"),
+    "two_vs_one_worker_ratio": ("w2", "w1"),
+    "s3_vs_local_ratio": ("s3", "w2"),
+    "ray_data_vs_stream_2_workers_ratio": ("ray_data", "w2"),
+    "jpeg256_stream_vs_decode_ratio": ("w0_256", "decode_256"),
+    "small_png_stream_vs_decode_ratio": ("png_w0", "decode_png"),
+    "small_raw_stream_vs_png_decode_ratio": ("raw_w0", "decode_png"),
+}
+
+
+def measure(root: Path, blobs: dict[str, list[bytes]], endpoint: str, seconds: float) -> dict:
+    """One run of every measurement (samples/s), in the order of ROWS."""
+    vit = dict(batch_size=64, image_size=224, channels=3, crop_scale=(0.08, 1.0))
+    small = dict(batch_size=256, image_size=28, channels=1)
+    r = {}
+    r["decode"] = rate_decode(blobs["jpeg"], seconds, "RGB")
+    r["decode_lj"] = rate_decode_libjpeg(blobs["jpeg"], seconds)
+    for name, workers in (("w0", 0), ("w1", 1), ("w2", 2)):
+        r[name] = rate_stream(StreamConfig(str(root / "ds-jpeg"), workers=workers, **vit), seconds)
+        if name == "w0":
+            cfg = StreamConfig(str(root / "ds-jpeg"), workers=0, **vit)
+            r["w0_pil"] = rate_stream(cfg, seconds, fast_jpeg=False)
+    r["s3"] = rate_stream(
+        StreamConfig("s3://bench/ds", workers=2, endpoint_url=endpoint, **vit), seconds
+    )
+    r["ray_data"] = rate_ray_data(
+        StreamConfig(str(root / "ds-jpeg"), workers=0, **vit), seconds, cpus=2
+    )
+    r["decode_256"] = rate_decode(blobs["jpeg256"], seconds, "RGB")
+    r["w0_256"] = rate_stream(StreamConfig(str(root / "ds-jpeg256"), workers=0, **vit), seconds)
+    r["decode_png"] = rate_decode(blobs["png"], seconds, "L")
+    r["png_w0"] = rate_stream(StreamConfig(str(root / "ds-png"), workers=0, **small), seconds)
+    r["raw_w0"] = rate_stream(StreamConfig(str(root / "ds-raw"), workers=0, **small), seconds)
+    # Each baseline again, at the end: this machine's speed drifts by up to 30% within
+    # minutes, and the faster of two measurements is the stricter baseline.
+    r["decode"] = max(r["decode"], rate_decode(blobs["jpeg"], seconds, "RGB"))
+    r["decode_256"] = max(r["decode_256"], rate_decode(blobs["jpeg256"], seconds, "RGB"))
+    r["decode_png"] = max(r["decode_png"], rate_decode(blobs["png"], seconds, "L"))
+    return r
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=6.0, help="per measurement")
+    parser.add_argument("--runs", type=int, default=3, help="whole runs; medians are reported")
     args = parser.parse_args()
+    if not jpeg.available():
+        sys.exit("the JPEG crop decoder is not built: run `tessera build-ops` (see its message)")
     opts = PrepareOptions(samples_per_shard=250, executor="local", progress=False)
-    rows, figures = [], {}
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        jpegs = make_folder(root / "jpeg", args.images, (500, 375), "JPEG")
-        small_jpegs = make_folder(root / "jpeg256", args.images, (256, 256), "JPEG")
-        pngs = make_folder(root / "png", args.images, (28, 28), "PNG")
+        blobs = {
+            "jpeg": make_folder(root / "jpeg", args.images, (500, 375), "JPEG"),
+            "jpeg256": make_folder(root / "jpeg256", args.images, (256, 256), "JPEG"),
+            "png": make_folder(root / "png", args.images, (28, 28), "PNG"),
+        }
         for name in ("jpeg", "jpeg256", "png"):
             prepare(open_source(str(root / name)), str(root / f"ds-{name}"), opts)
-
-        vit = dict(batch_size=64, image_size=224, channels=3, crop_scale=(0.08, 1.0))
-        if not jpeg.available():
-            sys.exit(
-                "the JPEG crop decoder is not built: run `tessera build-ops` (see its message)"
-            )
-        decode = rate_decode(jpegs, args.seconds, "RGB")
-        decode_lj = rate_decode_libjpeg(jpegs, args.seconds)
-        w0 = rate_stream(StreamConfig(str(root / "ds-jpeg"), workers=0, **vit), args.seconds)
-        w0_pil = rate_stream(
-            StreamConfig(str(root / "ds-jpeg"), workers=0, **vit), args.seconds, fast_jpeg=False
-        )
-        w1 = rate_stream(StreamConfig(str(root / "ds-jpeg"), workers=1, **vit), args.seconds)
-        w2 = rate_stream(StreamConfig(str(root / "ds-jpeg"), workers=2, **vit), args.seconds)
-        ray_data = rate_ray_data(
-            StreamConfig(str(root / "ds-jpeg"), workers=0, **vit), args.seconds, cpus=2
-        )
-        decode_256 = rate_decode(small_jpegs, args.seconds, "RGB")
-        w0_256 = rate_stream(StreamConfig(str(root / "ds-jpeg256"), workers=0, **vit), args.seconds)
-        small = dict(batch_size=256, image_size=28, channels=1)
-        decode_png = rate_decode(pngs, args.seconds, "L")
-        png_w0 = rate_stream(StreamConfig(str(root / "ds-png"), workers=0, **small), args.seconds)
-        # The baseline again, at the end: this machine's speed drifts by up to 30% within
-        # minutes, and the faster of the two measurements is the stricter baseline.
-        decode = max(decode, rate_decode(jpegs, args.seconds, "RGB"))
-
+        raw = dataclasses.replace(opts, pixels="raw")
+        prepare(open_source(str(root / "png")), str(root / "ds-raw"), raw)
         proc, endpoint = start_s3()
         try:
             import fsspec
@@ -210,50 +254,31 @@ def main() -> None:
             prepare(
                 open_source(str(root / "jpeg")),
                 "s3://bench/ds",
-                PrepareOptions(**{**opts.__dict__, "endpoint_url": endpoint}),
+                dataclasses.replace(opts, endpoint_url=endpoint),
             )
-            s3 = rate_stream(
-                StreamConfig("s3://bench/ds", workers=2, endpoint_url=endpoint, **vit), args.seconds
-            )
+            for i in range(args.runs):  # whole runs, so every figure's runs interleave
+                runs.append(measure(root, blobs, endpoint, args.seconds))
+                ratios = {k: round(runs[-1][a] / runs[-1][b], 3) for k, (a, b) in FIGURES.items()}
+                print(f"run {i + 1}: {json.dumps(ratios)}", flush=True)
         finally:
             proc.terminate()
 
-    rows = [
-        ("decode JPEG 500x375, PIL (bare loop)", decode, 1.0),
-        ("decode JPEG 500x375, libjpeg-turbo direct (bare loop)", decode_lj, decode_lj / decode),
-        ("stream, in process (1 worker's rate)", w0, w0 / decode),
-        ("stream, in process, PIL decodes whole images", w0_pil, w0_pil / decode),
-        ("stream, 1 worker process", w1, w1 / decode),
-        ("stream, 2 worker processes", w2, w2 / decode),
-        ("stream, 2 workers, S3 on loopback", s3, s3 / decode),
-        ("ray-data, 2 decode CPUs, 1 consumer", ray_data, ray_data / decode),
-        ("decode JPEG 256x256, PIL (bare loop)", decode_256, 1.0),
-        ("stream 256x256, in process", w0_256, w0_256 / decode_256),
-        ("decode PNG 28x28 (bare loop)", decode_png, 1.0),
-        ("stream 28px, in process", png_w0, png_w0 / decode_png),
-    ]
+    rate = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+    ratio = {k: float(np.median([r[a] / r[b] for r in runs])) for k, (a, b) in FIGURES.items()}
+    print(f"\nmedians of {len(runs)} runs (ratios: the median of each run's ratio)")
     print(
-        f"{'loader (samples/s; ViT: crop, resize 224, flip, batch)':<56} {'rate':>9} {'vs decode':>10}"
+        f"{'loader (samples/s; ViT: crop, resize 224, flip, batch)':<56} {'rate':>9} {'vs base':>9}"
     )
-    for name, rate, ratio in rows:
-        print(f"{name:<56} {rate:>9.0f} {ratio:>9.2f}x")
-    print(f"2 workers vs 1 worker: {w2 / w1:.2f}x   (cores: {os.cpu_count()})")
-    figures = {
-        "stream_vs_decode_ratio": round(w0 / decode, 3),
-        "stream_vs_libjpeg_whole_decode_ratio": round(w0 / decode_lj, 3),
-        "pil_stream_vs_decode_ratio": round(w0_pil / decode, 3),
-        "two_vs_one_worker_ratio": round(w2 / w1, 3),
-        "s3_vs_local_ratio": round(s3 / w2, 3),
-        "ray_data_vs_stream_2_workers_ratio": round(ray_data / w2, 3),
-        "jpeg256_stream_vs_decode_ratio": round(w0_256 / decode_256, 3),
-        "small_png_stream_vs_decode_ratio": round(png_w0 / decode_png, 3),
-        "decode_samples_per_s": round(decode, 1),
-        "libjpeg_decode_samples_per_s": round(decode_lj, 1),
-        "stream_samples_per_s": round(w0, 1),
-        "stream_2_workers_samples_per_s": round(w2, 1),
-        "stream_s3_2_workers_samples_per_s": round(s3, 1),
-        "ray_data_samples_per_s": round(ray_data, 1),
-    }
+    for key, label, base in ROWS:
+        median_ratio = float(np.median([r[key] / r[base] for r in runs]))
+        print(f"{label:<56} {rate[key]:>9.0f} {median_ratio:>8.2f}x")
+    print(
+        f"2 workers vs 1 worker: {ratio['two_vs_one_worker_ratio']:.2f}x   (cores: {os.cpu_count()})"
+    )
+    print(f"S3 on loopback vs disk, 2 workers: {ratio['s3_vs_local_ratio']:.2f}x")
+    figures = {k: round(v, 3) for k, v in ratio.items()}
+    figures |= {f"{k}_samples_per_s": round(rate[k], 1) for k, _, _ in ROWS}
+    figures["runs"] = len(runs)
     print(json.dumps(figures))
 
 

@@ -250,6 +250,32 @@ def test_a_stream_left_mid_epoch_by_its_reader_goes_on_where_it_stopped(digits_u
     assert first + epoch_batches(stream) == uninterrupted
 
 
+def test_every_read_after_the_first_is_made_ahead_across_epochs(digits_url, monkeypatch):
+    """The stream reads the next shuffle window in a thread while it decodes this one, also the
+    first window of the next epoch; batches are those read without read-ahead (the order does
+    not depend on it: test_workers_going_on_across_epochs_serve_what_restarted_ones_would)."""
+    import threading
+
+    from pipeline.data import stream as stream_module
+
+    reads = []
+    fetch = stream_module._Reader.fetch
+
+    def recorded(self, shards, members):
+        reads.append((threading.current_thread().name, len(shards)))
+        return fetch(self, shards, members)
+
+    monkeypatch.setattr(stream_module._Reader, "fetch", recorded)
+    stream = Stream(cfg(digits_url))
+    n = load_manifest(digits_url).splits["train"].samples // 16  # batches per epoch
+    batches = [list(b["key"]) for b, _ in zip(stream, range(2 * n + 1), strict=False)]
+    windows = -(-n * 16 // 64)  # of 64 samples; the last may be short
+    assert len(reads) >= 2 * windows + 1  # two epochs and one window of the third, read ahead
+    assert reads[0][0] == threading.current_thread().name
+    assert all(name.startswith("tessera-read-ahead") for name, _ in reads[1:]), reads
+    assert len({k for b in batches[:n] for k in b}) == n * 16
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 

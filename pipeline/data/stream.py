@@ -42,8 +42,9 @@ import random
 import signal
 import sys
 import time
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -69,6 +70,7 @@ from pipeline.errors import StorageUnavailable
 from pipeline.storage import filesystem, join, with_retries
 
 RUN_GAP = 8  # coalesce reads of two runs in one shard when fewer samples than this lie between
+INDEXES = 64  # shard indexes a reader keeps (8 bytes a sample), from epoch to epoch
 
 
 class DataError(RuntimeError):
@@ -184,7 +186,7 @@ class _Reader:
         self.cfg, self.manifest, self.transform = cfg, manifest, transform
         self.shards = manifest.split(cfg.split).shards
         self.fs, self.root = filesystem(manifest.url, cfg.endpoint_url)
-        self.index: dict[int, np.ndarray] = {}
+        self.index: OrderedDict[int, np.ndarray] = OrderedDict()  # the INDEXES used last
         self.retries = 0
         self.num_classes = len(manifest.classes)
         size = manifest.image_size
@@ -194,7 +196,9 @@ class _Reader:
         self.retries += 1
 
     def _offsets(self, shard: int) -> np.ndarray:
-        if shard not in self.index:
+        if shard in self.index:
+            self.index.move_to_end(shard)
+        else:
             path = join(self.root, self.shards[shard].index)
             self.index[shard] = with_retries(
                 f"reading {path}",
@@ -202,6 +206,8 @@ class _Reader:
                 on_retry=self._count_retry,
                 deadline_s=self.cfg.storage_deadline_s,
             )
+            if len(self.index) > INDEXES:
+                self.index.popitem(last=False)
         return self.index[shard]
 
     def fetch(self, shards: np.ndarray, members: np.ndarray) -> dict[tuple[int, int], tuple]:
@@ -346,6 +352,34 @@ class _BatchSlots:
         return out
 
 
+@dataclass(frozen=True)
+class _Ahead:
+    at: tuple[int, int]  # (epoch, batch): the batch that will want this read
+    read: Future  # -> Reader.fetch's result
+
+
+class _Plan:
+    """Reader j's positions in one phase, and where they lie in the shards."""
+
+    def __init__(self, cfg: StreamConfig, reader: _Reader, phase: Phase, j: int) -> None:
+        counts = np.array([s.samples for s in reader.shards])
+        self.perm, self.cum = shard_order(counts, cfg.seed, phase.epoch, phase.shuffle)
+        self.positions = phase.plan(j, cfg.seed)
+        self.phase = phase
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return locate(positions, self.perm, self.cum)
+
+    def span(self, b: int) -> tuple[int, tuple[np.ndarray, np.ndarray]]:
+        """What is read when batch b finds its samples missing: the rest of its shuffle window
+        (at least the batch), as (shards, members); first, the batch that will find its samples
+        missing next."""
+        batch, window = self.phase.batch, self.phase.window
+        lo = b * batch
+        hi = max(min(len(self.positions), (lo // window + 1) * window), lo + batch)
+        return hi // batch, self.locate(self.positions[lo:hi])
+
+
 class _ReaderDataset(IterableDataset):
     """Worker i reads for reader `readers[i]`, starting at batch `starts[i]`; `onward`: then on
     through the following whole epochs, as the same reader."""
@@ -365,67 +399,96 @@ class _ReaderDataset(IterableDataset):
         slot = info.id if info is not None else 0
         if info is None and len(self.readers) > 1:
             raise RuntimeError("several readers need DataLoader workers")
-        phase, start = self.phase, self.starts[slot]
-        while True:
-            yield from self._batches(phase, self.readers[slot], start)
-            if not self.onward:
-                return
-            samples = self.manifest.split(self.cfg.split).samples
-            phase, start = epoch_phase(self.cfg, samples, phase.readers, phase.epoch + 1), 0
+        j, phase, start = self.readers[slot], self.phase, self.starts[slot]
+        reader = _Reader(self.cfg, self.manifest, self.transform)
+        samples = self.manifest.split(self.cfg.split).samples
+        # The next span is read in a thread while this one decodes, across epochs: from object
+        # storage a read waits tens of milliseconds that the worker would otherwise spend idle.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="tessera-read-ahead")
+        ahead = None
+        try:
+            while True:
+                following = None
+                if self.onward:
+                    following = epoch_phase(self.cfg, samples, phase.readers, phase.epoch + 1)
+                ahead = yield from self._batches(reader, pool, ahead, j, phase, start, following)
+                if following is None:
+                    return
+                phase, start = following, 0
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
-    def _batches(self, phase: Phase, j: int, start: int) -> Iterator[dict[str, Any]]:
-        cfg = self.cfg
-        reader = _Reader(cfg, self.manifest, self.transform)
-        counts = np.array([s.samples for s in reader.shards])
-        perm, cum = shard_order(counts, cfg.seed, phase.epoch, phase.shuffle)
-        plan = phase.plan(j, cfg.seed)
-        names = [s.name for s in reader.shards]
+    def _batches(
+        self, reader: _Reader, pool: ThreadPoolExecutor, ahead: _Ahead | None, j: int,
+        phase: Phase, start: int, following: Phase | None,
+    ) -> Generator[dict[str, Any], None, _Ahead | None]:  # fmt: skip
+        """Reader j's batches of `phase` from batch `start` on, reading ahead (`ahead`: the read
+        begun for batch `start`, if any); returns the read begun for `following`'s first batch."""
+        plan = _Plan(self.cfg, reader, phase, j)
         fetched: dict[tuple[int, int], tuple] = {}
         for b in range(start, phase.batches_per_reader):
-            positions = plan[b * phase.batch : (b + 1) * phase.batch]
-            shards, members = locate(positions, perm, cum)
+            positions = plan.positions[b * phase.batch : (b + 1) * phase.batch]
+            shards, members = plan.locate(positions)
             if any((int(s), int(m)) not in fetched for s, m in zip(shards, members, strict=True)):
-                # Fetch the rest of this window in one go: a window's samples are read together.
-                w_end = min(len(plan), (b * phase.batch // phase.window + 1) * phase.window)
-                w_end = max(w_end, (b + 1) * phase.batch)
-                ahead = plan[b * phase.batch : w_end]
-                fetched = reader.fetch(*locate(ahead, perm, cum))
-            slot, memory = self._buffer(len(positions))
-            out = self.transform.batch(memory)  # each good sample is decoded into the next row
-            labels, keys, errors = [], [], []
-            raw: list[tuple[int, np.ndarray, random.Random]] = []  # resized together, below
-            for g, s, m in zip(positions, shards, members, strict=True):
-                key, sample, reason = fetched.pop((int(s), int(m)))
-                if sample is not None:
-                    rng = random.Random(((cfg.seed * 1_000_003 + phase.epoch) << 40) + int(g))
-                    try:
-                        image, lab = reader.image(sample)
-                        if not isinstance(image, np.ndarray):  # a small image comes decoded
-                            pixels = self.transform.small(image)
-                            image = image if pixels is None else pixels
-                        if isinstance(image, np.ndarray):
-                            raw.append((len(keys), image, rng))
-                        else:
-                            self.transform.into(image, rng, out[len(keys)])
-                        labels.append(lab)
-                        keys.append(key)
-                        continue
-                    except Exception as e:
-                        reason = f"undecodable: {e}"
-                errors.append(
-                    {"key": key or f"{names[s]}#{m}", "shard": names[s], "reason": reason}
-                )
-            self._resize_together(raw, out, memory)
-            batch = self._labelled({"key": keys}, labels)
-            if slot is None:
-                batch["tokens" if cfg.palette is not None else "image"] = out[: len(keys)]
-            else:  # the main process takes the samples from the slot (Stream._run_phase)
-                batch["_worker"], batch["_slot"] = slot
-            yield batch | {
-                "_epoch": phase.epoch, "_reader": j, "_batch": b, "_errors": errors,
-                "_retries": reader.retries,
-            }  # fmt: skip
-            reader.retries = 0
+                after, wanted = plan.span(b)
+                if ahead and ahead.at == (phase.epoch, b):
+                    fetched = ahead.read.result()
+                else:
+                    if ahead:  # never two reads at once (not expected: the plan is exact)
+                        ahead.read.exception()
+                    fetched = reader.fetch(*wanted)
+                ahead = None
+                if after < phase.batches_per_reader:
+                    ahead = _Ahead(
+                        (phase.epoch, after), pool.submit(reader.fetch, *plan.span(after)[1])
+                    )
+                elif following is not None:
+                    then = _Plan(self.cfg, reader, following, j).span(0)[1]
+                    ahead = _Ahead((following.epoch, 0), pool.submit(reader.fetch, *then))
+            yield self._decode(reader, phase, j, b, positions, shards, members, fetched)
+        return ahead
+
+    def _decode(
+        self, reader: _Reader, phase: Phase, j: int, b: int, positions: np.ndarray,
+        shards: np.ndarray, members: np.ndarray, fetched: dict[tuple[int, int], tuple],
+    ) -> dict[str, Any]:  # fmt: skip
+        """Batch b of reader j from the samples in `fetched` (taken out of it)."""
+        cfg = self.cfg
+        slot, memory = self._buffer(len(positions))
+        out = self.transform.batch(memory)  # each good sample is decoded into the next row
+        labels, keys, errors = [], [], []
+        raw: list[tuple[int, np.ndarray, random.Random]] = []  # resized together, below
+        for g, s, m in zip(positions, shards, members, strict=True):
+            key, sample, reason = fetched.pop((int(s), int(m)))
+            if sample is not None:
+                rng = random.Random(((cfg.seed * 1_000_003 + phase.epoch) << 40) + int(g))
+                try:
+                    image, lab = reader.image(sample)
+                    if not isinstance(image, np.ndarray):  # a small image comes decoded
+                        pixels = self.transform.small(image)
+                        image = image if pixels is None else pixels
+                    if isinstance(image, np.ndarray):
+                        raw.append((len(keys), image, rng))
+                    else:
+                        self.transform.into(image, rng, out[len(keys)])
+                    labels.append(lab)
+                    keys.append(key)
+                    continue
+                except Exception as e:
+                    reason = f"undecodable: {e}"
+            name = reader.shards[s].name
+            errors.append({"key": key or f"{name}#{m}", "shard": name, "reason": reason})
+        self._resize_together(raw, out, memory)
+        batch = self._labelled({"key": keys}, labels)
+        if slot is None:
+            batch["tokens" if cfg.palette is not None else "image"] = out[: len(keys)]
+        else:  # the main process takes the samples from the slot (Stream._run_phase)
+            batch["_worker"], batch["_slot"] = slot
+        retries, reader.retries = reader.retries, 0
+        return batch | {
+            "_epoch": phase.epoch, "_reader": j, "_batch": b, "_errors": errors,
+            "_retries": retries,
+        }  # fmt: skip
 
     def _resize_together(
         self, raw: list[tuple[int, np.ndarray, random.Random]], out: torch.Tensor,
