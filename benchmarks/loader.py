@@ -8,8 +8,7 @@ prepared into shards with `tessera prepare`. Two smaller sets show where per-sam
 decoding, dominates: 256x256 JPEGs, and the images as they are (28x28 grey PNG).
 
 Measured, each as samples/s, rates side by side (torch and each worker on one thread):
-  decode        a bare loop: PIL decode of the same image bytes from memory, one process;
-                measured first and last, the faster taken
+  decode        a bare loop: PIL decode of the same image bytes from memory, one process
   decode lj     the same loop with libjpeg-turbo called directly (pipeline/data/jpeg.py), whole
                 images: how much of the stream's lead over PIL is the decoder, not the crop
   stream w=0    the whole stream in this process (read shards, parse tar, decode only the
@@ -22,8 +21,10 @@ Measured, each as samples/s, rates side by side (torch and each worker on one th
                 augment the same shards; one consumer takes the batches, as a trainer would
   stream 28px   the 28x28 PNGs as prepared (PNG), and as `prepare --pixels raw` stores them
                 (no decoder), both against the bare PNG decode loop
-Every figure is the median over --runs whole runs (each run measures every row in turn, so the
-runs interleave). Targets (issue 22): 28 px stream >= 0.8x decode; 256 px JPEG >= 0.95x; S3 vs
+In-process rates take turns with their baseline (6 rounds of slices in one measurement, so both
+see the same machine: its speed drifts by up to 30% within minutes); worker streams run in
+blocks (w2 before and after the S3 stream, averaged). Every figure is the median over --runs
+whole runs. Targets (issue 22): 28 px stream >= 0.8x decode; 256 px JPEG >= 0.95x; S3 vs
 disk >= 0.8x; 2 workers vs 1 >= 1.8x.
 """
 
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,35 +79,52 @@ def make_folder(root: Path, n: int, size: tuple[int, int], fmt: str) -> list[byt
     return encoded
 
 
-def rate_decode(blobs: list[bytes], seconds: float, mode: str) -> float:
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+def decoding(blobs: list[bytes], mode: str) -> Iterator[int]:
+    """The bare loop: PIL decodes each image from memory; yields 1 per image."""
+    while True:
         for blob in blobs:
             with Image.open(io.BytesIO(blob)) as im:
                 np.asarray(im.convert(mode))
-            n += 1
-    return n / (time.perf_counter() - start)
+            yield 1
 
 
-def rate_decode_libjpeg(blobs: list[bytes], seconds: float) -> float:
+def decoding_libjpeg(blobs: list[bytes]) -> Iterator[int]:
     sizes = [jpeg.info(blob)[:2] for blob in blobs]
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    while True:
         for blob, (w, h) in zip(blobs, sizes, strict=True):
             jpeg.decode_crop(blob, (0, 0, w, h), 3, size=(w, h))
-            n += 1
-    return n / (time.perf_counter() - start)
+            yield 1
 
 
-def rate_stream(cfg: StreamConfig, seconds: float, fast_jpeg: bool = True) -> float:
+def streaming(cfg: StreamConfig, fast_jpeg: bool = True) -> Iterator[int]:
+    """The stream; yields each batch's size."""
     stream = Stream(cfg)
     stream.transform = dataclasses.replace(stream.transform, fast_jpeg=fast_jpeg)
-    it = iter(stream)
-    next(it)  # start-up (worker processes) is not throughput
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        n += len(next(it)["key"])
-    return n / (time.perf_counter() - start)
+    for batch in stream:
+        yield len(batch["key"])
+
+
+def rates(meters: dict[str, Iterator[int]], seconds: float, slices: int = 6) -> dict[str, float]:
+    """Samples/s of each meter, measured in turns: `slices` rounds in which each meter runs for
+    seconds / slices, so a baseline and what is compared with it see the same machine (its
+    speed drifts by up to 30% within minutes). Each meter's first item (start-up) is not timed.
+    Only for meters that do no work between their turns (no worker processes)."""
+    for meter in meters.values():
+        next(meter)
+    n, spent = dict.fromkeys(meters, 0), dict.fromkeys(meters, 0.0)
+    for _ in range(slices):
+        for name, meter in meters.items():
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds / slices:
+                n[name] += next(meter)
+            spent[name] += time.perf_counter() - start
+    return {name: n[name] / spent[name] for name in meters}
+
+
+def rate_stream(cfg: StreamConfig, seconds: float) -> float:
+    """A stream with worker processes, measured in one block (workers decode ahead between
+    turns, so they cannot take turns with another meter)."""
+    return rates({"stream": streaming(cfg)}, seconds, slices=1)["stream"]
 
 
 def rate_ray_data(cfg: StreamConfig, seconds: float, cpus: int) -> float:
@@ -193,33 +212,41 @@ FIGURES = {  # name in the JSON line: (numerator, denominator) rates
 
 
 def measure(root: Path, blobs: dict[str, list[bytes]], endpoint: str, seconds: float) -> dict:
-    """One run of every measurement (samples/s), in the order of ROWS."""
+    """One run of every measurement (samples/s): each baseline takes turns with what is
+    compared with it; streams with worker processes run in blocks."""
     vit = dict(batch_size=64, image_size=224, channels=3, crop_scale=(0.08, 1.0))
     small = dict(batch_size=256, image_size=28, channels=1)
-    r = {}
-    r["decode"] = rate_decode(blobs["jpeg"], seconds, "RGB")
-    r["decode_lj"] = rate_decode_libjpeg(blobs["jpeg"], seconds)
-    for name, workers in (("w0", 0), ("w1", 1), ("w2", 2)):
-        r[name] = rate_stream(StreamConfig(str(root / "ds-jpeg"), workers=workers, **vit), seconds)
-        if name == "w0":
-            cfg = StreamConfig(str(root / "ds-jpeg"), workers=0, **vit)
-            r["w0_pil"] = rate_stream(cfg, seconds, fast_jpeg=False)
-    r["s3"] = rate_stream(
-        StreamConfig("s3://bench/ds", workers=2, endpoint_url=endpoint, **vit), seconds
+    jpegs = str(root / "ds-jpeg")
+    r = rates(
+        {
+            "decode": decoding(blobs["jpeg"], "RGB"),
+            "decode_lj": decoding_libjpeg(blobs["jpeg"]),
+            "w0": streaming(StreamConfig(jpegs, workers=0, **vit)),
+            "w0_pil": streaming(StreamConfig(jpegs, workers=0, **vit), fast_jpeg=False),
+        },
+        4 * seconds,
     )
-    r["ray_data"] = rate_ray_data(
-        StreamConfig(str(root / "ds-jpeg"), workers=0, **vit), seconds, cpus=2
+    for name, workers in (("w1", 1), ("w2", 2)):
+        r[name] = rate_stream(StreamConfig(jpegs, workers=workers, **vit), seconds)
+    s3 = StreamConfig("s3://bench/ds", workers=2, endpoint_url=endpoint, **vit)
+    r["s3"] = rate_stream(s3, seconds)
+    r["w2"] = (r["w2"] + rate_stream(StreamConfig(jpegs, workers=2, **vit), seconds)) / 2
+    r["ray_data"] = rate_ray_data(StreamConfig(jpegs, workers=0, **vit), seconds, cpus=2)
+    r |= rates(
+        {
+            "decode_256": decoding(blobs["jpeg256"], "RGB"),
+            "w0_256": streaming(StreamConfig(str(root / "ds-jpeg256"), workers=0, **vit)),
+        },
+        2 * seconds,
     )
-    r["decode_256"] = rate_decode(blobs["jpeg256"], seconds, "RGB")
-    r["w0_256"] = rate_stream(StreamConfig(str(root / "ds-jpeg256"), workers=0, **vit), seconds)
-    r["decode_png"] = rate_decode(blobs["png"], seconds, "L")
-    r["png_w0"] = rate_stream(StreamConfig(str(root / "ds-png"), workers=0, **small), seconds)
-    r["raw_w0"] = rate_stream(StreamConfig(str(root / "ds-raw"), workers=0, **small), seconds)
-    # Each baseline again, at the end: this machine's speed drifts by up to 30% within
-    # minutes, and the faster of two measurements is the stricter baseline.
-    r["decode"] = max(r["decode"], rate_decode(blobs["jpeg"], seconds, "RGB"))
-    r["decode_256"] = max(r["decode_256"], rate_decode(blobs["jpeg256"], seconds, "RGB"))
-    r["decode_png"] = max(r["decode_png"], rate_decode(blobs["png"], seconds, "L"))
+    r |= rates(
+        {
+            "decode_png": decoding(blobs["png"], "L"),
+            "png_w0": streaming(StreamConfig(str(root / "ds-png"), workers=0, **small)),
+            "raw_w0": streaming(StreamConfig(str(root / "ds-raw"), workers=0, **small)),
+        },
+        3 * seconds,
+    )
     return r
 
 
