@@ -97,14 +97,43 @@ def plan_splits(source: Source, opts: PrepareOptions) -> dict[str, list[Record]]
     if opts.val_fraction > 0:
         if "val" in splits:
             raise SourceError(f"{source.url}: already has a 'val' split; drop --val-fraction")
-        train = splits["train"]
-        n_val = round(len(train) * opts.val_fraction)
-        if not 0 < n_val < len(train):
-            raise SourceError(
-                f"--val-fraction {opts.val_fraction} leaves an empty split of {len(train)} items"
-            )
-        splits["val"], splits["train"] = train[:n_val], train[n_val:]
+        splits["val"], splits["train"] = carve_val(splits["train"], opts.val_fraction, source)
     return splits
+
+
+def val_record(source: Source, splits: dict[str, list[Record]], opts: PrepareOptions) -> dict:
+    """How the val split was made, for dataset.json (results name the split they selected on)."""
+    if not opts.val_fraction:
+        return {}
+    how = "by first label" if source.multi_label else "by class"
+    if not any(r.labels for r in splits["val"]):
+        how = "no (unlabelled)"
+    return {"val": {"carved_from": "train", "fraction": opts.val_fraction, "seed": opts.seed,
+                    "stratified": how, "samples": len(splits["val"])}}  # fmt: skip
+
+
+def carve_val(
+    train: list[Record], fraction: float, source: Source
+) -> tuple[list[Record], list[Record]]:
+    """(val, train): `fraction` of the (seeded, shuffled) train records, stratified by class
+    where images have one label (by their first label for multi-label data; unstratified
+    without labels): each class gives round(fraction x its count), at least one of a class
+    with two or more images, so val's class mix is train's."""
+    by_class: dict[int, list[int]] = {}
+    for i, record in enumerate(train):
+        by_class.setdefault(record.labels[0] if record.labels else -1, []).append(i)
+    if -1 in by_class and len(by_class) > 1:
+        raise SourceError(f"{source.url}: some records have labels and some do not")
+    chosen = set()
+    for members in by_class.values():
+        n = round(len(members) * fraction)
+        if by_class.keys() != {-1} and len(members) >= 2:
+            n = min(max(n, 1), len(members) - 1)
+        chosen.update(members[:n])
+    if not 0 < len(chosen) < len(train):
+        raise SourceError(f"--val-fraction {fraction} leaves an empty split of {len(train)} items")
+    val = [r for i, r in enumerate(train) if i in chosen]
+    return val, [r for i, r in enumerate(train) if i not in chosen]
 
 
 def estimate_samples_per_shard(
@@ -312,7 +341,7 @@ def prepare(source: Source, url: str, opts: PrepareOptions = PrepareOptions()) -
         channels=source.channels,
         pixels=opts.pixels,
         seed=opts.seed,
-        source={**source.describe(), "plan": plan},
+        source={**source.describe(), "plan": plan, **val_record(source, splits, opts)},
         url=url,
     )
     for task in tasks:

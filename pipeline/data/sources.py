@@ -4,21 +4,36 @@ A source lists its items up front (cheap records: an index or a file URL, labels
 item's encoded image bytes on demand, so the loading runs in parallel tasks. Listing checks what
 it can before any work starts: missing files, malformed lines, labels that do not match images.
 
-  idx      MNIST-format IDX files (Fashion-MNIST, MNIST): {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
-  folder   one sub-folder per class of image files
-  digits   scikit-learn's bundled 8x8 digits
-  jsonl    JFT-style lines {"image": path-or-URL, "labels": [...]}, several labels per image
+  idx       MNIST-format IDX files (Fashion-MNIST, MNIST): {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
+  folder    one sub-folder per class of image files
+  digits    scikit-learn's bundled 8x8 digits
+  jsonl     JFT-style lines {"image": path-or-URL, "labels": [...]}, several labels per image
+  cifar     CIFAR-10 or CIFAR-100 in their binary format (data_batch_*.bin / train.bin), not the
+            pickled Python one; CIFAR-100 takes its 100 fine labels
+  npz       downsampled ImageNet (Chrabaszcz et al. 2017: 32x32 or 64x64, `train_data_batch_*.npz`,
+            `val_data.npz`), read without pickle
+  imagenet  ImageNet's layout: train/<wnid>/*.JPEG; val/ as class folders, or flat with the ILSVRC
+            devkit's ground truth (ILSVRC2012_validation_ground_truth.txt and meta.mat) or the
+            Kaggle copy's LOC_val_solution.csv
+
+Official evaluation sets (CIFAR's test batch, ImageNet's validation set) become the "test" split:
+they are what papers report on. A "val" split for choosing is carved from train by
+`prepare --val-fraction` (as big_vision's ImageNet "minival" is).
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
+import re
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from pipeline.data.shards import IMAGE_EXTS
@@ -245,7 +260,252 @@ def jsonl_source(url: str, endpoint_url: str = "") -> FileSource:
     return FileSource(url, classes, True, 3, None, {"train": records}, "jsonl", endpoint_url)
 
 
-FORMATS = ("idx", "folder", "digits", "jsonl")
+# ---------------------------------------------------------------------------------------------
+# CIFAR, downsampled ImageNet, ImageNet
+
+
+def _planar(data: np.ndarray, side: int) -> np.ndarray:
+    """Rows of R plane, G plane, B plane (CIFAR's and downsampled ImageNet's layout) -> images
+    (N, side, side, 3)."""
+    return np.ascontiguousarray(data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1))
+
+
+def cifar_source(url: str, endpoint_url: str = "") -> ArraySource:
+    """CIFAR-10 (data_batch_1..5.bin, test_batch.bin, batches.meta.txt) or CIFAR-100 (train.bin,
+    test.bin, fine_label_names.txt): records of label byte(s) then 3072 bytes of planar RGB."""
+    fs, path = filesystem(url, endpoint_url)
+    names = {n.rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)} if fs.isdir(path) else set()
+    if "train.bin" in names:  # CIFAR-100: coarse label, fine label, pixels
+        files, skip, meta = (
+            {"train": ["train.bin"], "test": ["test.bin"]},
+            2,
+            "fine_label_names.txt",
+        )
+    elif "data_batch_1.bin" in names:
+        batches = sorted(n for n in names if re.fullmatch(r"data_batch_\d+\.bin", n))
+        files, skip, meta = {"train": batches, "test": ["test_batch.bin"]}, 1, "batches.meta.txt"
+    else:
+        raise SourceError(
+            f"{url}: not a CIFAR binary folder (CIFAR-10: data_batch_1.bin ...; CIFAR-100: "
+            "train.bin); the pickled Python version is not read"
+        )
+    record = skip + 3072
+    arrays = {}
+    for split, parts in files.items():
+        blobs = []
+        for name in parts:
+            if name not in names:
+                raise SourceError(f"{url}: missing {name}")
+            data = fs.cat_file(join(path, name))
+            if len(data) % record:
+                raise SourceError(
+                    f"{join(url, name)}: {len(data)} bytes is not a whole number of {record}-byte "
+                    "records (truncated?)"
+                )
+            blobs.append(np.frombuffer(data, np.uint8).reshape(-1, record))
+        rows = np.concatenate(blobs)
+        arrays[split] = (_planar(rows[:, skip:], 32), rows[:, skip - 1].astype(np.int64))
+    top = int(max(y.max() for _, y in arrays.values()))
+    classes = [str(i) for i in range(top + 1)]
+    if meta in names:
+        listed = [n.strip() for n in fs.cat_file(join(path, meta)).decode().splitlines()]
+        listed = [n for n in listed if n]
+        if len(listed) > top:
+            classes = listed
+    return ArraySource.from_arrays(url, "cifar", arrays, classes)
+
+
+@functools.lru_cache(maxsize=2)
+def _npz_arrays(url: str, endpoint_url: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, without pickle. A local file's stored (uncompressed) members
+    are memory-mapped, so a shard task reads only its own rows of a 1.5 GB file."""
+    fs, path = filesystem(url, endpoint_url)
+    out = {}
+    try:
+        if isinstance(fs, LocalFileSystem):
+            with zipfile.ZipFile(path) as z:
+                for info in z.infolist():
+                    name = info.filename.removesuffix(".npy")
+                    if info.compress_type == zipfile.ZIP_STORED:
+                        with z.open(info) as f:
+                            version = np.lib.format.read_magic(f)
+                            read_header = (
+                                np.lib.format.read_array_header_1_0
+                                if version == (1, 0)
+                                else np.lib.format.read_array_header_2_0
+                            )
+                            shape, fortran, dtype = read_header(f)
+                            header = f.tell()
+                        if dtype.hasobject:
+                            raise ValueError(f"{info.filename} holds Python objects (a pickle)")
+                        with open(path, "rb") as raw:  # where the member's data begins
+                            raw.seek(info.header_offset + 26)
+                            n, m = np.frombuffer(raw.read(4), "<u2")
+                        offset = info.header_offset + 30 + int(n) + int(m) + header
+                        out[name] = np.memmap(
+                            path, dtype, "r", offset, shape, "F" if fortran else "C"
+                        )
+                    else:
+                        out[name] = np.load(z.open(info), allow_pickle=False)
+        else:
+            with np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False) as z:
+                out = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise SourceError(f"{url}: not a readable .npz without pickle: {e}") from None
+    return out
+
+
+@dataclass
+class NpzSource(Source):
+    """Downsampled ImageNet: .npz files of `data` (N, 3 x side x side, planar RGB) and `labels`
+    (1..1000); records point at (file, row), loaded on demand."""
+
+    side: int = 32
+    endpoint_url: str = ""
+
+    def load(self, record: Record) -> tuple[bytes, str]:
+        file, row = record.ref
+        data = _npz_arrays(file, self.endpoint_url)["data"][row]
+        return encode_png(_planar(np.asarray(data), self.side)[0]), "png"
+
+
+def npz_source(url: str, endpoint_url: str = "") -> NpzSource:
+    fs, path = filesystem(url, endpoint_url)
+    names = (
+        sorted(n.rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)) if fs.isdir(path) else []
+    )
+    files = {
+        "train": [n for n in names if re.fullmatch(r"train_data_batch_\d+\.npz", n)],
+        "test": [n for n in names if n == "val_data.npz"],
+    }
+    files["train"].sort(key=lambda n: int(re.findall(r"\d+", n)[0]))
+    if not files["train"] or not files["test"]:
+        raise SourceError(
+            f"{url}: expected train_data_batch_<n>.npz and val_data.npz (downsampled ImageNet)"
+        )
+    protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
+    splits, side, top = {}, 0, 0
+    for split, parts in files.items():
+        records = []
+        for name in parts:
+            file = protocol + join(path, name)
+            arrays = _npz_arrays(file, endpoint_url)
+            if "data" not in arrays or "labels" not in arrays:
+                raise SourceError(f"{file}: needs arrays 'data' and 'labels'; has {sorted(arrays)}")
+            data, labels = arrays["data"], np.asarray(arrays["labels"]).reshape(-1)
+            if data.ndim != 2 or len(data) != len(labels):
+                raise SourceError(
+                    f"{file}: data {data.shape} and labels {labels.shape} do not pair up"
+                )
+            this = round((data.shape[1] / 3) ** 0.5)
+            if 3 * this * this != data.shape[1] or (side and this != side):
+                raise SourceError(
+                    f"{file}: rows of {data.shape[1]} values are not 3 x {side or 'n'}^2"
+                )
+            side = this
+            if labels.min() < 1:
+                raise SourceError(f"{file}: labels run from 1 (to 1000); found {labels.min()}")
+            top = max(top, int(labels.max()))
+            stem = name.removesuffix(".npz")
+            records += [
+                Record(f"{stem}_{i:07d}", (int(labels[i]) - 1,), (file, i))
+                for i in range(len(data))
+            ]
+        splits[split] = records
+    classes = [str(i) for i in range(top)]
+    return NpzSource(url, classes, False, 3, [side, side], splits, "npz", side, endpoint_url)
+
+
+def _wnid_folders(fs, path: str) -> list[str]:
+    return sorted(
+        e["name"].rstrip("/").rsplit("/", 1)[-1]
+        for e in fs.ls(path, detail=True)
+        if e["type"] == "directory"
+    )
+
+
+def _devkit_labels(fs, url: str, path: str, classes: list[str]) -> dict[str, str] | None:
+    """{validation file stem: wnid} from the ILSVRC devkit (ground truth + meta.mat) or the
+    Kaggle copy's LOC_val_solution.csv, looked for in the dataset folder and up to three
+    folders above it; None when neither is there."""
+    parts = path.rstrip("/").split("/")
+    roots = ["/".join(parts[: len(parts) - k]) or "/" for k in range(4) if len(parts) - k > 0]
+    for root in roots:
+        csv = join(root, "LOC_val_solution.csv")
+        if fs.exists(csv):
+            out = {}
+            for n, line in enumerate(fs.cat_file(csv).decode().splitlines()[1:], 2):
+                if not line.strip():
+                    continue
+                image, _, boxes = line.partition(",")
+                wnid = boxes.split()[0] if boxes.split() else ""
+                if wnid not in classes:
+                    raise SourceError(f"{csv}:{n}: class {wnid!r} is not a train folder")
+                out[image.strip()] = wnid
+            return out
+        for data in (
+            join(root, "ILSVRC2012_devkit_t12", "data"),
+            join(root, "devkit", "data"),
+            root,
+        ):
+            truth = join(data, "ILSVRC2012_validation_ground_truth.txt")
+            if fs.exists(truth):
+                meta = join(data, "meta.mat")
+                if not fs.exists(meta):
+                    raise SourceError(
+                        f"{truth}: needs the devkit's meta.mat beside it (ids -> wnids)"
+                    )
+                from scipy.io import loadmat
+
+                synsets = loadmat(io.BytesIO(fs.cat_file(meta)), squeeze_me=True)["synsets"]
+                wnid_of = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
+                ids = [int(x) for x in fs.cat_file(truth).decode().split()]
+                return {f"ILSVRC2012_val_{i:08d}": wnid_of[k] for i, k in enumerate(ids, 1)}
+    return None
+
+
+def imagenet_source(url: str, endpoint_url: str = "") -> FileSource:
+    """train/<wnid>/ images; val/ as class folders, or flat with the devkit's or Kaggle's ground
+    truth. Classes: the train folders' wnids, sorted (torchvision's order). val becomes "test"."""
+    fs, path = filesystem(url, endpoint_url)
+    if not (fs.isdir(join(path, "train")) and fs.isdir(join(path, "val"))):
+        raise SourceError(f"{url}: expected train/<wnid>/ and val/ folders (ImageNet's layout)")
+    train = folder_source(join(url, "train"), endpoint_url)
+    classes, index = train.classes, {c: i for i, c in enumerate(train.classes)}
+    protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
+    val_path = join(path, "val")
+    folders = _wnid_folders(fs, val_path)
+    records = []
+    if folders:
+        unknown = sorted(set(folders) - set(classes))
+        if unknown:
+            raise SourceError(f"{url}/val: class folders not in train: {', '.join(unknown[:5])}")
+        for wnid in folders:
+            for f in sorted(fs.find(join(val_path, wnid))):
+                if _ext(f) in IMAGE_EXTS:
+                    stem = f.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+                    records.append(Record(stem, (index[wnid],), protocol + f))
+    else:
+        truth = _devkit_labels(fs, url, path, classes)
+        if truth is None:
+            raise SourceError(
+                f"{url}/val is flat: needs LOC_val_solution.csv (Kaggle) or the ILSVRC devkit's "
+                "ILSVRC2012_validation_ground_truth.txt and meta.mat, in the dataset folder or above"
+            )
+        for f in sorted(fs.find(val_path)):
+            if _ext(f) not in IMAGE_EXTS:
+                continue
+            stem = f.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+            if stem not in truth:
+                raise SourceError(f"{protocol + f}: no ground truth for {stem}")
+            records.append(Record(stem, (index[truth[stem]],), protocol + f))
+    if not records:
+        raise SourceError(f"{url}/val: no images")
+    splits = {"train": train.splits["train"], "test": records}
+    return FileSource(url, classes, False, 3, None, splits, "imagenet", endpoint_url)
+
+
+FORMATS = ("idx", "folder", "digits", "jsonl", "cifar", "npz", "imagenet")
 
 
 def open_source(url: str, fmt: str = "auto", endpoint_url: str = "") -> Source:
@@ -261,6 +521,12 @@ def open_source(url: str, fmt: str = "auto", endpoint_url: str = "") -> Source:
         return folder_source(url, endpoint_url)
     if fmt == "jsonl":
         return jsonl_source(url, endpoint_url)
+    if fmt == "cifar":
+        return cifar_source(url, endpoint_url)
+    if fmt == "npz":
+        return npz_source(url, endpoint_url)
+    if fmt == "imagenet":
+        return imagenet_source(url, endpoint_url)
     raise SourceError(f"{url}: unknown source format {fmt!r}; allowed: auto, {', '.join(FORMATS)}")
 
 
@@ -276,6 +542,12 @@ def _guess_format(url: str, endpoint_url: str) -> str:
         names = [n.rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)]
         if any("idx3-ubyte" in n for n in names):
             return "idx"
+        if "data_batch_1.bin" in names or "train.bin" in names:
+            return "cifar"
+        if "val_data.npz" in names:
+            return "npz"
+        if "train" in names and "val" in names:
+            return "imagenet"
         return "folder"
     raise SourceError(
         f"{url}: cannot tell the source format; pass --format, one of {', '.join(FORMATS)}"
