@@ -94,9 +94,20 @@ class TrainConfig:
     # Seconds a collective (loss average, NaN agreement, cursor gather) may wait for the slowest
     # rank before the job stops with an error naming what it waited for.
     collective_timeout_s: float = 600.0
+    # Every this many steps (and at the end), the loss and the objective's metric on at most
+    # validate_samples images of data.val_split (top-1, precision@1, bits/dim); 0: never.
+    validate_every_steps: int = 0
+    validate_samples: int = 1024
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        require(
+            self.validate_every_steps >= 0, "validate_every_steps", self.validate_every_steps,
+            "must be >= 0 (0: never)",
+        )  # fmt: skip
+        require(
+            self.validate_samples >= 1, "validate_samples", self.validate_samples, "must be >= 1"
+        )
         require(
             self.collective_timeout_s > 0,
             "collective_timeout_s",

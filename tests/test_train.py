@@ -295,11 +295,21 @@ def test_single_process_pretraining_learns_checkpoints_and_logs(tmp_path, digits
         digits_url,
         model={"pool": "avg"},
         optim={"schedule": "constant"},
-        train={"steps": 60},
+        train={"steps": 60, "validate_every_steps": 20, "validate_samples": 100},
         checkpoint={"every_steps": 10},
     )
     out = finish(pretrain(config))
     got = losses(out)
+    # Validation: 7 batches of 16 (at least 100 images) of the val split at steps 20, 40, 60.
+    val = {
+        int(m[1]): (float(m[2]), float(m[3]))
+        for m in re.finditer(
+            r"^validation at step (\d+): accuracy ([0-9.]+) loss ([0-9.]+) \(112 images of val\)",
+            out, re.M,
+        )
+    }  # fmt: skip
+    assert sorted(val) == [20, 40, 60], out[-3000:]
+    assert val[60][1] < val[20][1] and val[60][0] > val[20][0], val
     assert sorted(got) == list(range(1, 61))
     first, last = sum(got[s] for s in range(1, 6)) / 5, sum(got[s] for s in range(51, 61)) / 10
     assert last < first - 0.05, out[-2000:]
@@ -325,6 +335,12 @@ def test_single_process_pretraining_learns_checkpoints_and_logs(tmp_path, digits
     } <= tags
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 61))
     assert "images/attention_rollout" in events.Tags()["images"]
+    validation = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "validation"))
+    validation.Reload()
+    assert {"val/loss", "val/accuracy"} == set(validation.Tags()["scalars"])
+    assert [(e.step, round(e.value, 4)) for e in validation.Scalars("val/loss")] == [
+        (step, val[step][1]) for step in (20, 40, 60)
+    ]
 
 
 @pytest.mark.slow
@@ -361,24 +377,30 @@ def test_two_ranks_under_the_deepspeed_launcher_resume_exactly(
     tmp_path, digits_url, zero, checkpointing
 ):
     model = {"grad_checkpointing": checkpointing}
+    sections = dict(
+        deepspeed={"zero_stage": zero}, model=model,
+        train={"validate_every_steps": 4, "validate_samples": 64},
+    )  # fmt: skip
     clean_dir, run_dir = tmp_path / "clean", tmp_path / "killed"
     clean_dir.mkdir()
     run_dir.mkdir()
-    clean = losses(
-        finish(
-            pretrain(
-                write_config(clean_dir, digits_url, deepspeed={"zero_stage": zero}, model=model),
-                ranks=2,
-            )
-        )
-    )
-    config = write_config(run_dir, digits_url, deepspeed={"zero_stage": zero}, model=model)
+    clean_out = finish(pretrain(write_config(clean_dir, digits_url, **sections), ranks=2))
+    clean = losses(clean_out)
+    config = write_config(run_dir, digits_url, **sections)
     proc = pretrain(config, ranks=2)
     kill_when(proc, run_dir / "run" / "checkpoints" / "step-0000004" / "COMPLETE")
     out = finish(pretrain(config, ranks=2))
     resumed = losses(out)
     assert min(resumed) >= 5 and max(resumed) == 12
     assert all(resumed[s] == clean[s] for s in resumed), (resumed, clean)
+    # Validation on both ranks' shares (64 images: 2 batches of 16 on each), the same after
+    # the resume as without it.
+    line = re.compile(r"^validation at step (\d+): (.*\(64 images of val\))$", re.M)
+    clean_val = dict(line.findall(clean_out))
+    assert sorted(clean_val, key=int) == ["4", "8", "12"], clean_out[-3000:]
+    assert {k: v for k, v in line.findall(out) if int(k) > 4} == {
+        k: v for k, v in clean_val.items() if int(k) > 4
+    }
     shards = list((run_dir / "run" / "checkpoints" / "step-0000012").glob("*optim_states.pt"))
     assert len(shards) == 2  # one ZeRO shard per rank
     # One process, no DeepSpeed ranks, gathers the shards into one model.
@@ -428,6 +450,14 @@ def test_config_errors_stop_pretrain_before_any_work(tmp_path, digits_url):
         in proc.stderr
     )
     assert not (tmp_path / "run").exists()
+    config = write_config(
+        tmp_path, digits_url, train={"validate_every_steps": 5}, data={"val_split": "nope"}
+    )
+    proc = subprocess.run(
+        [TESSERA, "pretrain", str(config)], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert proc.returncode == 2 and "train.validate_every_steps reads data.val_split" in proc.stderr
+    assert "no split 'nope'" in proc.stderr, proc.stderr[-2000:]
 
 
 if __name__ == "__main__":

@@ -103,6 +103,13 @@ def igpt_bert(
 
 Objective = Callable[..., tuple[torch.Tensor, Metrics]]
 
+OBJECTIVE_METRICS: dict[str, tuple[str, ...]] = {  # what each objective's metrics hold
+    "supervised": ("loss", "accuracy"),
+    "supervised-sigmoid": ("loss", "precision_at_1"),
+    "igpt-ar": ("loss", "bits_per_dim"),
+    "igpt-bert": ("loss", "bits_per_dim"),
+}
+
 OBJECTIVES: dict[str, Objective] = {
     "supervised": supervised,
     "supervised-sigmoid": supervised_sigmoid,

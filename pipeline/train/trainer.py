@@ -26,6 +26,7 @@ import torch
 
 from pipeline import runs
 from pipeline.config import RunConfig, config_to_raw
+from pipeline.data.shards import DatasetError, load_manifest
 from pipeline.data.stream import Stream, stream_config
 from pipeline.data.transforms import model_input
 from pipeline.errors import (
@@ -52,7 +53,7 @@ from pipeline.train.engine import (
 )
 from pipeline.train.export import Weights, read_weights_for
 from pipeline.train.lease import Lease
-from pipeline.train.objectives import OBJECTIVES
+from pipeline.train.objectives import OBJECTIVE_METRICS, OBJECTIVES
 from pipeline.train.visuals import completion_panel, rollout_panel, save_panel
 
 MAX_NONFINITE_IN_A_ROW = 5
@@ -173,6 +174,9 @@ class Trainer:
             if start is not None:
                 self._resume(start, universal)
             self.writer = self._build_writer()
+            self.val_writer = None  # tensorboard/validation: a run of its own beside training
+            if run.train.validate_every_steps:
+                self.val_writer = self._build_writer(str(Path("tensorboard") / "validation"))
         except BaseException:
             if self.lease:
                 self.lease.release()
@@ -238,6 +242,15 @@ class Trainer:
             )
 
     def _build_input(self) -> TrainingInput:
+        if self.run.train.validate_every_steps:  # the split exists, before any work
+            manifest = load_manifest(self.run.data.url, self.endpoint)
+            try:
+                manifest.split(self.run.data.val_split)
+            except DatasetError as e:
+                raise ConfigError(
+                    f"train.validate_every_steps reads data.val_split: {e} (carve one with "
+                    "`tessera prepare --val-fraction`)"
+                ) from None
         source = stream_config(self.run, self.run.data.train_split, self.micro, train=True)
         if self.run.data.ingest == "ray-data":
             from pipeline.data.ray_ingest import RayDataInput
@@ -297,13 +310,13 @@ class Trainer:
         peak = run.logging.peak_tflops * 1e12 or measure_peak_flops(self.dtype, self.engine.device)
         self.peak_flops = peak
 
-    def _build_writer(self):
+    def _build_writer(self, folder: str = "tensorboard"):
         if self.rank != 0 or not self.run.logging.tensorboard:
             return None
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: after a resume, events past the checkpoint are dropped: one curve.
-        return SummaryWriter(str(self.output / "tensorboard"), purge_step=self.step)
+        return SummaryWriter(str(self.output / folder), purge_step=self.step)
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -670,6 +683,11 @@ class Trainer:
                 every = run.logging.images_every_steps
                 if (every and self.step % every == 0) or self.step == run.train.steps:
                     self._log_images()
+                every = run.train.validate_every_steps
+                if every and (self.step % every == 0 or self.step == run.train.steps):
+                    began = time.perf_counter()
+                    self.validate()
+                    t_window += time.perf_counter() - began  # not training's time
                 saved = self.step % run.checkpoint.every_steps == 0 or self.step == run.train.steps
                 if saved:
                     began = time.perf_counter()
@@ -689,6 +707,49 @@ class Trainer:
                 signal.signal(signal.SIGTERM, previous)
             if self.writer:
                 self.writer.flush()
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """The objective's loss and own metric (top-1, precision@1, bits/dim) on at most
+        train.validate_samples images of data.val_split: every rank reads its share, in eval mode;
+        iGPT-BERT's masks come from a fixed seed, so every validation sees the same ones. Logged,
+        and written to tensorboard/validation as val/<name>; returns {name: mean}."""
+        run = self.run
+        cfg = stream_config(run, run.data.val_split, self.micro, train=False)
+        stream = Stream(dataclasses.replace(cfg, workers=0), self.rank, self.world)
+        batches = math.ceil(run.train.validate_samples / (self.micro * self.world))
+        gen = torch.Generator(device=self.engine.device).manual_seed(run.train.seed)
+        was_training = self.engine.module.training
+        self.engine.eval()
+        sums: dict[str, float] = {}
+        images = 0
+        for i, raw in enumerate(stream.iter_epoch()):
+            if i == batches:  # the same count on every rank: ZeRO-3 gathers in every forward
+                break
+            n = len(raw["key"])
+            _, metrics = self.objective(
+                self.engine, self._to_device(raw), mask_prob=run.train.mask_prob, generator=gen
+            )
+            if n:
+                images += n
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * n
+        self.engine.train(was_training)
+        names = sorted(OBJECTIVE_METRICS[run.train.objective])
+        totals = self.comm.sum([images, *(sums.get(k, 0.0) for k in names)], "validation sums")
+        images, means = int(totals[0]), {}
+        if images:
+            means = {k: v / images for k, v in zip(names, totals[1:], strict=True)}
+        if self.rank == 0:
+            shown = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+            self.log(
+                f"validation at step {self.step}: {shown} ({images} images of {run.data.val_split})"
+            )
+            if self.val_writer:
+                for k, v in means.items():
+                    self.val_writer.add_scalar(f"val/{k}", v, self.step)
+                self.val_writer.flush()
+        return means
 
     def _note_blocked(self, seconds: float) -> None:
         """Time the training thread stood still for checkpoints: in total (`blocked_s`, read by
@@ -771,6 +832,8 @@ class Trainer:
                 raise
             idle = True
             self.log(f"warning: {self.behind.name} not complete: {e!r}")
+        if getattr(self, "val_writer", None):
+            self.val_writer.close()
         if self.writer:
             self.writer.close()
             if clean:
