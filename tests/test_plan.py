@@ -38,7 +38,7 @@ ACTIVATION_CASES = [
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize(("name", "objective", "batch", "precision", "model"), ACTIVATION_CASES)
-def test_activation_memory_is_within_15_percent_of_the_allocators_peak(
+def test_activation_memory_is_within_10_percent_of_the_allocators_peak(
     name, objective, batch, precision, model, checkpointing
 ):
     raw = {
@@ -68,7 +68,7 @@ def test_activation_memory_is_within_15_percent_of_the_allocators_peak(
     # On CPU in bf16 attention is explicit and keeps its s x s probabilities.
     fused = uses_fused_attention(torch.device("cpu"), next(net.parameters()).dtype)
     planned = activation_bytes(run, batch, checkpointing, fused_attention=fused)
-    assert 0.85 < planned / measured < 1.15, (planned, measured)
+    assert 0.9 < planned / measured < 1.1, (planned, measured)
 
 
 @pytest.mark.slow
