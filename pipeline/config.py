@@ -213,6 +213,7 @@ class LoggingConfig:
     tensorboard: bool = True
     images_every_steps: int = 0  # attention maps / completions; 0: only at the end
     peak_tflops: float = 0.0  # device peak for MFU; 0: measure the matmul roof at start
+    log_scale_loss: bool = False  # curves.png: losses on a logarithmic axis
 
     def __post_init__(self) -> None:
         require(self.every_steps >= 1, "every_steps", self.every_steps, "must be >= 1")

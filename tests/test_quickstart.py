@@ -138,7 +138,7 @@ def test_quickstart_interrupted_resumed_and_reused(quickstart):
         assert table in out  # printed at the end of the job
         assert f"tensorboard --logdir {run}/tensorboard" in out
         with Image.open(run / "curves.png") as curves:
-            assert curves.size[0] == 640
+            assert curves.size == (1280, 640)  # pretraining beside finetuning; the lr
     finetuned = [r for r in read_rows(vit) if r.evaluator == "finetune"]
     assert len(finetuned) == 1 and finetuned[0].target == "fashion-mnist:test"
     assert list((vit / "images").glob("attention_rollout-step-0000100.png"))

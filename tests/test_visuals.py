@@ -1,5 +1,6 @@
 """TensorBoard pictures: attention rollout and ImageGPT completions."""
 
+import numpy as np
 import torch
 
 from pipeline.data.palette import Palette
@@ -113,3 +114,25 @@ def test_a_cached_32px_completion_costs_far_fewer_model_flops():
     plain = (t - t // 2) * counted(lambda: model(tokens))
     assert plain / cached >= 10, (plain, cached)  # the issue's bar
     print(f"32x32 completion: {plain / cached:.0f}x fewer model FLOPs with the cache")
+
+
+def test_curves_are_drawn_with_labelled_axes_two_panels_a_row_and_an_optional_log_scale(tmp_path):
+    from PIL import Image
+
+    from pipeline.train.visuals import curves_png
+
+    loss = [(s, 3.0 * 0.9**s) for s in range(1, 60)]
+    panels = {
+        "pretraining loss": {"training": loss, "validation": [(20, 1.0), (40, 0.2)]},
+        "finetuning loss": {"training": loss[:20], "validation": []},
+        "learning rate": {"pretraining": [(s, 1e-3) for s in range(1, 60)]},
+        "nothing yet": {"training": []},  # left out
+    }
+    curves_png(panels, tmp_path / "a.png", title="run")
+    curves_png(panels, tmp_path / "b.png", title="run", log_scale=("pretraining loss",))
+    with Image.open(tmp_path / "a.png") as a, Image.open(tmp_path / "b.png") as b:
+        assert a.size == b.size == (1280, 640)  # three panels: two rows of two
+        pa, pb = np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))
+        assert len(np.unique(pa.reshape(-1, 3), axis=0)) > 10  # drawn, antialiased
+        first = (slice(0, 320), slice(0, 640))
+        assert not np.array_equal(pa[first], pb[first])  # the log axis redraws the first panel

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -375,25 +376,38 @@ def run_job(run: RunConfig) -> str:
 
 
 def write_curves(run: RunConfig) -> str:
-    """curves.png in the run folder: pretraining loss and learning rate, finetuning loss."""
+    """curves.png in the run folder: pretraining loss (and validation loss), finetuning loss
+    beside it, the learning rate (logging.log_scale_loss: losses on a log axis)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from pipeline.train.visuals import curves_png
 
+    def scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+        if not folder.is_dir():
+            return []
+        events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        events.Reload()
+        if tag not in events.Tags()["scalars"]:
+            return []
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
     local = runs.local_dir(run.train.output)
-    series: dict[str, list[tuple[int, float]]] = {}
-    for label, folder, tag in (
-        ("pretraining loss", local / "tensorboard", "train/loss"),
-        ("learning rate", local / "tensorboard", "train/lr"),
-        ("finetuning loss", runs.local_dir(finetune_output(run)) / "tensorboard", "train/loss"),
-    ):
-        if folder.is_dir():
-            events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-            events.Reload()
-            if tag in events.Tags()["scalars"]:
-                series[label] = [(e.step, e.value) for e in events.Scalars(tag)]
+    board, tuned = local / "tensorboard", runs.local_dir(finetune_output(run)) / "tensorboard"
+    panels = {
+        "pretraining loss": {
+            "training": scalars(board, "train/loss"),
+            "validation": scalars(board / "validation", "val/loss"),
+        },
+        "finetuning loss": {
+            "training": scalars(tuned, "train/loss"),
+            "validation": scalars(tuned / "validation", "val/loss"),
+        },
+        "learning rate": {"pretraining": scalars(board, "train/lr")},
+    }
     path = local / "curves.png"
-    curves_png(series, path, title=f"{run.name} ({run.model.name}, {run.train.objective})")
+    log_scale = ("pretraining loss", "finetuning loss") if run.logging.log_scale_loss else ()
+    title = f"{run.name} ({run.model.name}, {run.train.objective})"
+    curves_png(panels, path, title=title, log_scale=log_scale)
     if runs.is_remote(run.train.output):
         fs, remote = filesystem(run.train.output, run.data.endpoint_url)
         fs.put_file(str(path), join(remote, "curves.png"))

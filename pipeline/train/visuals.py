@@ -1,5 +1,5 @@
 """Pictures of a run: ViT attention rollout, ImageGPT completions (for TensorBoard and PNG files),
-and training curves as PNG. Single-device code."""
+and training curves as PNG (matplotlib, Agg). Single-device code."""
 
 from __future__ import annotations
 
@@ -105,38 +105,42 @@ def save_panel(panel: torch.Tensor, path) -> None:
     image.save(path)
 
 
-def curves_png(series: dict[str, list[tuple[int, float]]], path, title: str = "") -> None:
-    """Line plots, one panel per named series of (step, value), drawn with PIL (no plotting
-    library): axes with the first and last step and the value range, and the curve."""
+def curves_png(
+    panels: dict[str, dict[str, list[tuple[int, float]]]], path, title: str = "",
+    log_scale: tuple[str, ...] = (),
+) -> None:  # fmt: skip
+    """Training curves with matplotlib (Agg): one panel per entry of `panels` (its title ->
+    {curve label: [(step, value)]}), two panels a row, axes labelled (step; the panel's title),
+    panels named in `log_scale` on a logarithmic y axis. Empty panels are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: a file, on any machine
+    import matplotlib.pyplot as plt
+
+    shown = {name: curves for name, curves in panels.items() if any(curves.values())}
+    columns = 2 if len(shown) > 1 else 1
+    rows = max(1, -(-len(shown) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(6.4 * columns, 3.2 * rows), squeeze=False)
+    for ax, (name, curves) in zip(axes.flat, shown.items(), strict=False):
+        for label, points in curves.items():
+            if points:
+                steps, values = zip(*sorted(points), strict=True)
+                ax.plot(steps, values, label=label, marker="o" if len(steps) < 20 else None)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        if name in log_scale:
+            ax.set_yscale("log")
+        if len(curves) > 1:
+            ax.legend()
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(shown) :]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     from pathlib import Path
 
-    from PIL import Image, ImageDraw
-
-    names = [n for n, points in series.items() if points]
-    width, panel_h, margin = 640, 220, 56
-    image = Image.new("RGB", (width, max(1, len(names)) * panel_h + 30), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((margin, 8), title, fill="black")
-    for k, name in enumerate(names):
-        points = sorted(series[name])
-        steps, values = [p[0] for p in points], [p[1] for p in points]
-        top = 30 + k * panel_h
-        x0, x1, y0, y1 = margin, width - 16, top + 20, top + panel_h - 30
-        lo, hi = min(values), max(values)
-        span, first, last = (hi - lo) or 1.0, steps[0], steps[-1]
-        draw.rectangle((x0, y0, x1, y1), outline="black")
-        draw.text((x0, top + 4), name, fill="black")
-        draw.text((4, y0), f"{hi:.3g}", fill="black")
-        draw.text((4, y1 - 10), f"{lo:.3g}", fill="black")
-        draw.text((x0, y1 + 4), f"step {first}", fill="black")
-        draw.text((x1 - 80, y1 + 4), f"step {last}", fill="black")
-        xy = [
-            (x0 + (x1 - x0) * (s - first) / max(last - first, 1), y1 - (y1 - y0) * (v - lo) / span)
-            for s, v in points
-        ]
-        if len(xy) == 1:
-            draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill="blue")
-        else:
-            draw.line(xy, fill="blue", width=2)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
