@@ -233,9 +233,15 @@ class FinetuneConfig:
     init: str = ""  # an exported model, a complete checkpoint or a run folder; empty: from scratch
     head_init: float = 0.0  # new head: 0 zero weights (ViT paper); s > 0 normal std s (MAE: 2e-5)
     keep_head: bool = False  # keep the pretrained head (the same labels, e.g. sigmoid -> softmax)
+    # Autoregressive ImageGPT: add this weight x the next-pixel NLL to the classification loss
+    # (the ImageGPT paper's finetuning, L_CLF + L_GEN); 0: classification alone.
+    generative_weight: float = 0.0
 
     def __post_init__(self) -> None:
         require(self.head_init >= 0, "head_init", self.head_init, "must be >= 0")
+        require(
+            self.generative_weight >= 0, "generative_weight", self.generative_weight, "must be >= 0"
+        )
 
 
 Evaluator = Literal["linear_probe", "fewshot", "knn", "finetune", "pixels"]

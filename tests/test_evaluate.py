@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -117,7 +118,8 @@ def test_weights_of_another_size_do_not_fit():
     resized = model_config("vit-micro-p4", image_size=16, num_classes=3)
     assert weights_mismatch(micro, resized) == []  # resampled embeddings, a new head
     igpt = model_config("igpt-micro")
-    assert weights_mismatch(igpt, model_config("igpt-micro", image_size=8))  # no resampling
+    assert weights_mismatch(igpt, model_config("igpt-micro", image_size=8)) == []  # resampled
+    assert weights_mismatch(igpt, model_config("igpt-micro", vocab_size=16))  # another palette
     assert weights_mismatch(micro, igpt) == ["family vit != igpt"]
 
 
@@ -381,10 +383,15 @@ def test_imagegpt_layer_sweep_finetune_and_the_untrained_baseline(tmp_path, digi
         train={"objective": "igpt-ar", "steps": 30},
         optim={"lr": 3e-3, "schedule": "constant"},
         checkpoint={"every_steps": 30},
-        eval={"evaluators": ["linear_probe", "finetune"], "layers": [0, 1], "finetune_steps": 10},
+        eval={"evaluators": ["linear_probe", "finetune"], "layers": [0, 1], "finetune_steps": 10,
+              "finetune": ["finetune.generative_weight=0.5"]},  # with the paper's L_GEN
     )  # fmt: skip
     finish(pretrain(config))
-    run_tessera("evaluate", config)
+    done = run_tessera("evaluate", config)
+    trained_out = done.stdout + done.stderr
+    assert re.search(r"classification_loss [0-9.]+ bits_per_dim [0-9.]+", trained_out), trained_out[
+        -2000:
+    ]
     out = run_tessera("evaluate", config, "--model", "untrained").stdout
     rows = read_rows(tmp_path / "run")
     trained = {(r.evaluator, r.layer) for r in rows if r.pretrain_steps == 30}

@@ -83,3 +83,20 @@ def test_supervised_losses_accept_multi_hot_labels(name):
     loss, metrics = OBJECTIVES[name](model, {"image": torch.randn(2, 3, 32, 32), "label": labels})
     assert torch.isfinite(loss) and loss.requires_grad
     assert all(torch.isfinite(v) for v in metrics.values())
+
+
+def test_imagegpt_finetuning_adds_the_generative_loss_of_the_same_pass():
+    """L = L_CLF + w L_GEN (the ImageGPT paper's finetuning): the classification loss as without
+    it, the next-pixel NLL as igpt-ar computes it, from one forward."""
+    torch.manual_seed(0)
+    model = create_model("igpt-micro", image_size=8, vocab_size=16, num_classes=3)
+    torch.nn.init.normal_(model.head.weight, std=0.1)
+    batch = {"tokens": torch.randint(0, 16, (4, 64)), "label": torch.tensor([0, 1, 2, 1])}
+    plain, _ = OBJECTIVES["supervised"](model, batch)
+    gen, _ = OBJECTIVES["igpt-ar"](model, batch)
+    both, metrics = OBJECTIVES["supervised"](model, batch, generative_weight=0.5)
+    assert torch.allclose(both, plain + 0.5 * gen, atol=1e-5)
+    assert torch.allclose(metrics["classification_loss"], plain, atol=1e-6)
+    assert torch.allclose(metrics["bits_per_dim"], gen / math.log(2), atol=1e-6)
+    both.backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0  # the generative loss trains the lm head

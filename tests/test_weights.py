@@ -169,3 +169,18 @@ def test_an_export_cut_short_leaves_no_model_and_changed_weights_are_refused(tmp
     (tmp_path / weights.WEIGHTS_FILE).write_bytes(data)
     with pytest.raises(ValueError, match=r"sha256 is not the one model\.json records"):
         load_model(str(tmp_path))
+
+
+def test_imagegpt_finetunes_at_a_new_resolution_with_its_raster_embeddings_resampled(tmp_path):
+    from pipeline.models import load_pretrained
+    from pipeline.models.registry import weights_mismatch
+
+    torch.manual_seed(0)
+    small = create_model("igpt-micro", image_size=8, vocab_size=16)
+    big = create_model("igpt-micro", image_size=12, vocab_size=16, num_classes=5)
+    assert weights_mismatch(small.cfg, big.cfg) == []
+    load_pretrained(big, small.state_dict())
+    assert big.pos_embed.shape == (1, 1 + 144, small.cfg.width)
+    assert torch.equal(big.pos_embed[:, 0], small.pos_embed[:, 0])  # the start token's, kept
+    assert torch.equal(big.tok_embed.weight, small.tok_embed.weight)
+    assert big(torch.randint(0, 16, (2, 144)), head="classes").shape == (2, 5)

@@ -120,17 +120,22 @@ class ImageGPT(Backbone):
 
     def forward(self, tokens: torch.Tensor, head: str = "lm") -> torch.Tensor:
         """Token ids (B, T) -> palette logits (B, T, K), where logits[:, i] predicts pixel i;
-        head="classes": class logits (B, num_classes) from the average-pooled tokens (finetuning).
+        head="classes": class logits (B, num_classes) from the average-pooled tokens (finetuning);
+        head="both": (class logits, palette logits) from one pass.
 
         Causal: position i reads the start token and pixels < i. Bidirectional: position i reads
         every (possibly masked) pixel and predicts its own.
         """
         if head == "classes":
             return self.classify(tokens)
-        if head != "lm":
-            raise ValueError(f"ImageGPT heads are 'lm' and 'classes', not {head!r}")
-        logits = self.lm_head(self.forward_features(tokens))
-        return logits[:, :-1] if self.cfg.causal else logits[:, 1:]
+        if head not in ("lm", "both"):
+            raise ValueError(f"ImageGPT heads are 'lm', 'classes' and 'both', not {head!r}")
+        features = self.forward_features(tokens)
+        logits = self.lm_head(features)
+        logits = logits[:, :-1] if self.cfg.causal else logits[:, 1:]
+        if head == "both":  # one pass for finetuning with the generative loss beside
+            return self.forward_head(features), logits
+        return logits
 
     @torch.no_grad()
     def sample(

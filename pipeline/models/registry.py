@@ -104,11 +104,14 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
 
 
 # Fields a finetune may change on pretrained weights; every other field shapes the weights.
-# (A ViT's position embeddings are resampled to a new image size; ImageGPT's sequence is not.)
+# (Position embeddings are resampled to a new image size: a ViT's patch grid, ImageGPT's raster.)
 ADAPTABLE = {
     "vit": {"name", "image_size", "num_classes", "head_bias", "drop_path", "grad_checkpointing"},
-    "igpt": {"name", "num_classes", "head_bias", "drop_path", "grad_checkpointing", "causal"},
-}
+    "igpt": {
+        "name", "image_size", "num_classes", "head_bias", "drop_path", "grad_checkpointing",
+        "causal",
+    },
+}  # fmt: skip
 
 
 def weights_mismatch(saved: ModelConfig, wanted: ModelConfig) -> list[str]:

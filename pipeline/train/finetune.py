@@ -76,6 +76,14 @@ def finetune(
     if not run.finetune.init and not scratch:
         raise ConfigError("finetune.init: is empty; name the pretrained weights to start from")
     check_classes(run)
+    if run.finetune.generative_weight and not (
+        run.model.family == "igpt" and run.model.causal and run.train.objective == "supervised"
+    ):
+        raise ConfigError(
+            "finetune.generative_weight adds the next-pixel loss: it needs an autoregressive "
+            f"ImageGPT (model.causal: true) and train.objective supervised; this run has "
+            f"{run.model.name} with {run.train.objective}"
+        )
     trainer = Trainer(run, resume=resume, log=log, drain_notice=drain_notice, restart=restart)
     try:
         split = run.data.val_split

@@ -36,9 +36,20 @@ def class_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(inputs, head="classes").float()
 
 
-def supervised(model: nn.Module, batch: dict, **_: object) -> tuple[torch.Tensor, Metrics]:
-    """Softmax cross-entropy; multi-hot labels become a uniform target over their classes."""
-    logits = class_logits(model, batch)
+def supervised(
+    model: nn.Module, batch: dict, generative_weight: float = 0.0, **_: object
+) -> tuple[torch.Tensor, Metrics]:
+    """Softmax cross-entropy; multi-hot labels become a uniform target over their classes.
+
+    generative_weight > 0 (an autoregressive ImageGPT): plus that weight times the next-pixel
+    NLL of the same pass, as the ImageGPT paper finetunes (L_CLF + L_GEN)."""
+    generative = None
+    if generative_weight > 0:
+        logits, lm = model(batch["tokens"], head="both")
+        logits = logits.float()
+        generative = F.cross_entropy(lm.float().flatten(0, 1), batch["tokens"].flatten())
+    else:
+        logits = class_logits(model, batch)
     labels = batch["label"]
     if labels.ndim == 2:
         target = labels.float() / labels.float().sum(1, keepdim=True).clamp_min(1)
@@ -47,7 +58,13 @@ def supervised(model: nn.Module, batch: dict, **_: object) -> tuple[torch.Tensor
     else:
         loss = F.cross_entropy(logits, labels)
         correct = logits.argmax(-1) == labels
-    return loss, {"loss": loss.detach(), "accuracy": correct.float().mean()}
+    metrics = {"loss": loss.detach(), "accuracy": correct.float().mean()}
+    if generative is not None:
+        metrics["classification_loss"] = loss.detach()
+        metrics["bits_per_dim"] = generative.detach() / LN2
+        loss = loss + generative_weight * generative
+        metrics["loss"] = loss.detach()
+    return loss, metrics
 
 
 def supervised_sigmoid(model: nn.Module, batch: dict, **_: object) -> tuple[torch.Tensor, Metrics]:

@@ -306,6 +306,10 @@ class Trainer:
         )
         self.dtype = next(self.engine.module.parameters()).dtype
         self.objective = OBJECTIVES[run.train.objective]
+        self._objective_args = {
+            "mask_prob": run.train.mask_prob,
+            "generative_weight": run.finetune.generative_weight,
+        }
         self.flops_per_sample = run.model.train_flops()
         peak = run.logging.peak_tflops * 1e12 or measure_peak_flops(self.dtype, self.engine.device)
         self.peak_flops = peak
@@ -598,7 +602,7 @@ class Trainer:
             torch.manual_seed(seed)
             gen = torch.Generator(device=self.engine.device).manual_seed(seed)
             loss, metrics = self.objective(
-                self.engine, batch, mask_prob=self.run.train.mask_prob, generator=gen
+                self.engine, batch, generator=gen, **self._objective_args
             )
             if not torch.isfinite(loss).item():
                 poisoned = True
@@ -728,7 +732,7 @@ class Trainer:
                 break
             n = len(raw["key"])
             _, metrics = self.objective(
-                self.engine, self._to_device(raw), mask_prob=run.train.mask_prob, generator=gen
+                self.engine, self._to_device(raw), generator=gen, **self._objective_args
             )
             if n:
                 images += n
