@@ -42,6 +42,24 @@ def test_linear_probe_finds_a_linear_signal_and_not_noise():
     assert probes.logistic_probe(*noise(), classes=8)[0] < 0.25  # chance is 0.125
 
 
+def test_multilabel_probe_finds_the_signal_and_not_noise():
+    """JFT-style targets: precision@1 and mAP of per-class sigmoids; features that carry the
+    labels score near 1, noise near the positive rate."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1500, 16)).astype(np.float32)
+    y = (x[:, :6] > 0.7).astype(np.float32)  # 6 classes, ~24% positive each, several per image
+    y[y.sum(1) == 0, 0] = 1  # every image has a label
+    train, test = (x[:1000], y[:1000]), (x[1000:], y[1000:])
+    scores, info = probes.multilabel_probe(train, test, classes=6)
+    assert scores["mAP"] > 0.9 and scores["precision_at_1"] > 0.9, scores
+    assert info["l2"] in probes.LOGISTIC_L2 and 0 < info["holdout_mAP"] <= 1
+    noise = rng.normal(size=(1500, 16)).astype(np.float32)
+    blind, _ = probes.multilabel_probe(
+        (noise[:1000], y[:1000]), (noise[1000:], y[1000:]), classes=6
+    )
+    assert blind["mAP"] < 0.5, blind
+
+
 def test_fewshot_and_knn_find_the_signal_and_not_noise():
     scores = probes.fewshot(*separable(), classes=8, shots=[1, 5], seeds=3)
     assert set(scores) == {1, 5} and all(len(s) == 3 for s in scores.values())
@@ -226,6 +244,47 @@ def test_evaluate_writes_every_evaluator_and_the_pixel_baseline(pretrained):
     again = run_tessera("evaluate", config, "--set", "eval.evaluators=[linear_probe]").stdout
     assert "features train" not in again
     assert len(read_rows(run)) == len(rows)
+
+
+@pytest.mark.slow
+def test_a_multi_label_target_gets_precision_at_1_and_mean_average_precision(pretrained, tmp_path):
+    """A JSONL target with two labels an image (the digit and its parity): the linear probe and
+    the raw-pixel baseline report precision@1 and mAP; few-shot and kNN refuse it by name."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from pipeline.data.prepare import PrepareOptions, prepare
+    from pipeline.data.sources import open_source
+
+    config, _, export = pretrained
+    digits = load_digits()
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i in range(600):
+        pixels = np.round(digits.images[i] * 255 / 16).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "img" / f"{i}.png")
+        d = int(digits.target[i])
+        lines.append(
+            json.dumps(
+                {"image": f"img/{i}.png", "labels": [str(d), "even" if d % 2 == 0 else "odd"]}
+            )
+        )
+    (tmp_path / "jft.jsonl").write_text("\n".join(lines))
+    target = tmp_path / "jft"
+    prepare(open_source(str(tmp_path / "jft.jsonl")), str(target), PrepareOptions(
+        samples_per_shard=200, val_fraction=0.3, executor="local", progress=False))  # fmt: skip
+    run = tmp_path / "run"
+    sets = ["eval.evaluators=[linear_probe]", f"eval.target={target}", f"train.output={run}"]
+    run_tessera("evaluate", config, "--model", export, *[a for s in sets for a in ("--set", s)])
+    by = {(r.evaluator, r.layer, r.metric): r for r in read_rows(run)}
+    assert {("linear_probe", "1", "precision_at_1"), ("linear_probe", "1", "mAP"),
+            ("pixels", "-", "precision_at_1"), ("pixels", "-", "mAP")} <= set(by), sorted(by)  # fmt: skip
+    assert all(0 <= r.value <= 1 and r.target == "jft:val" for r in by.values())
+    assert by[("pixels", "-", "mAP")].value > 0.5  # 12 classes, 2 labels an image
+    assert by[("linear_probe", "1", "mAP")].baseline == by[("pixels", "-", "mAP")].value
+    refused = run_tessera("evaluate", config, "--model", export, "--set", f"eval.target={target}",
+                          "--set", "eval.evaluators=[linear_probe, knn]", check=False)  # fmt: skip
+    assert refused.returncode == 2 and "jft is multi-label; knn needs one label" in refused.stderr
 
 
 @pytest.mark.slow

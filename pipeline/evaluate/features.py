@@ -31,7 +31,8 @@ Extractor = Callable[[dict[str, Any]], dict[str, torch.Tensor]]  # batch -> name
 
 @dataclass
 class FeatureSet:
-    """Labels (N,) and named feature arrays (N, D) of one split, memory-mapped read-only."""
+    """Labels (N,) (or (N, K) multi-hot) and named feature arrays (N, D) of one split,
+    memory-mapped read-only."""
 
     labels: np.ndarray
     arrays: dict[str, np.ndarray]
@@ -69,7 +70,7 @@ def extract(
     folder.mkdir(parents=True)
     stream = Stream(cfg, rank=0, world=1)
     total = min(stream.split.samples, limit) if limit else stream.split.samples
-    labels = np.lib.format.open_memmap(folder / "labels.npy", "w+", np.int64, (total,))
+    labels: np.ndarray | None = None  # (N,) class ids, or (N, K) multi-hot: as the first batch
     arrays: dict[str, np.ndarray] = {}
     n, start, shown = 0, time.perf_counter(), 0.0
     with torch.inference_mode():
@@ -87,7 +88,12 @@ def extract(
                         folder / f"{name}.npy", "w+", np.float32, (total, f.shape[1])
                     )
                 arrays[name][n : n + b] = f
-            labels[n : n + b] = batch["label"].numpy()  # one label each (resolve_target)
+            y = batch["label"].numpy()
+            if labels is None:
+                labels = np.lib.format.open_memmap(
+                    folder / "labels.npy", "w+", y.dtype, (total, *y.shape[1:])
+                )
+            labels[n : n + b] = y
             n += b
             now = time.perf_counter()
             if now - shown > 10 or n == total:
@@ -96,6 +102,8 @@ def extract(
                 shown = now
             if n == total:
                 break
+    if labels is None:  # an empty split
+        labels = np.lib.format.open_memmap(folder / "labels.npy", "w+", np.int64, (0,))
     for a in [labels, *arrays.values()]:
         a.flush()
     meta = {"fingerprint": fingerprint, "names": names, "samples": n, "skipped": total - n}

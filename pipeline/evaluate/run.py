@@ -59,6 +59,7 @@ class Target:
     channels: int
     pixel_side: int  # the raw-pixel baseline's image side: native, at most PIXEL_SIDE
     endpoint_url: str = ""
+    multi_label: bool = False  # probes report precision@1 and mAP; few-shot and kNN refuse it
 
     @property
     def name(self) -> str:
@@ -66,16 +67,20 @@ class Target:
 
 
 def resolve_target(run: RunConfig, key: str = "eval.target") -> Target:
-    """eval.target (or the pretraining data) with its splits checked; single-label only.
-    Errors name `key`, the config entry the dataset came from."""
+    """eval.target (or the pretraining data) with its splits checked; a multi-label target
+    only with evaluators that score several labels. Errors name `key`, the config entry the
+    dataset came from."""
     url = run.eval.target or run.data.url
     try:
         manifest = load_manifest(url, run.data.endpoint_url)
     except DatasetError as e:
         raise ConfigError(f"{key}: {e}") from None
-    if manifest.multi_label:
+    single = sorted(set(run.eval.evaluators) & SINGLE_LABEL)
+    if manifest.multi_label and single:
         raise ConfigError(
-            f"{key}: {url} is multi-label; probes, few-shot and kNN need one label per image"
+            f"{key}: {url} is multi-label; {', '.join(single)} "
+            f"{'needs' if len(single) == 1 else 'need'} one label per image "
+            "(linear_probe reports precision@1 and mean average precision on it)"
         )
     test = run.eval.test_split or ("test" if "test" in manifest.splits else "val")
     for key, split in (("eval.train_split", run.eval.train_split), ("eval.test_split", test)):
@@ -86,7 +91,7 @@ def resolve_target(run: RunConfig, key: str = "eval.target") -> Target:
     side = min(manifest.image_size[0] if manifest.image_size else PIXEL_SIDE, PIXEL_SIDE)
     return Target(
         url, run.eval.train_split, test, len(manifest.classes), manifest.channels, side,
-        run.data.endpoint_url,
+        run.data.endpoint_url, manifest.multi_label,
     )  # fmt: skip
 
 
@@ -198,12 +203,23 @@ class Context:
             self._baselines[(evaluator, metric)] = saved[key]
         return self._baselines[(evaluator, metric)]
 
-    def pixel_probe(self) -> float:
+    def pixel_probe(self, metric: str = "top1") -> float:
+        """The linear probe on raw pixels: top-1, or (a multi-label target) precision_at_1 or
+        mAP."""
+
         def compute() -> float:
             train, test = self.pixels()
-            return probes.logistic_probe(train, test, self.target.classes, self.run.eval.holdout)[0]
+            return self.probe(train, test)[0][metric]
 
-        return self.baseline("linear_probe", "top1", compute)
+        return self.baseline("linear_probe", metric, compute)
+
+    def probe(self, train: tuple, test: tuple) -> tuple[dict[str, float], dict]:
+        """The linear probe of this target: {"top1"} or {"precision_at_1", "mAP"}, and its info."""
+        classes, holdout = self.target.classes, self.run.eval.holdout
+        if self.target.multi_label:
+            return probes.multilabel_probe(train, test, classes, holdout)
+        top1, info = probes.logistic_probe(train, test, classes, holdout)
+        return {"top1": top1}, info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,16 +232,20 @@ def linear_probe(ctx: Context) -> Iterator[Measurement]:
     cfg = ctx.run.eval
     for layer in ctx.layers:
         train, test = ctx.features(layer)
-        top1, info = probes.logistic_probe(train, test, ctx.target.classes, cfg.holdout)
-        yield Measurement("linear_probe", str(layer), "top1", top1, ctx.pixel_probe(), info)
+        scores, info = ctx.probe(train, test)
+        for metric, value in scores.items():
+            yield Measurement(
+                "linear_probe", str(layer), metric, value, ctx.pixel_probe(metric), info
+            )
     if cfg.concat_layers and len(ctx.layers) > 1:
         parts = [ctx.features(layer) for layer in ctx.layers]
         train, test = (
             (np.concatenate([p[i][0] for p in parts], axis=1), parts[0][i][1]) for i in (0, 1)
         )
-        top1, info = probes.logistic_probe(train, test, ctx.target.classes, cfg.holdout)
+        scores, info = ctx.probe(train, test)
         name = "+".join(map(str, ctx.layers))
-        yield Measurement("linear_probe", name, "top1", top1, ctx.pixel_probe(), info)
+        for metric, value in scores.items():
+            yield Measurement("linear_probe", name, metric, value, ctx.pixel_probe(metric), info)
 
 
 def fewshot(ctx: Context) -> Iterator[Measurement]:
@@ -269,8 +289,9 @@ def knn(ctx: Context) -> Iterator[Measurement]:
 
 def pixels(ctx: Context) -> Iterator[Measurement]:
     """The same logistic regression on raw pixels: what pretraining has to beat."""
-    top1 = ctx.pixel_probe()
-    yield Measurement("pixels", "-", "top1", top1, top1)
+    for metric in ("precision_at_1", "mAP") if ctx.target.multi_label else ("top1",):
+        value = ctx.pixel_probe(metric)
+        yield Measurement("pixels", "-", metric, value, value)
 
 
 def finetune(ctx: Context) -> Iterator[Measurement]:
@@ -279,8 +300,11 @@ def finetune(ctx: Context) -> Iterator[Measurement]:
 
     result = run_finetune(ctx.finetune_run, log=ctx.log, scratch=True)  # Preempted: stops here
     extra = {"steps": result["step"], "initial_top1": result["initial_top1"]}
-    yield Measurement("finetune", "-", "top1", result["top1"], ctx.pixel_probe(), extra)
+    metric = "precision_at_1" if ctx.target.multi_label else "top1"  # the top class is a label
+    yield Measurement("finetune", "-", metric, result["top1"], ctx.pixel_probe(metric), extra)
 
+
+SINGLE_LABEL = {"fewshot", "knn"}  # evaluators that need one label per image
 
 EVALUATORS: dict[str, Callable[[Context], Iterator[Measurement]]] = {
     "linear_probe": linear_probe,
