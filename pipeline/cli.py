@@ -122,7 +122,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from pipeline.evaluate.results import RESULTS_MD, read_markdown
     from pipeline.evaluate.run import evaluate, watch
 
-    run = load_config(args.config, args.overrides)
+    run = load_config(args.config, [*args.overrides, *(["eval.final=true"] if args.final else [])])
+    if args.watch and run.eval.final:
+        raise ConfigError("--watch reports every checkpoint: it cannot be the final report")
     if args.watch:
         watch(run, poll=args.poll, idle_timeout=args.idle_timeout)
     else:
@@ -261,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--watch", action="store_true", help="evaluate each new checkpoint as training writes it"
     )
+    p.add_argument(
+        "--final", action="store_true",
+        help="the final report, on the test split (default: val, where choices are made)",
+    )  # fmt: skip
     p.add_argument("--poll", type=float, default=10.0, help="--watch: seconds between looks")
     p.add_argument(
         "--idle-timeout", type=float, default=3600.0,

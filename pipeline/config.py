@@ -258,7 +258,10 @@ class EvalConfig:
     seeds: int = 3  # few-shot repetitions
     knn_k: int = 20
     train_split: str = "train"  # the target's split probes are fitted on
-    test_split: str = ""  # the split reported; empty: "test" if the target has one, else "val"
+    # The split reported. Empty: "val" (choices are made there), or with `final` "test" (the
+    # one report a paper quotes; "val" where a target has no test split, and the row says so).
+    test_split: str = ""
+    final: bool = False  # `tessera evaluate --final`, and a job's evaluate stage
     holdout: float = 0.1  # fraction of train_split held out to choose the L2 strength
     train_samples: int = 0  # fit on the first N images of train_split (0: all of them)
     test_samples: int = 0  # report on the first N images of test_split (0: all of them)

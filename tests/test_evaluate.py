@@ -141,6 +141,47 @@ def test_weights_of_another_size_do_not_fit():
     assert weights_mismatch(micro, igpt) == ["family vit != igpt"]
 
 
+# -- which split is reported ----------------------------------------------------------------------
+
+
+def test_evaluations_report_val_and_only_the_final_report_reads_test(tmp_path, digits_url):
+    """Choices are made on val, so an evaluation reports val; --final (eval.final) reports test
+    once, and says so; a target without val stops with what to do."""
+    from conftest import fashion_mnist_subset
+
+    from pipeline.config import load_config
+    from pipeline.data.prepare import PrepareOptions, prepare
+    from pipeline.data.sources import open_source
+    from pipeline.errors import ConfigError
+    from pipeline.evaluate.run import resolve_target
+
+    (tmp_path / "idx").mkdir()
+    fashion_mnist_subset(tmp_path / "idx", 60, 20)
+    opts = PrepareOptions(samples_per_shard=50, executor="local", progress=False)
+    prepare(open_source(str(tmp_path / "idx")), str(tmp_path / "plain"), opts)  # train, test
+    prepare(open_source(str(tmp_path / "idx")), str(tmp_path / "carved"),
+            PrepareOptions(**{**opts.__dict__, "val_fraction": 0.25}))  # fmt: skip
+    config = write_config(tmp_path, digits_url)
+
+    def target(url, *sets):
+        return resolve_target(load_config(config, [f"eval.target={url}", *sets]))
+
+    carved = target(tmp_path / "carved")
+    assert (carved.test_split, carved.role) == ("val", "val") and len(carved.fingerprint) == 12
+    final = target(tmp_path / "carved", "eval.final=true")
+    assert (final.test_split, final.role) == ("test", "test (final)")
+    assert final.fingerprint == carved.fingerprint != target(digits_url).fingerprint
+    assert (
+        target(digits_url, "eval.final=true").role == "val (final; the dataset has no test split)"
+    )
+    named = target(tmp_path / "plain", "eval.test_split=test")
+    assert named.role == "test (named by eval.test_split)"
+    with pytest.raises(
+        ConfigError, match=r"plain has no val split, and evaluations report val unless --final"
+    ):
+        target(tmp_path / "plain")
+
+
 # -- the results table -----------------------------------------------------------------------------
 
 
@@ -229,6 +270,13 @@ def test_evaluate_writes_every_evaluator_and_the_pixel_baseline(pretrained):
             ("finetune", "-", "top1"), ("pixels", "-", "top1")} <= set(by)  # fmt: skip
     pixels = by[("pixels", "-", "top1")].value
     assert pixels > 0.9  # logistic regression on 8x8 digits
+    probe = by[("linear_probe", "1", "top1")]
+    assert (probe.fitted_on, probe.selected_on, probe.reported_on) == (
+        "train",
+        "10% of train (L2)",
+        "val",
+    )
+    assert len(probe.commit) == 12 and len(probe.dataset) == 12
     assert all(r.baseline is not None for r in rows)
     assert by[("linear_probe", "1", "top1")].baseline == pixels
     assert all(r.pretrain_steps == 40 and r.model == "vit-micro-p4" for r in rows)

@@ -39,6 +39,14 @@ class Row:
     baseline: float | None = None  # the same evaluator on raw pixels
     source: str = ""  # checkpoint or export folder the weights came from
     extra: dict[str, Any] = field(default_factory=dict)  # std over seeds, chosen L2, ...
+    # Where a number comes from, for a reviewer: the split the classifier was fitted on, what its
+    # free settings were chosen on, the split reported (and whether it is the final report), the
+    # code's commit and the dataset's fingerprint.
+    fitted_on: str = ""
+    selected_on: str = ""
+    reported_on: str = ""
+    commit: str = ""
+    dataset: str = ""
 
     def key(self) -> tuple:
         return (self.source, self.target, self.evaluator, self.layer, self.metric)
@@ -100,7 +108,7 @@ def markdown(rows: list[Row]) -> str:
     """The table a paper would quote: accuracies in percent, the raw-pixel baseline beside each."""
     header = [
         "model", "pretrained on", "step", "target", "evaluator", "layer", "metric", "value (%)",
-        "raw pixels (%)",
+        "raw pixels (%)", "fitted on", "selected on", "reported on", "commit", "dataset",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = sorted(rows, key=lambda r: (r.pretrain_steps, r.target, r.evaluator, r.layer, r.metric))
@@ -111,7 +119,8 @@ def markdown(rows: list[Row]) -> str:
         data = Path(r.pretrain_data).name if r.pretrain_data else "-"
         cells = [
             r.model, data, str(r.pretrain_steps), r.target, r.evaluator, r.layer, r.metric,
-            value, _pct(r.baseline) or "-",
+            value, _pct(r.baseline) or "-", r.fitted_on or "-", r.selected_on or "-",
+            r.reported_on or "-", r.commit or "-", r.dataset or "-",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -22,9 +22,11 @@ splits or with another class count) runs before any feature is computed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +62,8 @@ class Target:
     pixel_side: int  # the raw-pixel baseline's image side: native, at most PIXEL_SIDE
     endpoint_url: str = ""
     multi_label: bool = False  # probes report precision@1 and mAP; few-shot and kNN refuse it
+    role: str = ""  # how results.md shows the reported split: "val", "test (final)", ...
+    fingerprint: str = ""  # data_fingerprint of the target
 
     @property
     def name(self) -> str:
@@ -82,7 +86,7 @@ def resolve_target(run: RunConfig, key: str = "eval.target") -> Target:
             f"{'needs' if len(single) == 1 else 'need'} one label per image "
             "(linear_probe reports precision@1 and mean average precision on it)"
         )
-    test = run.eval.test_split or ("test" if "test" in manifest.splits else "val")
+    test, role = report_split(run, manifest.splits, url, key)
     for key, split in (("eval.train_split", run.eval.train_split), ("eval.test_split", test)):
         if split not in manifest.splits:
             raise ConfigError(
@@ -91,8 +95,48 @@ def resolve_target(run: RunConfig, key: str = "eval.target") -> Target:
     side = min(manifest.image_size[0] if manifest.image_size else PIXEL_SIDE, PIXEL_SIDE)
     return Target(
         url, run.eval.train_split, test, len(manifest.classes), manifest.channels, side,
-        run.data.endpoint_url, manifest.multi_label,
+        run.data.endpoint_url, manifest.multi_label, role, data_fingerprint(manifest),
     )  # fmt: skip
+
+
+def report_split(run: RunConfig, splits: dict, url: str, key: str) -> tuple[str, str]:
+    """(the split reported, its role as results.md shows it). Choices are made on val, so an
+    evaluation reports val; `eval.final` (`--final`) reports test, once, for the paper."""
+    if run.eval.test_split:
+        return run.eval.test_split, f"{run.eval.test_split} (named by eval.test_split)"
+    if run.eval.final:
+        if "test" in splits:
+            return "test", "test (final)"
+        return "val", "val (final; the dataset has no test split)"
+    if "val" not in splits:
+        raise ConfigError(
+            f"{key}: {url} has no val split, and evaluations report val unless --final: carve "
+            "one with `tessera prepare --val-fraction`, or make the final report with --final "
+            "(eval.final: true)"
+        )
+    return "val", "val"
+
+
+def data_fingerprint(manifest) -> str:
+    """The dataset's identity for results: its shards' sha256 digests (12 hex digits)."""
+    h = hashlib.sha256()
+    for name, split in sorted(manifest.splits.items()):
+        for shard in split.shards:
+            h.update(f"{name}:{shard.name}:{shard.sha256 or shard.bytes};".encode())
+    return h.hexdigest()[:12]
+
+
+@functools.cache
+def code_commit() -> str:
+    """The git commit of the code that evaluated ("" outside a checkout), for results rows."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent,
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def weights_fingerprint(weights: Weights) -> str:
@@ -411,7 +455,9 @@ def _evaluate_target(run: RunConfig, weights: Weights, target: Target, log) -> l
             started = time.perf_counter()
             try:
                 for m in EVALUATORS[name](ctx):
-                    rows.append(_record(m, p, target, weights.source, writer, log))
+                    rows.append(
+                        _record(m, p, target, weights.source, writer, log, run.eval.holdout)
+                    )
             except ValueError as e:  # e.g. too few images of a class for the shots asked
                 raise EvalError(f"{name} on {target.url}: {e}") from None
             log(f"  ({name}: {time.perf_counter() - started:.0f}s)")
@@ -430,11 +476,25 @@ class EvalError(ValueError):
     """An evaluator could not run on this target (names the evaluator and the target)."""
 
 
-def _record(m: Measurement, p: dict, target: Target, source: str, writer, log) -> Row:
+SELECTED_ON = {  # what each evaluator chose its free settings on (never the reported split)
+    "linear_probe": "{holdout:.0%} of {train} (L2)",
+    "pixels": "{holdout:.0%} of {train} (L2)",
+    "fewshot": "other {train} images (ridge)",
+    "knn": "- (k fixed)",
+    "finetune": "- (steps fixed)",
+}
+
+
+def _record(
+    m: Measurement, p: dict, target: Target, source: str, writer, log, holdout: float = 0.1
+) -> Row:
     row = Row(
         model=p["model"], pretrain_data=p.get("data", ""), pretrain_steps=p["step"],
         target=f"{target.name}:{target.test_split}", evaluator=m.evaluator, layer=m.layer,
         metric=m.metric, value=m.value, baseline=m.baseline, source=source, extra=m.extra,
+        fitted_on=target.train_split, reported_on=target.role or target.test_split,
+        selected_on=SELECTED_ON[m.evaluator].format(holdout=holdout, train=target.train_split),
+        commit=code_commit(), dataset=target.fingerprint,
     )  # fmt: skip
     base = "" if m.baseline is None else f" (raw pixels {100 * m.baseline:.2f}%)"
     log(f"  {m.evaluator} layer {m.layer} {m.metric}: {100 * m.value:.2f}%{base}")

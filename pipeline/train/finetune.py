@@ -108,10 +108,13 @@ def finetune(
         "step": trainer.step,
     }
     if trainer.rank == 0:
+        from pipeline.evaluate.run import code_commit, data_fingerprint
+
         log(
             f"top-1 on {split} after {trainer.step} steps: {100 * result['top1']:.2f}% ({total} images)"
         )
         init = trainer.init_provenance
+        manifest = load_manifest(run.data.url, run.data.endpoint_url)
         append_rows(
             run.train.output,
             [
@@ -121,6 +124,9 @@ def finetune(
                     evaluator="finetune", layer="-", metric="top1", value=result["top1"],
                     source=init.get("checkpoint", run.finetune.init),
                     extra={"finetune_steps": trainer.step, "initial_top1": result["initial_top1"]},
+                    fitted_on=run.data.train_split, selected_on="- (steps fixed)",
+                    reported_on=f"{split} (data.val_split)", commit=code_commit(),
+                    dataset=data_fingerprint(manifest),
                 )
             ],
             run.data.endpoint_url,
