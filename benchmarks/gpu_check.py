@@ -20,8 +20,10 @@ Target (issue 8): ViT-H/14 at >= 50% MFU of the nominal peak on an H100/H200-cla
 --rehearse runs the real thing instead: `tessera build-ops` (DeepSpeed's CUDA ops), then for
 ViT-B/16 (224 px) and iGPT-S (32x32, 512 colours) `tessera pretrain` on synthetic shards written
 on the spot (the GPU machine has no network), one rank with NCCL, the loader's workers, bf16
-ZeRO-1: killed (SIGKILL) once its first checkpoint is complete, resumed with the same command,
-trained to the end. It reports the step it resumed at, images/s and MFU from the training log
+ZeRO-1, 60 steps (12 with --smoke), a checkpoint every 20 (4): killed (SIGKILL) once its first
+checkpoint is complete, resumed with the same command (from the newest complete checkpoint,
+which may be the second: they finish behind training), trained to the end. It reports the step
+it resumed at, images/s and MFU from the training log
 (against the matmul roof the trainer measures), peak memory and the checkpoint's size. About 5
 minutes on one H200, the op build included.
 """
@@ -179,7 +181,7 @@ def rehearsal_config(folder: Path, name: str, smoke: bool, workers: int) -> Path
         "model": model,
         "data": {"url": str(data), "workers": workers, "augment": "vit" if vit else "none",
                  **palette},
-        "train": {"objective": "supervised" if vit else "igpt-ar", "steps": 8 if smoke else 40,
+        "train": {"objective": "supervised" if vit else "igpt-ar", "steps": 12 if smoke else 60,
                   "global_batch_size": (8 if smoke else 128) if vit else (8 if smoke else 32),
                   "output": str(folder / "run")},
         "optim": {"lr": 1e-4, "warmup_steps": 2},
@@ -225,6 +227,11 @@ def rehearse_one(name: str, smoke: bool, workers: int) -> dict:
         killed_after = time.perf_counter() - start
         if not first.exists():
             return {"error": f"no checkpoint before the kill (exit {code}): {out1[-400:]}"}
+        # Checkpoints finish behind training: the next one may have completed too before the
+        # kill landed (a tiny model's in a few milliseconds); the resume must find the newest.
+        complete = [
+            int(c.parent.name.split("-")[1]) for c in first.parents[1].glob("step-*/COMPLETE")
+        ]
         code, out2 = tessera("pretrain", str(config))
         if code != 0:
             return {"error": f"the resumed run failed (exit {code}): {out2[-600:]}"}
@@ -232,9 +239,10 @@ def rehearse_one(name: str, smoke: bool, workers: int) -> dict:
         steps = [(int(s), float(loss), float(ips), float(mfu))
                  for s, loss, ips, mfu in STEP_LINE.findall(out2)]  # fmt: skip
         timed = steps[len(steps) // 2 :] or steps  # past the warm-up
-        ckpt = folder / "run" / "checkpoints" / f"step-{(8 if smoke else 40):07d}"
+        ckpt = folder / "run" / "checkpoints" / f"step-{3 * every:07d}"
         return {
             "resumed_at": int(resumed.group(1)) if resumed else None,
+            "complete_at_kill": max(complete),
             "killed_after_s": killed_after,
             "steps_after_resume": [s for s, *_ in steps],
             "final_loss": steps[-1][1] if steps else float("nan"),

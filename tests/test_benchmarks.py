@@ -21,5 +21,7 @@ def test_gpu_rehearsal_kills_resumes_and_reports_each_model_on_cpu_with_tiny_siz
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
     for name in ("vit-micro-p4", "igpt-micro"):
         assert f"{name}_error" not in figures, figures
-        assert figures[f"{name}_resumed_at"] == 4  # the first checkpoint, after the kill
+        # Killed once step 4's checkpoint was complete; step 8's may have finished behind
+        # training before the kill landed: the resume takes the newest complete one.
+        assert figures[f"{name}_resumed_at"] == figures[f"{name}_complete_at_kill"] in (4, 8)
         assert figures[f"{name}_images_per_s"] > 0 and figures[f"{name}_mfu"] > 0

@@ -229,8 +229,8 @@ def test_cli_prepare_runs_and_reports(tmp_path):
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert (
-        "train: 1,348 samples in 3 shards" in proc.stdout
-        and "val: 449 samples in 1 shards" in proc.stdout
+        "train: 1,347 samples in 3 shards" in proc.stdout  # val: a quarter of each class
+        and "val: 450 samples in 1 shards" in proc.stdout
     )
     bad = subprocess.run(
         [TESSERA, "prepare", str(tmp_path / "nothing"), str(tmp_path / "o")],

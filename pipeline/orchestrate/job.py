@@ -119,7 +119,9 @@ def finetune_run(run: RunConfig) -> RunConfig:
 
     from pipeline.evaluate.run import finetune_config, resolve_target
 
-    target = resolve_target(dataclasses.replace(run, eval=dataclasses.replace(run.eval, target="")))
+    # The finetune's before/after is part of the job's final report (eval.final's split).
+    final = dataclasses.replace(run.eval, target="", final=True)
+    target = resolve_target(dataclasses.replace(run, eval=final))
     steps = run.job.finetune_steps or run.eval.finetune_steps
     return finetune_config(
         run, weights_source(run), target, finetune_output(run), steps,
