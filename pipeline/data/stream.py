@@ -470,7 +470,7 @@ class _ReaderDataset(IterableDataset):
                     if isinstance(image, np.ndarray):
                         raw.append((len(keys), image, rng))
                     else:
-                        self.transform.into(image, rng, out[len(keys)])
+                        self.transform.crop_into(image, rng, out[len(keys)])
                     labels.append(lab)
                     keys.append(key)
                     continue

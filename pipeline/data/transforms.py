@@ -253,6 +253,11 @@ class ImageTransform:
             data = data if pixels is None else pixels
         if isinstance(data, np.ndarray):  # the same pixels as in a batch of them (the stream)
             return self.raw_into(data[None], [rng], out.unsqueeze(0))[0]
+        return self.crop_into(data, rng, out)
+
+    def crop_into(self, data: bytes, rng: random.Random, out: torch.Tensor) -> torch.Tensor:
+        """`into` for an encoded image that `small` has turned down: decode its crop (libjpeg's
+        crop decoder, or PIL), resize it into `out`, flip."""
         crop, box = None, None
         if self.fast_jpeg and jpeg.is_jpeg(data) and jpeg.available():
             crop, box = _decode_jpeg(

@@ -112,6 +112,28 @@ def accuracy(data: Design, w: torch.Tensor, b: torch.Tensor) -> float:
     return correct / max(data.n, 1)
 
 
+def _fit_on_holdout(
+    train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], classes: int,
+    holdout: float, seed: int, grid: tuple[float, ...], score,
+) -> tuple[Design, tuple[torch.Tensor, torch.Tensor], float, float]:  # fmt: skip
+    """Fit on train less `holdout` for each L2 strength in `grid` (warm starts), keep the one
+    `score` (a Design and weights -> higher is better) ranks best on the held-out part, refit it
+    on all of train. (the test rows, standardised as train; the weights; the L2 kept; its
+    holdout score)."""
+    (xtr, ytr), (xte, yte) = train, test
+    scale = Standardizer.fit(xtr)
+    perm = np.random.default_rng(seed).permutation(len(ytr))
+    n_hold = max(1, int(holdout * len(ytr)))
+    fit, held = Design(xtr, ytr, perm[n_hold:], scale), Design(xtr, ytr, perm[:n_hold], scale)
+    scores, params = {}, None
+    for l2 in grid:
+        params = fit_logistic(fit, classes, l2, init=params)
+        scores[l2] = score(held, *params)
+    best = max(grid, key=lambda l2: (scores[l2], l2))  # ties: the stronger regulariser
+    weights = fit_logistic(Design(xtr, ytr, perm, scale), classes, best)
+    return Design(xte, yte, np.arange(len(yte)), scale), weights, best, scores[best]
+
+
 def logistic_probe(
     train: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray],
@@ -121,19 +143,8 @@ def logistic_probe(
     grid: tuple[float, ...] = LOGISTIC_L2,
 ) -> tuple[float, dict]:
     """Test top-1 of a logistic regression whose L2 strength was chosen on `holdout` of train."""
-    (xtr, ytr), (xte, yte) = train, test
-    scale = Standardizer.fit(xtr)
-    perm = np.random.default_rng(seed).permutation(len(ytr))
-    n_hold = max(1, int(holdout * len(ytr)))
-    fit, held = Design(xtr, ytr, perm[n_hold:], scale), Design(xtr, ytr, perm[:n_hold], scale)
-    scores, params = {}, None
-    for l2 in grid:
-        params = fit_logistic(fit, classes, l2, init=params)
-        scores[l2] = accuracy(held, *params)
-    best = max(grid, key=lambda l2: (scores[l2], l2))  # ties: the stronger regulariser
-    w, b = fit_logistic(Design(xtr, ytr, perm, scale), classes, best)
-    top1 = accuracy(Design(xte, yte, np.arange(len(yte)), scale), w, b)
-    return top1, {"l2": best, "holdout_top1": scores[best]}
+    tests, weights, l2, held = _fit_on_holdout(train, test, classes, holdout, seed, grid, accuracy)
+    return accuracy(tests, *weights), {"l2": l2, "holdout_top1": held}
 
 
 def ranking_metrics(data: Design, w: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -164,19 +175,12 @@ def multilabel_probe(
 ) -> tuple[dict[str, float], dict]:
     """Test precision@1 and mAP of per-class logistic regressions on multi-hot labels (N, K),
     the L2 strength chosen by mAP on `holdout` of train."""
-    (xtr, ytr), (xte, yte) = train, test
-    scale = Standardizer.fit(xtr)
-    perm = np.random.default_rng(seed).permutation(len(ytr))
-    n_hold = max(1, int(holdout * len(ytr)))
-    fit, held = Design(xtr, ytr, perm[n_hold:], scale), Design(xtr, ytr, perm[:n_hold], scale)
-    scores, params = {}, None
-    for l2 in grid:
-        params = fit_logistic(fit, classes, l2, init=params)
-        scores[l2] = ranking_metrics(held, *params)["mAP"]
-    best = max(grid, key=lambda l2: (scores[l2], l2))  # ties: the stronger regulariser
-    w, b = fit_logistic(Design(xtr, ytr, perm, scale), classes, best)
-    metrics = ranking_metrics(Design(xte, yte, np.arange(len(yte)), scale), w, b)
-    return metrics, {"l2": best, "holdout_mAP": scores[best]}
+
+    def mean_ap(data: Design, w: torch.Tensor, b: torch.Tensor) -> float:
+        return ranking_metrics(data, w, b)["mAP"]
+
+    tests, weights, l2, held = _fit_on_holdout(train, test, classes, holdout, seed, grid, mean_ap)
+    return ranking_metrics(tests, *weights), {"l2": l2, "holdout_mAP": held}
 
 
 def _ridge(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
