@@ -129,18 +129,20 @@ def finish(procs: list[subprocess.Popen]) -> list[str]:
 
 
 def final_trajectory(keys: Path) -> dict[int, list[str]]:
-    """step -> the keys drawn for it by the last launch that ran it (a replay after a resume
-    replaces what a killed launch drew)."""
-    by_step: dict[int, tuple[int, list[str]]] = {}
-    for file in sorted(keys.glob("keys-*.jsonl")):
-        for line in file.read_text().splitlines():
-            r = json.loads(line)
-            launch, drawn = by_step.get(r["step"], (0, []))
-            if r["launch"] > launch:
-                drawn = []
-            if r["launch"] >= launch:
-                by_step[r["step"]] = (r["launch"], drawn + r["keys"])
-    return {step: drawn for step, (_, drawn) in by_step.items()}
+    """step -> the keys drawn for it by the last launch that ran it. A launch resumed at step s
+    replaces all that earlier launches drew from step s on: their replays and, for a launch
+    stopped past the end (a job given steps=1000 and then cancelled), steps the run never
+    reaches again."""
+    records = [json.loads(line) for file in sorted(keys.glob("keys-*.jsonl"))
+               for line in file.read_text().splitlines()]  # fmt: skip
+    first: dict[int, int] = {}
+    for r in records:
+        first[r["launch"]] = min(first.get(r["launch"], r["step"]), r["step"])
+    drawn: dict[int, list[str]] = {}
+    for r in records:
+        if not any(later > r["launch"] and start <= r["step"] for later, start in first.items()):
+            drawn.setdefault(r["step"], []).extend(r["keys"])
+    return drawn
 
 
 def trainer_state(run: str, step: int) -> dict:
