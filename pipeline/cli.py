@@ -23,7 +23,8 @@ from pipeline.errors import (
     StorageUnavailable,
     UnsafeCheckpoint,
 )
-from pipeline.models import create_model, list_models
+from pipeline.models import create_model, list_models, model_config
+from pipeline.models.registry import FAMILIES, PAPER_PARAMS
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -39,22 +40,31 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def models_table(names: Sequence[str]) -> list[str]:
-    """One line per named size: name, parameters, image size, tokens, training GFLOPs/image."""
-    lines = [f"{'name':<14} {'params':>14} {'image':>6} {'tokens':>7} {'train GFLOPs/img':>17}"]
+    """One line per named size: name, parameters (and the paper's count, where it gives one),
+    image size, what the last block outputs (tokens, or a CNN's feature map), training
+    GFLOPs per image."""
+    head = f"{'name':<18} {'params':>14} {'paper':>8} {'image':>6} {'states':>7} {'train GFLOPs/img':>17}"
+    lines = [head]
     for name in names:
         with torch.device("meta"):  # counts without allocating, even for iGPT-XL
             model = create_model(name)
         cfg = model.cfg
         params = sum(p.numel() for p in model.parameters())
+        paper = f"{PAPER_PARAMS[name] / 1e6:.1f}M" if name in PAPER_PARAMS else "-"
+        states = (
+            str(cfg.num_tokens)
+            if hasattr(cfg, "num_tokens")
+            else f"{cfg.final_side}x{cfg.final_side}"
+        )
         lines.append(
-            f"{name:<14} {params:>14,d} {cfg.image_size:>6d} {cfg.num_tokens:>7d} "
+            f"{name:<18} {params:>14,d} {paper:>8} {cfg.image_size:>6d} {states:>7} "
             f"{cfg.train_flops() / 1e9:>17.2f}"
         )
     return lines
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    names = [n for n in list_models() if not args.family or n.startswith(args.family)]
+    names = [n for n in list_models() if not args.family or model_config(n).family == args.family]
     print("\n".join(models_table(names)))
 
 
@@ -192,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the named model sizes")
-    p.add_argument("--family", choices=["vit", "igpt"], help="only this family")
+    p.add_argument("--family", choices=list(FAMILIES), help="only this family")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser(

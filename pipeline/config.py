@@ -98,6 +98,11 @@ class TrainConfig:
     # validate_samples images of data.val_split (top-1, precision@1, bits/dim); 0: never.
     validate_every_steps: int = 0
     validate_samples: int = 1024
+    # BatchNorm (ResNet): false, each rank normalises with its own micro-batch's statistics
+    # (as DDP without SyncBatchNorm); true, with the whole step's batch over all ranks (one
+    # all-reduce per BatchNorm, forward and backward). Running statistics are averaged over
+    # ranks before every save and validation either way.
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", self.steps, "must be >= 1")
@@ -377,6 +382,11 @@ class RunConfig:
                 self.model.num_classes,
                 f"must be > 0 for the {objective} objective",
             )
+        if self.train.sync_batchnorm:
+            require(
+                getattr(self.model, "batchnorm", False), "train.sync_batchnorm", True,
+                f"needs a model with BatchNorm; {self.model.name} has none",
+            )  # fmt: skip
         if objective == "supervised-sigmoid":  # the trainer sets the bias from train.head_bias
             require(
                 self.model.head_bias in (0.0, self.train.head_bias),

@@ -15,7 +15,8 @@ Memory per device, from the run config alone (nothing is allocated):
                 checkpointing each block keeps only its input (s h); one block's full set (less
                 that input, already kept), and the gradient of its MLP hidden layer, are live
                 while it is recomputed. A hybrid ViT's convolution stem adds two feature maps per
-                convolution, never checkpointed.
+                convolution, never checkpointed. A ResNet is counted block by block, since its
+                maps shrink as they deepen (`cnn_activation_bytes`).
   buffers       DeepSpeed's gradient-reduction buckets (and ZeRO-3's prefetch), as sized by the
                 DeepSpeed config the run really gets.
 
@@ -38,6 +39,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.models import create_model
+from pipeline.models.resnet import ResNetConfig
 from pipeline.train.engine import batch_layout, deepspeed_config
 
 GB = 1e9
@@ -154,6 +156,9 @@ def activation_bytes(
     through its MLP (about s m elements more), whichever is larger.
     """
     cfg = run.model
+    if cfg.family == "resnet":
+        half = element_bytes(run.deepspeed.precision)
+        return cnn_activation_bytes(cfg, half, micro_batch, checkpointing)
     s, h, m, depth = cfg.num_tokens, cfg.width, cfg.mlp_dim, cfg.depth
     half = element_bytes(run.deepspeed.precision)
     block = 9 * s * h + 2 * s * m
@@ -176,6 +181,74 @@ def activation_bytes(
     return micro_batch * peak
 
 
+def cnn_activation_bytes(
+    cfg: ResNetConfig, half: int, micro_batch: int, checkpointing: bool
+) -> float:
+    """Peak activation bytes of a ResNet for one micro-batch (module docstring), block by block.
+
+    v1 (post-activation, BatchNorm; ReLU in place): the stem keeps the image, its convolution's
+    output (for BatchNorm) and ReLU's (for the pool), the pool's int64 indices; a block keeps its
+    input, each convolution's output (for its BatchNorm), ReLU's output after the first two (for
+    the next convolution) and the projection's output. BiT (pre-activation): a block keeps its
+    input (for GroupNorm), ReLU's output before each convolution and the first two
+    convolutions' outputs; weight standardisation keeps, per convolution, the centred fp32
+    weight, its fp32 copy (in half precision) and the standardised weight the convolution reads.
+
+    Backward runs from the last block to the first, freeing what each block kept once its
+    backward is done, while the gradients at a block are its output's, its input's and one of
+    its own outputs' (2 c s^2 + c_in s_in^2). Without checkpointing the peak is therefore at some
+    block i: the stem's, blocks 0..i's kept tensors and block i's gradients. With it, each block
+    keeps only its input, and block i's full set is recomputed at its turn.
+    """
+    bit = cfg.variant == "bit"
+    c0, (s1, s2) = cfg.stem_width, cfg.stem_sides
+    image = cfg.channels * cfg.image_size**2
+    standardised = (8 if half == 2 else 4) + half  # bytes per weight element, per forward
+    if cfg.small_stem:
+        stem = half * (image + (0 if bit else 2 * c0 * s1**2))
+        stem_grads = half * 2 * c0 * s1**2
+    elif bit:  # the zero-padded map the pool reads, and its indices
+        stem = half * (image + c0 * (s1 + 2) ** 2) + 8 * c0 * s2**2
+        stem_grads = half * (c0 * s1**2 + c0 * (s1 + 2) ** 2)
+    else:
+        stem = half * (image + 2 * c0 * s1**2) + 8 * c0 * s2**2
+        stem_grads = half * 2 * c0 * s1**2
+    weights = [0] * cfg.depth
+    convs = list(cfg.convs())[1:]
+    full, grads = [], []
+    for n, (i, c_in, side_in, stride, side) in enumerate(cfg.blocks()):
+        w, c = cfg.stage_width(i), cfg.out_width(i)
+        projected = stride != 1 or c_in != c
+        kept = c_in * side_in**2 + 2 * w * side_in**2 + 2 * w * side**2
+        if bit:
+            kept += c_in * side_in**2
+            mine, convs = convs[: 3 + projected], convs[3 + projected :]
+            weights[n] = standardised * sum(
+                v.kernel**2 * v.c_in // v.groups * v.c_out for v in mine
+            )
+        else:
+            kept += c * side**2 * (1 + projected)
+        full.append(half * kept)
+        grads.append(half * (2 * c * side**2 + c_in * side_in**2))
+    last = half * c * side**2  # the last block's output: ReLU keeps it (BiT: its last norm too)
+    if bit:
+        last *= 2
+    b = micro_batch
+    if checkpointing:  # each block keeps its input until its backward is done
+        inputs = [half * c_in * side_in**2 for _, c_in, side_in, _, _ in cfg.blocks()]
+        # the recomputed block's own output: v1's last ReLU keeps it
+        outputs = [0 if bit else half * cfg.out_width(i) * side**2 for i, *_, side in cfg.blocks()]
+        at = [
+            b * (sum(inputs[:i]) + full[i] + outputs[i] + grads[i]) + weights[i]
+            for i in range(cfg.depth)
+        ]
+        end = b * sum(inputs)
+    else:
+        at = [b * (sum(full[: i + 1]) + grads[i]) + sum(weights[: i + 1]) for i in range(cfg.depth)]
+        end = b * (sum(full) + last) + sum(weights)
+    return b * stem + max(max(at), end, b * stem_grads)
+
+
 def buffer_bytes(run: RunConfig, world: int, params: int) -> float:
     """DeepSpeed's communication buffers for the DeepSpeed config this run really gets (a user's
     file included): ZeRO-0 flattens gradients into all-reduce buckets; ZeRO-1/2 allocate one
@@ -189,7 +262,11 @@ def buffer_bytes(run: RunConfig, world: int, params: int) -> float:
     if stage in (1, 2):
         buckets = 2 if zero.get("overlap_comm", False) else 1
         return half * buckets * zero.get("reduce_bucket_size", default)
-    block = 4 * run.model.width**2 + 2 * run.model.width * run.model.mlp_dim
+    cfg = run.model
+    if cfg.family == "resnet":
+        block = cfg.largest_block()
+    else:
+        block = 4 * cfg.width**2 + 2 * cfg.width * cfg.mlp_dim
     return half * (
         zero.get("reduce_bucket_size", default)
         + zero.get("stage3_prefetch_bucket_size", default)
@@ -330,8 +407,13 @@ def report(plan: Plan) -> str:
              3: "everything split"}[stage]  # fmt: skip
     ckpt = "on" if run.model.grad_checkpointing else "off"
     other = "off" if run.model.grad_checkpointing else "on"
+    cfg = run.model
+    states = (
+        f"{cfg.num_tokens} tokens" if hasattr(cfg, "num_tokens")
+        else f"{cfg.final_side}x{cfg.final_side} final map"
+    )  # fmt: skip
     lines = [
-        f"{run.model.name}: {plan.params / 1e6:,.1f}M parameters, {run.model.num_tokens} tokens; "
+        f"{cfg.name}: {plan.params / 1e6:,.1f}M parameters, {states}; "
         f"{d.count} devices, ZeRO-{stage} ({split or 'nothing split'}), {ds.precision}",
         f"batch {run.train.global_batch_size} = {d.count} devices x micro-batch "
         f"{plan.micro_batch} x {plan.accum} accumulation steps",

@@ -12,6 +12,7 @@ from pipeline.models import (
     from_timm,
     load_model,
     load_pretrained,
+    model_config,
     resample_pos_embed,
     save_model,
     to_timm,
@@ -184,3 +185,28 @@ def test_imagegpt_finetunes_at_a_new_resolution_with_its_raster_embeddings_resam
     assert torch.equal(big.pos_embed[:, 0], small.pos_embed[:, 0])  # the start token's, kept
     assert torch.equal(big.tok_embed.weight, small.tok_embed.weight)
     assert big(torch.randint(0, 16, (2, 144)), head="classes").shape == (2, 5)
+
+
+RESNET_FIXTURE = Path(__file__).parent / "fixtures" / "timm_resnet.safetensors"
+
+
+@pytest.mark.parametrize(("name", "groups", "group_width"), [("resnet", 1, 8), ("resnext", 4, 4)])
+def test_timm_resnet_weights_reproduce_timm_logits_and_convert_back(name, groups, group_width):
+    """A real timm 1.0.31 ResNet and ResNeXt (make_timm_fixture.py): weights, running
+    statistics and logits in eval mode."""
+    with safe_open(RESNET_FIXTURE, "pt") as f:
+        prefix = f"{name}/state/"
+        state = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118 (not a dict)
+        x, timm_logits = f.get_tensor(f"{name}/input"), f.get_tensor(f"{name}/logits")
+    cfg = model_config(
+        "resnet-micro", depths=(1, 2, 1, 1), base_width=8, groups=groups,
+        group_width=group_width, stem_width=64, small_stem=False, num_classes=5,
+    )  # fmt: skip
+    model = create_model(cfg).eval()
+    assert load_pretrained(model, from_timm(state)) == []
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), timm_logits, rtol=1e-4, atol=1e-4)
+    back = to_timm(model.state_dict(), depths=cfg.depths)
+    assert set(back) == set(state)
+    for key, value in state.items():
+        torch.testing.assert_close(back[key], value, rtol=0, atol=0)

@@ -186,7 +186,7 @@ class Context:
         cfg = self.weights.config
         base = stream_config(self.run, split, self.run.eval.batch_size, train=False)
         changes.setdefault("image_size", cfg.image_size)
-        if cfg.family == "vit":
+        if cfg.family != "igpt":  # models of pixels (ImageGPT's tokens take the data's)
             changes.setdefault("channels", cfg.channels)
         return dataclasses.replace(
             base, url=self.target.url, endpoint_url=self.target.endpoint_url, labels=True,

@@ -174,10 +174,12 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
-    """What ViT and ImageGPT share: a stack of blocks, per-block checkpointing, the head API.
+    """What every family shares: a stack of blocks, per-block checkpointing, the head API.
 
-    Subclasses define `embed(x) -> (B, N, D)`, `pool(tokens) -> (B, D)`, `blocks`, `norm` (the
-    final LayerNorm on tokens, Identity where pooling normalises) and `head`.
+    Subclasses define `embed(x)`, the first block's input (tokens (B, N, D) for transformers,
+    feature maps (B, C, H, W) for CNNs), `pool(states) -> (B, D)`, `blocks`, `norm` (the final
+    norm on the states, Identity where pooling normalises) and `head`. Hierarchical models
+    group their blocks into stages for layer-wise lr decay (`decay_depth`, `decay_layer`).
     """
 
     blocks: nn.ModuleList
@@ -203,6 +205,20 @@ class Backbone(nn.Module):
     def depth(self) -> int:
         return len(self.blocks)
 
+    @property
+    def decay_depth(self) -> int:
+        """Layers that layer-wise lr decay counts between the embedding and the head."""
+        return self.depth
+
+    def decay_layer(self, block: int) -> int:
+        """Layer (1..decay_depth) of a block for layer-wise lr decay: its own for a flat stack."""
+        return block + 1
+
+    def running_stats(self) -> list[torch.Tensor]:
+        """Statistics a model keeps outside its parameters (BatchNorm's), which each rank
+        updates on its own batches; none in a transformer."""
+        return []
+
     def resolve_layers(self, layers: Sequence[int]) -> list[int]:
         """Block indices, negative ones counted from the end; out of range is an error."""
         resolved = []
@@ -224,11 +240,11 @@ class Backbone(nn.Module):
     def forward_features(
         self, x: torch.Tensor, layers: Sequence[int] | None = None
     ) -> torch.Tensor | list[torch.Tensor]:
-        """Token states.
+        """Token states (B, N, D), or feature maps (B, C, H, W) for a CNN.
 
-        layers=None: the final, normalised tokens (B, N, D).
-        layers=[i, ...]: the raw outputs of those blocks, in the order asked, as a list of
-        (B, N, D); blocks after the deepest one asked for are not computed.
+        layers=None: the final, normalised states.
+        layers=[i, ...]: the raw outputs of those blocks, in the order asked, as a list;
+        blocks after the deepest one asked for are not computed.
         """
         wanted = None if layers is None else self.resolve_layers(layers)
         x = self.embed(x)
@@ -258,7 +274,7 @@ class Backbone(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens (B, N, D) -> pooled (B, D) if pre_logits, else class logits (B, classes)."""
+        """States (tokens or maps) -> pooled (B, D) if pre_logits, else logits (B, classes)."""
         pooled = self.pool(features)
         return pooled if pre_logits else self.head(pooled)
 

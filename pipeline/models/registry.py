@@ -8,41 +8,55 @@ from typing import Any
 
 from pipeline.models.igpt import IGPTConfig, ImageGPT
 from pipeline.models.layers import Backbone
+from pipeline.models.resnet import ResNet, ResNetConfig
 from pipeline.models.vit import VisionTransformer, ViTConfig
 
-ModelConfig = ViTConfig | IGPTConfig
+ModelConfig = ViTConfig | IGPTConfig | ResNetConfig
 
 FAMILIES: dict[str, tuple[type, type[Backbone]]] = {
     "vit": (ViTConfig, VisionTransformer),
     "igpt": (IGPTConfig, ImageGPT),
+    "resnet": (ResNetConfig, ResNet),
 }
 
 _REGISTRY: dict[str, ModelConfig] = {}
+# Parameter counts the papers give for their sizes (at their image size and 1000 classes, or
+# ImageGPT's 512-colour vocabulary); tests hold the built models within 2% of them.
+PAPER_PARAMS: dict[str, float] = {}
 
 
-def register(cfg: ModelConfig) -> None:
+def register(cfg: ModelConfig, paper_params: float = 0.0) -> None:
     if cfg.name in _REGISTRY:
         raise ValueError(f"model name {cfg.name!r} is registered twice")
     _REGISTRY[cfg.name] = cfg
+    if paper_params:
+        PAPER_PARAMS[cfg.name] = paper_params
 
 
-def _vit(name: str, width: int, depth: int, heads: int, patch: int, **kw: Any) -> None:
+def _vit(
+    name: str, width: int, depth: int, heads: int, patch: int, paper: float = 0.0, **kw: Any
+) -> None:
     kw.setdefault("mlp_dim", 4 * width)
-    register(ViTConfig(name, patch_size=patch, width=width, depth=depth, heads=heads, **kw))
+    register(ViTConfig(name, patch_size=patch, width=width, depth=depth, heads=heads, **kw), paper)
 
 
-def _igpt(name: str, width: int, depth: int, heads: int, **kw: Any) -> None:
-    register(IGPTConfig(name, width=width, depth=depth, heads=heads, mlp_dim=4 * width, **kw))
+def _igpt(name: str, width: int, depth: int, heads: int, paper: float = 0.0, **kw: Any) -> None:
+    cfg = IGPTConfig(name, width=width, depth=depth, heads=heads, mlp_dim=4 * width, **kw)
+    register(cfg, paper)
+
+
+def _resnet(name: str, depths: tuple[int, ...], paper: float = 0.0, **kw: Any) -> None:
+    register(ResNetConfig(name, depths=depths, **kw), paper)
 
 
 # ViT paper sizes (Table 1) plus DeiT's Ti/S; 224 px, 1000 classes, as the parameter counts assume.
 _vit("vit-ti16", 192, 12, 3, 16)
 _vit("vit-s16", 384, 12, 6, 16)
-_vit("vit-b16", 768, 12, 12, 16)
+_vit("vit-b16", 768, 12, 12, 16, paper=86e6)
 _vit("vit-b32", 768, 12, 12, 32)
-_vit("vit-l16", 1024, 24, 16, 16)
+_vit("vit-l16", 1024, 24, 16, 16, paper=307e6)
 _vit("vit-l32", 1024, 24, 16, 32)
-_vit("vit-h14", 1280, 32, 16, 14)
+_vit("vit-h14", 1280, 32, 16, 14, paper=632e6)
 # Small-image variants (28x28 Fashion-MNIST, 32x32 CIFAR-like) for tests and the quickstart.
 _vit("vit-micro-p4", 48, 2, 3, 4, image_size=32, num_classes=10)
 _vit("vit-tiny-p4", 192, 6, 3, 4, image_size=32, num_classes=10)
@@ -53,14 +67,31 @@ _vit("vit-hybrid-mini", 128, 4, 4, 1, mlp_dim=256, stem=(32, 64, 128), image_siz
      num_classes=10)  # fmt: skip
 
 # ImageGPT paper sizes (S/M/L/XL), 32x32 inputs and a 512-colour palette.
-_igpt("igpt-s", 512, 24, 8)
-_igpt("igpt-m", 1024, 36, 16)
-_igpt("igpt-l", 1536, 48, 16)
-_igpt("igpt-xl", 3072, 60, 24)
+_igpt("igpt-s", 512, 24, 8, paper=76e6)
+_igpt("igpt-m", 1024, 36, 16, paper=455e6)
+_igpt("igpt-l", 1536, 48, 16, paper=1.4e9)
+_igpt("igpt-xl", 3072, 60, 24, paper=6.8e9)
 # Tiny variants for tests and the quickstart (16x16 tokens).
 _igpt("igpt-micro", 64, 2, 2, image_size=16)
 _igpt("igpt-tiny", 128, 4, 4, image_size=16)
 _igpt("igpt-mini", 256, 8, 8, image_size=16)
+
+# ResNet (He et al. 2016, Table 1) and ResNeXt (Xie et al. 2017, Table 1) at 224 px; BiT's
+# ResNet-v2 R50x1 (Kolesnikov et al. 2020), which gives no count beside the ResNet-50's.
+_resnet("resnet-50", (3, 4, 6, 3), paper=25.6e6)
+_resnet("resnet-101", (3, 4, 23, 3), paper=44.5e6)
+_resnet("resnet-152", (3, 8, 36, 3), paper=60.2e6)
+_resnet("resnext-50-32x4d", (3, 4, 6, 3), groups=32, group_width=4, paper=25.0e6)
+_resnet("resnext-101-32x8d", (3, 4, 23, 3), groups=32, group_width=8, paper=88.8e6)
+_resnet("bit-r50x1", (3, 4, 6, 3), variant="bit")
+# Small-image variants (28-32 px): a 3x3 stride-1 stem, no max pool; sides 32, 16, 8, 4.
+_small = {"small_stem": True, "image_size": 32, "num_classes": 10}
+_resnet("resnet-micro", (1, 1, 1, 1), base_width=8, group_width=8, stem_width=8, **_small)
+_resnet("resnet-26-s", (2, 2, 2, 2), base_width=16, group_width=16, stem_width=16, **_small)
+_resnet("resnext-26-s", (2, 2, 2, 2), base_width=16, groups=8, group_width=4, stem_width=16,
+        **_small)  # fmt: skip
+_resnet("bit-micro", (1, 1, 1, 1), base_width=32, group_width=32, stem_width=32, variant="bit",
+        **_small)  # fmt: skip
 
 
 def list_models() -> list[str]:
@@ -111,6 +142,7 @@ ADAPTABLE = {
         "name", "image_size", "num_classes", "head_bias", "drop_path", "grad_checkpointing",
         "causal",
     },
+    "resnet": {"name", "image_size", "num_classes", "head_bias", "drop_path", "grad_checkpointing"},
 }  # fmt: skip
 
 

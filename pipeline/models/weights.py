@@ -145,7 +145,10 @@ _TIMM_UNSUPPORTED = (
 
 def from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A timm `VisionTransformer` state dict (class token, learned 1D position embeddings, no
-    register tokens or layer scale) -> Tessera's ViT layout."""
+    register tokens or layer scale), or a timm `ResNet` one (ResNet/ResNeXt with the default
+    stem) -> Tessera's layout."""
+    if "conv1.weight" in state:
+        return _resnet_from_timm(state)
     for key in state:
         if any(tag in key for tag in _TIMM_UNSUPPORTED):
             raise ValueError(f"timm weights use a feature Tessera's ViT does not have: {key}")
@@ -157,8 +160,19 @@ def from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return _rename(state, _TIMM_RENAMES)
 
 
-def to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tessera's ViT layout -> timm `VisionTransformer` keys (load with timm's `load_state_dict`)."""
+def to_timm(
+    state: dict[str, torch.Tensor], depths: tuple[int, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """Tessera's ViT layout -> timm `VisionTransformer` keys, or a ResNet's (`depths`: its
+    blocks per stage) -> timm `ResNet` keys (load with timm's `load_state_dict`)."""
+    if "stem.conv.weight" in state:
+        if "blocks.0.norm1.weight" in state:
+            raise ValueError("BiT's ResNet-v2 has no timm ResNet layout (timm's resnetv2 differs)")
+        if not depths:
+            raise ValueError(
+                "a ResNet's weights go to timm's layout with its depths (blocks per stage)"
+            )
+        return _resnet_to_timm(state, depths)
     if any(key.startswith("stem.") for key in state):
         raise ValueError(
             "a hybrid ViT (model.stem) has no timm VisionTransformer layout: timm's hybrids "
@@ -174,4 +188,46 @@ def _rename(state: dict[str, torch.Tensor], prefixes: dict[str, str]) -> dict[st
             if key.startswith(old):
                 key = new + key[len(old) :]
         out[key] = value
+    return out
+
+
+# timm's ResNet: conv1/bn1 are the stem, layerS.J the J-th block of stage S (from 1), fc the
+# head; inside a block the names are ours.
+_RESNET_STEM = {"conv1.": "stem.conv.", "bn1.": "stem.bn.", "fc.": "head."}
+
+
+def _resnet_from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    depths: dict[int, int] = {}
+    for key in state:
+        if key.startswith("layer"):
+            stage, block = key.split(".")[:2]
+            s = int(stage[len("layer") :])
+            depths[s] = max(depths.get(s, 0), int(block) + 1)
+    first = {s: sum(depths[t] for t in depths if t < s) for s in depths}
+    out = {}
+    for key, value in state.items():
+        if key.startswith("layer"):
+            stage, block, rest = key.split(".", 2)
+            n = first[int(stage[len("layer") :])] + int(block)
+            out[f"blocks.{n}.{rest}"] = value
+        elif any(key.startswith(t) for t in _RESNET_STEM):
+            out[_rename({key: value}, _RESNET_STEM).popitem()[0]] = value
+        else:
+            raise ValueError(f"timm ResNet weights use a feature Tessera's ResNet lacks: {key}")
+    return out
+
+
+def _resnet_to_timm(
+    state: dict[str, torch.Tensor], depths: tuple[int, ...]
+) -> dict[str, torch.Tensor]:
+    where = [(s + 1, j) for s, d in enumerate(depths) for j in range(d)]
+    back = {ours: theirs for theirs, ours in _RESNET_STEM.items()}
+    out = {}
+    for key, value in state.items():
+        if key.startswith("blocks."):
+            _, n, rest = key.split(".", 2)
+            stage, j = where[int(n)]
+            out[f"layer{stage}.{j}.{rest}"] = value
+        else:
+            out[_rename({key: value}, back).popitem()[0]] = value
     return out

@@ -179,6 +179,27 @@ class Comm:
     def mean(self, value: float, what: str = "a mean") -> float:
         return self.sum([value], what)[0] / self.world
 
+    def average_(self, tensors: list[torch.Tensor], what: str) -> None:
+        """Replace each tensor (on the rank's device, the same shapes on every rank) by its mean
+        over ranks, in place: one all-reduce of them all, in float32 or wider."""
+        assert not self.in_background, f"{what}: a tensor collective off the training thread"
+        if self.world == 1 or not tensors:
+            return
+        dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+        flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+        self._call(what, lambda: dist.all_reduce(flat))
+        flat /= self.world
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+            t.copy_(part.view_as(t))
+
+    def sum_differentiable(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """Sum of `t` over ranks, through which autograd flows: backward sums the gradients
+        over ranks the same way (synchronised BatchNorm's statistics)."""
+        assert not self.in_background, f"{what}: a tensor collective off the training thread"
+        if self.world == 1:
+            return t
+        return _SumOverRanks.apply(t, self, what)
+
     # -- Python objects and waits, on gloo --------------------------------------------------
 
     def gather(self, obj: T, what: str = "objects") -> list[T]:
@@ -285,6 +306,21 @@ class Comm:
         if clean:
             self.barrier("every rank to finish")
         dist.destroy_process_group()
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, comm: Comm, what: str) -> torch.Tensor:
+        ctx.comm, ctx.what = comm, what
+        out = t.detach().clone()
+        comm._call(what, lambda: dist.all_reduce(out))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        out = grad.detach().clone()
+        ctx.comm._call(f"the gradient of {ctx.what}", lambda: dist.all_reduce(out))
+        return out, None, None
 
 
 def leave() -> None:

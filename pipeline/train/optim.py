@@ -5,26 +5,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from torch import nn
-
 from pipeline.config import OptimConfig
+from pipeline.models import Backbone
 
 # Learned tokens and position tables are not shrunk towards zero (as in ViT/timm/big_vision).
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "tok_embed")
 
 
-def layer_id(name: str, depth: int) -> int:
-    """Depth of a parameter for layer-wise lr decay: 0 for the embeddings, i + 1 for block i,
-    depth + 1 for the final norm and the heads."""
+def layer_id(name: str, model: Backbone) -> int:
+    """Depth of a parameter for layer-wise lr decay: 0 for the embeddings (a CNN's stem), the
+    block's layer for a block (its stage, in a hierarchical model), decay_depth + 1 for the
+    final norm and the heads."""
     if name.startswith(("stem.", "patch_embed", "cls_token", "pos_embed", "tok_embed")):
         return 0
     if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
+        return model.decay_layer(int(name.split(".")[1]))
+    return model.decay_depth + 1
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, lr: float = 0.0, layer_decay: float = 1.0
+    model: Backbone, weight_decay: float, lr: float = 0.0, layer_decay: float = 1.0
 ) -> list[dict]:
     """AdamW groups: weights with decay; norms, biases, position embeddings and tokens without.
 
@@ -32,13 +32,13 @@ def param_groups(
     layer_decay ** (distance from the top), so the embeddings move least and the head most;
     the groups are then split per layer and carry their own "lr".
     """
-    depth = len(model.blocks) if hasattr(model, "blocks") else 0
+    depth = model.decay_depth
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim <= 1 or any(n in name for n in NO_DECAY_NAMES)
-        layer = layer_id(name, depth) if layer_decay < 1 else 0
+        layer = layer_id(name, model) if layer_decay < 1 else 0
         group = groups.get((layer, no_decay))
         if group is None:
             group = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay}

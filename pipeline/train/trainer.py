@@ -304,6 +304,10 @@ class Trainer:
         self.engine, _, self.scheduler = build_engine(
             model, run, self.world, run.train.steps, load_universal=universal
         )
+        if run.train.sync_batchnorm:
+            self.engine.module.set_batchnorm_sync(
+                lambda t: self.comm.sum_differentiable(t, "BatchNorm's batch statistics")
+            )
         self.dtype = next(self.engine.module.parameters()).dtype
         self.objective = OBJECTIVES[run.train.objective]
         self._objective_args = {
@@ -507,6 +511,7 @@ class Trainer:
         lost = self.comm.gather(lost, "whether this run still holds its lease")[0]
         if lost:
             raise RunLeased(f"stopped before saving step {self.step}: {lost}")
+        self._average_running_stats()
         states = self.comm.gather(self.stream.state_dict(), "every rank's data cursor")
         state = {
             "step": self.step,
@@ -529,6 +534,14 @@ class Trainer:
             behind = self.comm.background()
             self.behind.start(pending.name, lambda: self._finish(pending, behind))
         return pending.path
+
+    def _average_running_stats(self) -> None:
+        """BatchNorm's running statistics, which each rank updated on its own batches, replaced
+        by their mean over ranks on every rank: a checkpoint (written from rank 0's copy) and
+        an evaluation hold what all ranks saw, and a resumed run continues from the values the
+        uninterrupted one has."""
+        stats = self.engine.module.running_stats()
+        self.comm.average_(stats, "averaging BatchNorm's running statistics")
 
     def wait_for_checkpoint(self, timeout_s: float | None = None) -> bool:
         """Until the checkpoint finishing behind training is complete (raising its error);
@@ -724,6 +737,7 @@ class Trainer:
         batches = math.ceil(run.train.validate_samples / (self.micro * self.world))
         gen = torch.Generator(device=self.engine.device).manual_seed(run.train.seed)
         was_training = self.engine.module.training
+        self._average_running_stats()
         self.engine.eval()
         sums: dict[str, float] = {}
         images = 0
@@ -801,8 +815,9 @@ class Trainer:
 
     def _log_images(self) -> None:
         """ViT: attention rollout of the [class] token; ImageGPT: completions of half images.
-        Every rank runs the forwards (ZeRO-3 gathers parameters collectively); rank 0 writes."""
-        if self._visual is None:
+        Every rank runs the forwards (ZeRO-3 gathers parameters collectively); rank 0 writes.
+        A CNN has neither attention nor a generative head: no pictures."""
+        if self._visual is None or self.run.model.family not in ("vit", "igpt"):
             return
         model = self.engine.module
         was_training = model.training
