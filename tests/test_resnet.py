@@ -192,9 +192,21 @@ def test_bad_sizes_are_refused_naming_the_key():
 RESNET_RUN = {"name": "resnet-micro", "image_size": 16, "channels": 1, "num_classes": 10}
 
 
+EVAL = {
+    "evaluators": ["linear_probe", "fewshot", "knn", "finetune"],
+    "layers": [0, -1],
+    "shots": [5],
+    "seeds": 1,
+    "finetune_steps": 20,
+    "finetune": ["optim.lr=3e-3", "optim.layer_decay=0.75", "train.global_batch_size=32"],
+}
+
+
 @pytest.mark.slow
-def test_a_resnet_trains_resumes_exactly_exports_and_loads(tmp_path, digits_url):
-    sections = dict(model=RESNET_RUN, train={"validate_every_steps": 4, "validate_samples": 64})
+def test_a_resnet_trains_resumes_exactly_exports_loads_and_evaluates(tmp_path, digits_url):
+    sections = dict(
+        model=RESNET_RUN, train={"validate_every_steps": 4, "validate_samples": 64}, eval=EVAL
+    )
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     clean = losses(finish(pretrain(write_config(tmp_path / "a", digits_url, **sections))))
     config = write_config(tmp_path / "b", digits_url, **sections)
@@ -209,19 +221,30 @@ def test_a_resnet_trains_resumes_exactly_exports_and_loads(tmp_path, digits_url)
     for k in a:  # running statistics included
         assert torch.equal(a[k], b[k]), k
     assert a["blocks.0.bn1.running_var"].dtype == torch.float32
+    # The evaluators read pooled feature maps of the chosen blocks; finetuning decays by stage.
+    from test_evaluate import read_rows, run_tessera
+
+    run_tessera("evaluate", config)
+    rows = {(r.evaluator, r.layer, r.metric): r for r in read_rows(tmp_path / "b" / "run")}
+    assert {("linear_probe", "0", "top1"), ("linear_probe", "3", "top1"), ("knn", "3", "top1"),
+            ("fewshot", "3", "5-shot top1"), ("finetune", "-", "top1")} <= set(rows)  # fmt: skip
+    assert all(r.model == "resnet-micro" and r.pretrain_steps == 12 for r in rows.values())
+    assert rows[("linear_probe", "3", "top1")].value > 0.3  # 10 classes: chance is 0.1
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sync", [False, True])
+@pytest.mark.parametrize(("sync", "zero", "checkpointing"), [(False, 2, False), (True, 3, True)])
 def test_two_ranks_resume_exactly_with_running_statistics_averaged_at_each_save(
-    tmp_path, digits_url, sync
+    tmp_path, digits_url, sync, zero, checkpointing
 ):
     """Per-rank BatchNorm: each rank's running statistics differ and a checkpoint holds rank
     0's, so without averaging them at every save a resumed rank 1 would carry on from rank 0's,
     and the validation at step 6 (no save there) and the final weights would differ from the
-    uninterrupted run's. Synchronised: the same, with the global batch's statistics."""
+    uninterrupted run's. Synchronised, under ZeRO-3 (whose zero.Init casts buffers) with
+    recomputed blocks: the same."""
     sections = dict(
-        model=RESNET_RUN,
+        model={**RESNET_RUN, "grad_checkpointing": checkpointing},
+        deepspeed={"zero_stage": zero},
         train={"sync_batchnorm": sync, "validate_every_steps": 6, "validate_samples": 64},
     )
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
@@ -242,3 +265,7 @@ def test_two_ranks_resume_exactly_with_running_statistics_averaged_at_each_save(
     a, b = (load_model(str(tmp_path / r / "export")).state_dict() for r in "ab")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    step = tmp_path / "b" / "run" / "checkpoints" / "step-0000012"
+    states = sorted(step.glob("*mp_rank_00_model_states.pt"))[0]  # ZeRO-3: zero_pp_rank_0_...
+    saved = torch.load(states, weights_only=False)["module"]
+    assert saved["blocks.0.bn1.running_var"].dtype == torch.float32  # not cast to bf16

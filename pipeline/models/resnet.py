@@ -175,6 +175,10 @@ class BatchNorm(nn.BatchNorm2d):
     that training normalises with the statistics of the global batch."""
 
     sync: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # ZeRO-3's zero.Init casts every buffer to the training dtype as a module is built, not
+    # through _apply; it keeps in fp32 the buffers a module names here (the attribute Hugging
+    # Face models use, which DeepSpeed honours: data_types.keep_in_fp32_modules "auto").
+    _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["running_mean", "running_var"]
     # True while activation checkpointing recomputes the block: the same batch statistics,
     # but the running ones are not updated a second time.
     recomputing: bool = False
