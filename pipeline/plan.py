@@ -40,6 +40,7 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.models import create_model
 from pipeline.models.resnet import ResNetConfig
+from pipeline.models.swin import SwinConfig
 from pipeline.train.engine import batch_layout, deepspeed_config
 
 GB = 1e9
@@ -159,6 +160,9 @@ def activation_bytes(
     if cfg.family == "resnet":
         half = element_bytes(run.deepspeed.precision)
         return cnn_activation_bytes(cfg, half, micro_batch, checkpointing)
+    if cfg.family == "swin":
+        half = element_bytes(run.deepspeed.precision)
+        return swin_activation_bytes(cfg, half, micro_batch, checkpointing, fused_attention)
     s, h, m, depth = cfg.num_tokens, cfg.width, cfg.mlp_dim, cfg.depth
     half = element_bytes(run.deepspeed.precision)
     block = 9 * s * h + 2 * s * m
@@ -194,11 +198,8 @@ def cnn_activation_bytes(
     convolutions' outputs; weight standardisation keeps, per convolution, the centred fp32
     weight, its fp32 copy (in half precision) and the standardised weight the convolution reads.
 
-    Backward runs from the last block to the first, freeing what each block kept once its
-    backward is done, while the gradients at a block are its output's, its input's and one of
-    its own outputs' (2 c s^2 + c_in s_in^2). Without checkpointing the peak is therefore at some
-    block i: the stem's, blocks 0..i's kept tensors and block i's gradients. With it, each block
-    keeps only its input, and block i's full set is recomputed at its turn.
+    The gradients live during a block's backward are its output's, its input's and one of its
+    own outputs' (2 c s^2 + c_in s_in^2); `Staged.peak` finds where backward holds the most.
     """
     bit = cfg.variant == "bit"
     c0, (s1, s2) = cfg.stem_width, cfg.stem_sides
@@ -233,20 +234,84 @@ def cnn_activation_bytes(
     last = half * c * side**2  # the last block's output: ReLU keeps it (BiT: its last norm too)
     if bit:
         last *= 2
-    b = micro_batch
-    if checkpointing:  # each block keeps its input until its backward is done
-        inputs = [half * c_in * side_in**2 for _, c_in, side_in, _, _ in cfg.blocks()]
-        # the recomputed block's own output: v1's last ReLU keeps it
-        outputs = [0 if bit else half * cfg.out_width(i) * side**2 for i, *_, side in cfg.blocks()]
-        at = [
-            b * (sum(inputs[:i]) + full[i] + outputs[i] + grads[i]) + weights[i]
-            for i in range(cfg.depth)
-        ]
-        end = b * sum(inputs)
-    else:
-        at = [b * (sum(full[: i + 1]) + grads[i]) + sum(weights[: i + 1]) for i in range(cfg.depth)]
-        end = b * (sum(full) + last) + sum(weights)
-    return b * stem + max(max(at), end, b * stem_grads)
+    inputs = [half * c_in * side_in**2 for _, c_in, side_in, _, _ in cfg.blocks()]
+    # a recomputed block's own output: v1's last ReLU keeps it
+    outputs = [0 if bit else half * cfg.out_width(i) * side**2 for i, *_, side in cfg.blocks()]
+    blocks = Staged(full, grads, inputs, outputs, weights)
+    return blocks.peak(micro_batch, stem, stem_grads, last, checkpointing)
+
+
+def swin_activation_bytes(
+    cfg: SwinConfig, half: int, micro_batch: int, checkpointing: bool, fused_attention: bool
+) -> float:
+    """Peak activation bytes of a Swin Transformer for one micro-batch, block by block (the
+    tensors each keeps, counted with autograd's saved-tensor hooks on CPU).
+
+    A block over n tokens of width c with MLP width m keeps what a ViT block keeps, 9nc + 2nm
+    (its input, the windows its qkv projection reads, q, k, v, the attention output, the
+    residual sum, its normalised copy, the MLP's hidden layer before and after GELU), and the
+    probabilities, h n w^2 for h heads and w x w windows, on either attention path: the bias and
+    shift mask need gradients, which PyTorch's fused kernel does not give. Patch merging keeps
+    the 2x2-concatenated map and its normalised copy (4nc). The stem keeps the image and the
+    patch embeddings; the final norm the last block's output. The peak is found as for a ResNet
+    (`Staged`): the maps shrink as the stages deepen.
+    """
+    del fused_attention  # the same count on both paths (docstring)
+    stem = half * (cfg.channels * cfg.image_size**2 + cfg.grid**2 * cfg.width)
+    full, grads, inputs, outputs = [], [], [], []
+    previous = -1
+    for i, side, window, _ in cfg.blocks():
+        n, c, h = side**2, cfg.stage_width(i), cfg.heads[i]
+        m = cfg.mlp_ratio * c
+        kept = 9 * n * c + 2 * n * m + h * n * window**2
+        merges = i != previous and i > 0
+        previous = i
+        full.append(half * (kept + 4 * n * c * merges))
+        grads.append(half * (2 * n * c + n * m))
+        # a merging block's input: 4x the tokens at half the width
+        inputs.append(half * n * c * (2 if merges else 1))
+        outputs.append(0)
+    last = half * cfg.final_side**2 * cfg.final_width
+    blocks = Staged(full, grads, inputs, outputs, [0] * len(full))
+    stem_grads = half * 2 * cfg.grid**2 * cfg.width
+    return blocks.peak(micro_batch, stem, stem_grads, last, checkpointing)
+
+
+@dataclass(frozen=True)
+class Staged:
+    """Per-block bytes (per image, `weights` per micro-batch) of a model whose blocks differ:
+    what each keeps for backward (`full`, its input included), the gradients live during its
+    backward, its input (all checkpointing keeps of it), what its own output costs when it is
+    recomputed, and parameter-sized tensors it keeps."""
+
+    full: list[float]
+    grads: list[float]
+    inputs: list[float]
+    outputs: list[float]
+    weights: list[float]
+
+    def peak(
+        self, micro_batch: int, stem: float, stem_grads: float, last: float, checkpointing: bool
+    ) -> float:
+        """Backward runs from the last block to the first, freeing what each block kept once
+        its backward is done: the peak is at the end of the forward, or at some block i,
+        holding the stem's, blocks 0..i's kept tensors (with checkpointing: their inputs and
+        block i's recomputed set) and block i's gradients."""
+        b, n = micro_batch, len(self.full)
+        if checkpointing:
+            at = [
+                b * (sum(self.inputs[:i]) + self.full[i] + self.outputs[i] + self.grads[i])
+                + self.weights[i]
+                for i in range(n)
+            ]
+            end = b * sum(self.inputs)
+        else:
+            at = [
+                b * (sum(self.full[: i + 1]) + self.grads[i]) + sum(self.weights[: i + 1])
+                for i in range(n)
+            ]
+            end = b * (sum(self.full) + last) + sum(self.weights)
+        return b * stem + max(max(at), end, b * stem_grads)
 
 
 def buffer_bytes(run: RunConfig, world: int, params: int) -> float:
@@ -263,7 +328,7 @@ def buffer_bytes(run: RunConfig, world: int, params: int) -> float:
         buckets = 2 if zero.get("overlap_comm", False) else 1
         return half * buckets * zero.get("reduce_bucket_size", default)
     cfg = run.model
-    if cfg.family == "resnet":
+    if cfg.family in ("resnet", "swin"):
         block = cfg.largest_block()
     else:
         block = 4 * cfg.width**2 + 2 * cfg.width * cfg.mlp_dim

@@ -39,6 +39,10 @@ ACTIVATION_CASES = [
     ("resnext-26-s", "supervised", 16, "fp32", {"image_size": 28, "channels": 1}),
     ("bit-micro", "supervised", 16, "bf16", {}),
     ("resnet-26-s", "supervised", 2, "bf16", {"small_stem": False, "image_size": 224}),
+    # Swin: windowed attention, shifted windows, patch merging; a larger window at 64 px.
+    ("swin-micro", "supervised", 16, "bf16", {}),
+    ("swin-micro", "supervised", 16, "fp32", {}),
+    ("swin-tiny-s", "supervised", 8, "bf16", {"image_size": 64, "window": 8}),
 ]
 
 

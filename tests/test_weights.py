@@ -210,3 +210,37 @@ def test_timm_resnet_weights_reproduce_timm_logits_and_convert_back(name, groups
     assert set(back) == set(state)
     for key, value in state.items():
         torch.testing.assert_close(back[key], value, rtol=0, atol=0)
+
+
+SWIN_FIXTURE = Path(__file__).parent / "fixtures" / "timm_swin.safetensors"
+
+
+def test_timm_swin_weights_reproduce_timm_logits_and_convert_back():
+    """A real timm 1.0.31 Swin Transformer (make_timm_fixture.py) the size of `swin-micro`:
+    shifted windows, their mask, relative position bias, patch merging."""
+    with safe_open(SWIN_FIXTURE, "pt") as f:
+        state = {k[len("state/") :]: f.get_tensor(k) for k in f.keys() if k.startswith("state/")}  # noqa: SIM118 (not a dict)
+        x, timm_logits = f.get_tensor("input"), f.get_tensor("logits")
+    model = create_model("swin-micro", num_classes=5).eval()
+    assert load_pretrained(model, from_timm(state)) == []
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), timm_logits, rtol=1e-4, atol=1e-4)
+    back = to_timm(model.state_dict(), depths=model.cfg.depths)
+    assert set(back) == set(state)
+    for key, value in state.items():
+        torch.testing.assert_close(back[key], value, rtol=0, atol=0)
+
+
+def test_swin_at_a_larger_window_resamples_its_bias_tables():
+    small = create_model("swin-micro")
+    with torch.no_grad():
+        for p in small.parameters():
+            p.normal_()
+    big = create_model("swin-micro", image_size=64, window=8)
+    assert load_pretrained(big, small.state_dict()) == []
+    table = big.blocks[0].attn.relative_position_bias_table
+    assert table.shape == (15 * 15, 1)
+    # The centre offset (0, 0) of a 7x7 grid lands on the centre of the 15x15 one.
+    centre = small.blocks[0].attn.relative_position_bias_table[24]
+    torch.testing.assert_close(table[112], centre, rtol=0.2, atol=0.2)
+    assert torch.isfinite(big(torch.randn(1, 3, 64, 64))).all()

@@ -190,6 +190,8 @@ class Backbone(nn.Module):
         super().__init__()
         self.width = width
         self.grad_checkpointing = False
+        # Hierarchical models: the stage of each block (layer-wise lr decay goes by stage).
+        self.stage_of: list[int] | None = None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in backward instead of storing them."""
@@ -208,11 +210,12 @@ class Backbone(nn.Module):
     @property
     def decay_depth(self) -> int:
         """Layers that layer-wise lr decay counts between the embedding and the head."""
-        return self.depth
+        return self.depth if self.stage_of is None else self.stage_of[-1] + 1
 
     def decay_layer(self, block: int) -> int:
-        """Layer (1..decay_depth) of a block for layer-wise lr decay: its own for a flat stack."""
-        return block + 1
+        """Layer (1..decay_depth) of a block for layer-wise lr decay: its own in a flat stack,
+        its stage's in a hierarchical model."""
+        return block + 1 if self.stage_of is None else self.stage_of[block] + 1
 
     def running_stats(self) -> list[torch.Tensor]:
         """Statistics a model keeps outside its parameters (BatchNorm's), which each rank

@@ -1,4 +1,5 @@
-"""Resample learned position embeddings to a new patch grid (resolution change)."""
+"""Resample learned position embeddings to a new patch grid, and relative position bias tables
+to a new window (resolution change)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,16 @@ def resample_pos_embed(
     field = F.interpolate(field, size=tuple(new_grid), mode="bicubic", align_corners=False)
     grid = field.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
+
+
+def resample_bias_table(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """Swin's relative position bias ((2w-1)^2, heads) -> (rows, heads) for another window:
+    each head's (2w-1) x (2w-1) grid of offsets resampled bicubically, as Swin does when it
+    finetunes at a larger window."""
+    side, new = round(table.shape[0] ** 0.5), round(rows**0.5)
+    if side * side != table.shape[0] or new * new != rows:
+        raise ValueError(f"bias tables of {table.shape[0]} and {rows} rows are not square grids")
+    heads = table.shape[1]
+    field = table.T.reshape(1, heads, side, side).float()
+    field = F.interpolate(field, size=(new, new), mode="bicubic", align_corners=False)
+    return field.reshape(heads, rows).T.contiguous().to(table.dtype)

@@ -9,14 +9,16 @@ from typing import Any
 from pipeline.models.igpt import IGPTConfig, ImageGPT
 from pipeline.models.layers import Backbone
 from pipeline.models.resnet import ResNet, ResNetConfig
+from pipeline.models.swin import SwinConfig, SwinTransformer
 from pipeline.models.vit import VisionTransformer, ViTConfig
 
-ModelConfig = ViTConfig | IGPTConfig | ResNetConfig
+ModelConfig = ViTConfig | IGPTConfig | ResNetConfig | SwinConfig
 
 FAMILIES: dict[str, tuple[type, type[Backbone]]] = {
     "vit": (ViTConfig, VisionTransformer),
     "igpt": (IGPTConfig, ImageGPT),
     "resnet": (ResNetConfig, ResNet),
+    "swin": (SwinConfig, SwinTransformer),
 }
 
 _REGISTRY: dict[str, ModelConfig] = {}
@@ -47,6 +49,11 @@ def _igpt(name: str, width: int, depth: int, heads: int, paper: float = 0.0, **k
 
 def _resnet(name: str, depths: tuple[int, ...], paper: float = 0.0, **kw: Any) -> None:
     register(ResNetConfig(name, depths=depths, **kw), paper)
+
+
+def _swin(name: str, width: int, depths: tuple[int, ...], paper: float = 0.0, **kw: Any) -> None:
+    heads = kw.pop("heads", tuple(width * 2**i // 32 for i in range(len(depths))))
+    register(SwinConfig(name, width=width, depths=depths, heads=heads, **kw), paper)
 
 
 # ViT paper sizes (Table 1) plus DeiT's Ti/S; 224 px, 1000 classes, as the parameter counts assume.
@@ -92,6 +99,16 @@ _resnet("resnext-26-s", (2, 2, 2, 2), base_width=16, groups=8, group_width=4, st
         **_small)  # fmt: skip
 _resnet("bit-micro", (1, 1, 1, 1), base_width=32, group_width=32, stem_width=32, variant="bit",
         **_small)  # fmt: skip
+
+# Swin Transformer (Liu et al. 2021, Table 1): 224 px, 4x4 patches, window 7, a head per 32
+# channels.
+_swin("swin-t", 96, (2, 2, 6, 2), paper=28.3e6)
+_swin("swin-s", 96, (2, 2, 18, 2), paper=49.6e6)
+_swin("swin-b", 128, (2, 2, 18, 2), paper=87.8e6)
+# Small-image variants: 32 px, 2x2 patches, window 4; maps 16, 8, 4 and 2 (one whole window).
+_swin_small = {"image_size": 32, "num_classes": 10, "patch_size": 2, "window": 4}
+_swin("swin-micro", 16, (1, 2, 1, 1), heads=(1, 2, 2, 4), **_swin_small)
+_swin("swin-tiny-s", 48, (2, 2, 4, 2), heads=(2, 4, 8, 16), **_swin_small)
 
 
 def list_models() -> list[str]:
@@ -143,6 +160,11 @@ ADAPTABLE = {
         "causal",
     },
     "resnet": {"name", "image_size", "num_classes", "head_bias", "drop_path", "grad_checkpointing"},
+    # A new window resamples the relative position bias tables.
+    "swin": {
+        "name", "image_size", "window", "num_classes", "head_bias", "drop_path",
+        "grad_checkpointing",
+    },
 }  # fmt: skip
 
 

@@ -105,6 +105,10 @@ class ResNetConfig(TrainFlops):
         return self.out_width(len(self.depths) - 1)
 
     @property
+    def final_width(self) -> int:
+        return self.width
+
+    @property
     def depth(self) -> int:
         return sum(self.depths)
 
@@ -393,13 +397,6 @@ class ResNet(Backbone):
                 context_fn=lambda: (contextlib.nullcontext(), _recomputing(block)),
             )  # fmt: skip
         return block(x)
-
-    @property
-    def decay_depth(self) -> int:
-        return len(self.cfg.depths)
-
-    def decay_layer(self, block: int) -> int:
-        return self.stage_of[block] + 1
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> the first stage's input (B, base_width, H', W')."""

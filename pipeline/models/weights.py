@@ -18,7 +18,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from pipeline.models.layers import Backbone
-from pipeline.models.posembed import resample_pos_embed
+from pipeline.models.posembed import resample_bias_table, resample_pos_embed
 from pipeline.models.registry import config_from_dict, config_to_dict, create_model
 from pipeline.storage import filesystem, join, write_atomic
 
@@ -95,7 +95,8 @@ def load_pretrained(
 ) -> list[str]:
     """Load `state` into `model`, adapting what a resolution or task change alters.
 
-    Position embeddings of another grid are resampled; a classifier head of another shape is
+    Position embeddings of another grid, and Swin's relative position bias tables of another
+    window, are resampled; a classifier head of another shape is
     left at the model's fresh initialisation. Returns the keys that were not loaded. Any other
     mismatch is an error naming the key, both shapes and `source`.
     """
@@ -105,6 +106,10 @@ def load_pretrained(
         n = own["pos_embed"].shape[1] - 1
         side = round(n**0.5)
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], (side, side))
+    for key, value in list(state.items()):  # Swin at a new window: bias tables resampled
+        table = key.endswith("relative_position_bias_table") and key in own
+        if table and value.shape != own[key].shape:
+            state[key] = resample_bias_table(value, own[key].shape[0])
     fresh = [
         k
         for k in own
@@ -145,10 +150,12 @@ _TIMM_UNSUPPORTED = (
 
 def from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A timm `VisionTransformer` state dict (class token, learned 1D position embeddings, no
-    register tokens or layer scale), or a timm `ResNet` one (ResNet/ResNeXt with the default
-    stem) -> Tessera's layout."""
+    register tokens or layer scale), a timm `ResNet` one (ResNet/ResNeXt with the default
+    stem) or a timm `SwinTransformer` one -> Tessera's layout."""
     if "conv1.weight" in state:
         return _resnet_from_timm(state)
+    if "layers.0.blocks.0.attn.qkv.weight" in state:
+        return _swin_from_timm(state)
     for key in state:
         if any(tag in key for tag in _TIMM_UNSUPPORTED):
             raise ValueError(f"timm weights use a feature Tessera's ViT does not have: {key}")
@@ -163,8 +170,15 @@ def from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def to_timm(
     state: dict[str, torch.Tensor], depths: tuple[int, ...] = ()
 ) -> dict[str, torch.Tensor]:
-    """Tessera's ViT layout -> timm `VisionTransformer` keys, or a ResNet's (`depths`: its
-    blocks per stage) -> timm `ResNet` keys (load with timm's `load_state_dict`)."""
+    """Tessera's ViT layout -> timm `VisionTransformer` keys, or a ResNet's or Swin's (`depths`:
+    its blocks per stage) -> timm `ResNet` or `SwinTransformer` keys (load with timm's
+    `load_state_dict`)."""
+    if "blocks.0.attn.relative_position_bias_table" in state:
+        if not depths:
+            raise ValueError(
+                "a Swin's weights go to timm's layout with its depths (blocks per stage)"
+            )
+        return _swin_to_timm(state, depths)
     if "stem.conv.weight" in state:
         if "blocks.0.norm1.weight" in state:
             raise ValueError("BiT's ResNet-v2 has no timm ResNet layout (timm's resnetv2 differs)")
@@ -230,4 +244,46 @@ def _resnet_to_timm(
             out[f"layer{stage}.{j}.{rest}"] = value
         else:
             out[_rename({key: value}, back).popitem()[0]] = value
+    return out
+
+
+# timm's Swin: layers.S.blocks.J is block J of stage S (from 0), layers.S.downsample the patch
+# merging that opens stage S, which here sits in that stage's first block; head.fc the head.
+def _swin_from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    depths: dict[int, int] = {}
+    for key in state:
+        parts = key.split(".")
+        if parts[0] == "layers" and parts[2] == "blocks":
+            depths[int(parts[1])] = max(depths.get(int(parts[1]), 0), int(parts[3]) + 1)
+    first = {s: sum(depths[t] for t in depths if t < s) for s in depths}
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "layers" and parts[2] == "blocks":
+            n = first[int(parts[1])] + int(parts[3])
+            out[".".join(["blocks", str(n), *parts[4:]])] = value
+        elif parts[0] == "layers" and parts[2] == "downsample":
+            out[".".join(["blocks", str(first[int(parts[1])]), *parts[2:]])] = value
+        elif key.startswith(("patch_embed.", "norm.", "head.fc.")):
+            out[key.replace("head.fc.", "head.")] = value
+        else:
+            raise ValueError(f"timm Swin weights use a feature Tessera's Swin lacks: {key}")
+    return out
+
+
+def _swin_to_timm(
+    state: dict[str, torch.Tensor], depths: tuple[int, ...]
+) -> dict[str, torch.Tensor]:
+    where = [(s, j) for s, d in enumerate(depths) for j in range(d)]
+    out = {}
+    for key, value in state.items():
+        if key.startswith("blocks."):
+            _, n, rest = key.split(".", 2)
+            stage, j = where[int(n)]
+            if rest.startswith("downsample."):
+                out[f"layers.{stage}.{rest}"] = value
+            else:
+                out[f"layers.{stage}.blocks.{j}.{rest}"] = value
+        else:
+            out[key.replace("head.", "head.fc.", 1) if key.startswith("head.") else key] = value
     return out

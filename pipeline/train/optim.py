@@ -8,8 +8,9 @@ from collections.abc import Callable
 from pipeline.config import OptimConfig
 from pipeline.models import Backbone
 
-# Learned tokens and position tables are not shrunk towards zero (as in ViT/timm/big_vision).
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "tok_embed")
+# Learned tokens and position tables are not shrunk towards zero (as in ViT/timm/big_vision),
+# nor Swin's relative position biases (as timm's no_weight_decay).
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "tok_embed", "relative_position_bias_table")
 
 
 def layer_id(name: str, model: Backbone) -> int:
