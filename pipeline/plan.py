@@ -39,6 +39,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.models import create_model
+from pipeline.models.pvt import PVTConfig
 from pipeline.models.resnet import ResNetConfig
 from pipeline.models.swin import SwinConfig
 from pipeline.train.engine import batch_layout, deepspeed_config
@@ -160,9 +161,10 @@ def activation_bytes(
     if cfg.family == "resnet":
         half = element_bytes(run.deepspeed.precision)
         return cnn_activation_bytes(cfg, half, micro_batch, checkpointing)
-    if cfg.family == "swin":
+    if cfg.family in ("swin", "pvt"):
         half = element_bytes(run.deepspeed.precision)
-        return swin_activation_bytes(cfg, half, micro_batch, checkpointing, fused_attention)
+        count = swin_activation_bytes if cfg.family == "swin" else pvt_activation_bytes
+        return count(cfg, half, micro_batch, checkpointing, fused_attention)
     s, h, m, depth = cfg.num_tokens, cfg.width, cfg.mlp_dim, cfg.depth
     half = element_bytes(run.deepspeed.precision)
     block = 9 * s * h + 2 * s * m
@@ -258,7 +260,7 @@ def swin_activation_bytes(
     """
     del fused_attention  # the same count on both paths (docstring)
     stem = half * (cfg.channels * cfg.image_size**2 + cfg.grid**2 * cfg.width)
-    full, grads, inputs, outputs = [], [], [], []
+    full, grads, inputs, outputs, hidden = [], [], [], [], []
     previous = -1
     for i, side, window, _ in cfg.blocks():
         n, c, h = side**2, cfg.stage_width(i), cfg.heads[i]
@@ -268,12 +270,53 @@ def swin_activation_bytes(
         previous = i
         full.append(half * (kept + 4 * n * c * merges))
         grads.append(half * (2 * n * c + n * m))
+        hidden.append(half * n * m)
         # a merging block's input: 4x the tokens at half the width
         inputs.append(half * n * c * (2 if merges else 1))
         outputs.append(0)
     last = half * cfg.final_side**2 * cfg.final_width
-    blocks = Staged(full, grads, inputs, outputs, [0] * len(full))
+    blocks = Staged(full, grads, inputs, outputs, [0] * len(full), hidden)
     stem_grads = half * 2 * cfg.grid**2 * cfg.width
+    return blocks.peak(micro_batch, stem, stem_grads, last, checkpointing)
+
+
+def pvt_activation_bytes(
+    cfg: PVTConfig, half: int, micro_batch: int, checkpointing: bool, fused_attention: bool
+) -> float:
+    """Peak activation bytes of a PVT for one micro-batch, block by block (counted with
+    autograd's saved-tensor hooks on CPU).
+
+    A block over n tokens of width c, MLP width m, h heads and n' key/value tokens keeps its
+    input, its normalised copy, the scaled queries, the attention output, the residual sum, its
+    normalised copy and the MLP's hidden layer twice (6nc + 2nm); with spatial reduction also
+    the map the reduction convolution reads, that convolution's output, its normalised copy and
+    keys and values (nc + 4n'c), without it keys and values (2nc); and, on the explicit
+    attention path, the probabilities (h n n'). A stage's first block also keeps the previous
+    stage's tokens as a map and its patch embedding's output. The peak is found as for a ResNet
+    (`Staged`).
+    """
+    stem = half * (cfg.channels * cfg.image_size**2 + cfg.tokens(0) * cfg.widths[0])
+    full, grads, inputs, hidden = [], [], [], []
+    previous = 0
+    for i, n, kv in cfg.blocks():
+        c, m = cfg.widths[i], cfg.mlp_ratios[i] * cfg.widths[i]
+        kept = 6 * n * c + 2 * n * m
+        kept += n * c + 4 * kv * c if cfg.reductions[i] > 1 else 2 * n * c
+        if not fused_attention:
+            kept += cfg.heads[i] * n * kv
+        if i != previous:  # the stage's embedding: the previous map, the new patches
+            before = cfg.side(i - 1) ** 2 * cfg.widths[i - 1]
+            kept += before + cfg.side(i) ** 2 * c
+            inputs.append(half * before)
+        else:
+            inputs.append(half * n * c)
+        previous = i
+        full.append(half * kept)
+        grads.append(half * (2 * n * c + n * m))
+        hidden.append(half * n * m)
+    last = half * cfg.tokens(len(cfg.depths) - 1) * cfg.final_width
+    blocks = Staged(full, grads, inputs, [0] * len(full), [0] * len(full), hidden)
+    stem_grads = half * 2 * cfg.tokens(0) * cfg.widths[0]
     return blocks.peak(micro_batch, stem, stem_grads, last, checkpointing)
 
 
@@ -289,6 +332,9 @@ class Staged:
     inputs: list[float]
     outputs: list[float]
     weights: list[float]
+    # gradients live while a recomputed block runs backward, where they differ: a transformer
+    # block frees its MLP's saved tensors as the MLP's gradients appear
+    recomputed_grads: list[float] | None = None
 
     def peak(
         self, micro_batch: int, stem: float, stem_grads: float, last: float, checkpointing: bool
@@ -299,8 +345,9 @@ class Staged:
         block i's recomputed set) and block i's gradients."""
         b, n = micro_batch, len(self.full)
         if checkpointing:
+            grads = self.recomputed_grads or self.grads
             at = [
-                b * (sum(self.inputs[:i]) + self.full[i] + self.outputs[i] + self.grads[i])
+                b * (sum(self.inputs[:i]) + self.full[i] + self.outputs[i] + grads[i])
                 + self.weights[i]
                 for i in range(n)
             ]
@@ -328,7 +375,7 @@ def buffer_bytes(run: RunConfig, world: int, params: int) -> float:
         buckets = 2 if zero.get("overlap_comm", False) else 1
         return half * buckets * zero.get("reduce_bucket_size", default)
     cfg = run.model
-    if cfg.family in ("resnet", "swin"):
+    if cfg.family in ("resnet", "swin", "pvt"):
         block = cfg.largest_block()
     else:
         block = 4 * cfg.width**2 + 2 * cfg.width * cfg.mlp_dim

@@ -43,6 +43,18 @@ ACTIVATION_CASES = [
     ("swin-micro", "supervised", 16, "bf16", {}),
     ("swin-micro", "supervised", 16, "fp32", {}),
     ("swin-tiny-s", "supervised", 8, "bf16", {"image_size": 64, "window": 8}),
+    ("swin-micro", "supervised", 2, "bf16", {"image_size": 224, "patch_size": 4, "window": 7}),
+    # PVT: spatial-reduction attention, a stage embedding per stage, the paper's geometry.
+    ("pvt-micro", "supervised", 16, "bf16", {}),
+    ("pvt-micro", "supervised", 16, "fp32", {}),
+    ("pvt-tiny-s", "supervised", 8, "bf16", {"image_size": 64}),
+    (
+        "pvt-micro",
+        "supervised",
+        2,
+        "bf16",
+        {"image_size": 224, "patches": (4, 2, 2, 2), "reductions": (8, 4, 2, 1)},
+    ),
 ]
 
 

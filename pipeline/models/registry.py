@@ -8,17 +8,19 @@ from typing import Any
 
 from pipeline.models.igpt import IGPTConfig, ImageGPT
 from pipeline.models.layers import Backbone
+from pipeline.models.pvt import PVTConfig, PyramidVisionTransformer
 from pipeline.models.resnet import ResNet, ResNetConfig
 from pipeline.models.swin import SwinConfig, SwinTransformer
 from pipeline.models.vit import VisionTransformer, ViTConfig
 
-ModelConfig = ViTConfig | IGPTConfig | ResNetConfig | SwinConfig
+ModelConfig = ViTConfig | IGPTConfig | ResNetConfig | SwinConfig | PVTConfig
 
 FAMILIES: dict[str, tuple[type, type[Backbone]]] = {
     "vit": (ViTConfig, VisionTransformer),
     "igpt": (IGPTConfig, ImageGPT),
     "resnet": (ResNetConfig, ResNet),
     "swin": (SwinConfig, SwinTransformer),
+    "pvt": (PVTConfig, PyramidVisionTransformer),
 }
 
 _REGISTRY: dict[str, ModelConfig] = {}
@@ -110,6 +112,24 @@ _swin_small = {"image_size": 32, "num_classes": 10, "patch_size": 2, "window": 4
 _swin("swin-micro", 16, (1, 2, 1, 1), heads=(1, 2, 2, 4), **_swin_small)
 _swin("swin-tiny-s", 48, (2, 2, 4, 2), heads=(2, 4, 8, 16), **_swin_small)
 
+# Pyramid Vision Transformer v1 (Wang et al. 2021, Table 1): 224 px, widths 64-512, heads 1-8,
+# MLP ratios 8, 8, 4, 4, spatial reduction 8, 4, 2, 1.
+register(PVTConfig("pvt-tiny", depths=(2, 2, 2, 2)), 13.2e6)
+register(PVTConfig("pvt-small", depths=(3, 4, 6, 3)), 24.5e6)
+register(PVTConfig("pvt-medium", depths=(3, 4, 18, 3)), 44.2e6)
+register(PVTConfig("pvt-large", depths=(3, 8, 27, 3)), 61.4e6)
+# Small-image variants: 32 px, patches 2, 2, 2, 2 (maps 16, 8, 4, 2), reduction 4, 2, 1, 1.
+_pvt_small = {
+    "image_size": 32,
+    "num_classes": 10,
+    "patches": (2, 2, 2, 2),
+    "reductions": (4, 2, 1, 1),
+}
+register(PVTConfig("pvt-micro", widths=(16, 32, 64, 128), depths=(1, 1, 1, 1), heads=(1, 2, 2, 4),
+                   mlp_ratios=(4, 4, 4, 4), **_pvt_small))  # fmt: skip
+register(PVTConfig("pvt-tiny-s", widths=(32, 64, 160, 256), depths=(2, 2, 2, 2), heads=(1, 2, 5, 8),
+                   **_pvt_small))  # fmt: skip
+
 
 def list_models() -> list[str]:
     return list(_REGISTRY)
@@ -160,6 +180,8 @@ ADAPTABLE = {
         "causal",
     },
     "resnet": {"name", "image_size", "num_classes", "head_bias", "drop_path", "grad_checkpointing"},
+    # A new image size resamples each stage's position embeddings.
+    "pvt": {"name", "image_size", "num_classes", "head_bias", "drop_path", "grad_checkpointing"},
     # A new window resamples the relative position bias tables.
     "swin": {
         "name", "image_size", "window", "num_classes", "head_bias", "drop_path",

@@ -19,6 +19,7 @@ from safetensors.torch import save as save_safetensors
 
 from pipeline.models.layers import Backbone
 from pipeline.models.posembed import resample_bias_table, resample_pos_embed
+from pipeline.models.pvt import resample_stage_pos_embeds
 from pipeline.models.registry import config_from_dict, config_to_dict, create_model
 from pipeline.storage import filesystem, join, write_atomic
 
@@ -95,8 +96,8 @@ def load_pretrained(
 ) -> list[str]:
     """Load `state` into `model`, adapting what a resolution or task change alters.
 
-    Position embeddings of another grid, and Swin's relative position bias tables of another
-    window, are resampled; a classifier head of another shape is
+    Position embeddings of another grid (PVT: each stage's), and Swin's relative position bias
+    tables of another window, are resampled; a classifier head of another shape is
     left at the model's fresh initialisation. Returns the keys that were not loaded. Any other
     mismatch is an error naming the key, both shapes and `source`.
     """
@@ -106,6 +107,7 @@ def load_pretrained(
         n = own["pos_embed"].shape[1] - 1
         side = round(n**0.5)
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], (side, side))
+    state = resample_stage_pos_embeds(state, own)  # PVT: each stage's grid
     for key, value in list(state.items()):  # Swin at a new window: bias tables resampled
         table = key.endswith("relative_position_bias_table") and key in own
         if table and value.shape != own[key].shape:

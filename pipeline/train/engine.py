@@ -178,9 +178,9 @@ def deepspeed_config(run: RunConfig, world: int) -> dict[str, Any]:
         # Buckets sized from the model's width, as HF's DeepSpeed integration does: the defaults
         # (up to 5e8 elements) are buffers larger than a ViT-B's whole shard. A hierarchical
         # model has no one hidden size: its buckets hold its largest weight (ResNet-50: 2.4M
-        # elements, a 3x3 convolution of its last stage; Swin: its last MLP); tensors under 10x
+        # elements, a 3x3 convolution of its last stage; Swin, PVT: their last MLP); tensors under 10x
         # its final width (the norms, the first stage's smallest weights) stay whole.
-        if run.model.family in ("resnet", "swin"):
+        if run.model.family in ("resnet", "swin", "pvt"):
             bucket, persist = run.model.largest_weight(), 10 * run.model.final_width
         else:
             bucket, persist = run.model.width**2, 10 * run.model.width
