@@ -103,6 +103,12 @@ class TrainConfig:
     # all-reduce per BatchNorm, forward and backward). Running statistics are averaged over
     # ranks before every save and validation either way.
     sync_batchnorm: bool = False
+    # DeiT's hard-label distillation: an export, checkpoint or run folder of any family whose
+    # predictions the distillation head learns (a distilled ViT: model.distilled). The teacher
+    # is frozen, in eval mode, whole on every rank (outside ZeRO's partitioning), and runs on
+    # the same images in the same step. "" for none.
+    teacher: str = ""
+    label_smoothing: float = 0.0  # supervised: of the class targets (not the teacher's)
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", self.steps, "must be >= 1")
@@ -113,6 +119,10 @@ class TrainConfig:
         require(
             self.validate_samples >= 1, "validate_samples", self.validate_samples, "must be >= 1"
         )
+        require(
+            0.0 <= self.label_smoothing < 1.0, "label_smoothing", self.label_smoothing,
+            "must be in [0, 1)",
+        )  # fmt: skip
         require(
             self.collective_timeout_s > 0,
             "collective_timeout_s",
@@ -382,6 +392,13 @@ class RunConfig:
                 self.model.num_classes,
                 f"must be > 0 for the {objective} objective",
             )
+        if self.train.teacher:
+            require(
+                objective == "supervised" and getattr(self.model, "distilled", False),
+                "train.teacher", self.train.teacher,
+                "needs train.objective supervised and a distilled ViT (model.distilled: true, "
+                f"e.g. deit-ti16); got {objective} and {self.model.name}",
+            )  # fmt: skip
         if self.train.sync_batchnorm:
             require(
                 getattr(self.model, "batchnorm", False), "train.sync_batchnorm", True,

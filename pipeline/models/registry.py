@@ -59,18 +59,24 @@ def _swin(name: str, width: int, depths: tuple[int, ...], paper: float = 0.0, **
 
 
 # ViT paper sizes (Table 1) plus DeiT's Ti/S; 224 px, 1000 classes, as the parameter counts assume.
-_vit("vit-ti16", 192, 12, 3, 16)
-_vit("vit-s16", 384, 12, 6, 16)
+_vit("vit-ti16", 192, 12, 3, 16, paper=5.7e6)
+_vit("vit-s16", 384, 12, 6, 16, paper=22e6)
 _vit("vit-b16", 768, 12, 12, 16, paper=86e6)
 _vit("vit-b32", 768, 12, 12, 32)
 _vit("vit-l16", 1024, 24, 16, 16, paper=307e6)
 _vit("vit-l32", 1024, 24, 16, 32)
 _vit("vit-h14", 1280, 32, 16, 14, paper=632e6)
+# DeiT's distilled models (Touvron et al. 2021): the ViT sizes with a distillation token.
+_vit("deit-ti16", 192, 12, 3, 16, distilled=True)
+_vit("deit-s16", 384, 12, 6, 16, distilled=True)
+_vit("deit-b16", 768, 12, 12, 16, distilled=True, paper=87e6)
 # Small-image variants (28x28 Fashion-MNIST, 32x32 CIFAR-like) for tests and the quickstart.
 _vit("vit-micro-p4", 48, 2, 3, 4, image_size=32, num_classes=10)
 _vit("vit-tiny-p4", 192, 6, 3, 4, image_size=32, num_classes=10)
 _vit("vit-tiny-p7", 192, 6, 3, 7, image_size=28, num_classes=10)
 _vit("vit-small-p4", 384, 12, 6, 4, image_size=32, num_classes=10)
+_vit("deit-micro-p4", 48, 2, 3, 4, image_size=32, num_classes=10, distilled=True)
+_vit("deit-tiny-p4", 192, 6, 3, 4, image_size=32, num_classes=10, distilled=True)
 # The quickstart's: a hybrid whose 3-convolution stem turns 28 px into a 4x4 map of 1x1 patches.
 _vit("vit-hybrid-mini", 128, 4, 4, 1, mlp_dim=256, stem=(32, 64, 128), image_size=28, channels=1,
      num_classes=10)  # fmt: skip

@@ -4,6 +4,10 @@ Image (B, C, H, W) -> P x P patches, linearly embedded -> [class] token prepende
 position embeddings added -> pre-norm blocks -> final LayerNorm -> head on the [class] token, or
 on the average of the patch tokens (`pool="avg"`, then with its own LayerNorm, as timm does).
 
+DeiT (Touvron et al., 2021) adds a distillation token (`distilled: true`): a second learned
+token beside [class], with its own position embedding and its own head, which training fits to
+a teacher's predictions; at inference the two heads' logits are averaged.
+
 The paper's hybrid (its section 3.1) cuts the patches from a CNN's feature map instead of the
 image: `stem=(32, 64, 128)` puts three 3x3 stride-2 convolutions before the patch embedding, and
 `patch_size` then counts feature-map pixels.
@@ -46,6 +50,7 @@ class ViTConfig(TrainFlops):
     mlp_dim: int = 3072
     num_classes: int = 1000  # 0: no head, forward returns pooled features
     pool: Literal["cls", "avg"] = "cls"
+    distilled: bool = False  # DeiT: a distillation token and head beside [class]
     head_bias: float = 0.0  # initial classifier bias (big_vision: -10 for sigmoid losses)
     drop_path: float = 0.0  # stochastic depth rate of the last block (linear from 0)
     grad_checkpointing: bool = False  # recompute block activations in backward
@@ -78,6 +83,15 @@ class ViTConfig(TrainFlops):
         )
         require(self.num_classes >= 0, "num_classes", self.num_classes, "must be >= 0")
         require(0.0 <= self.drop_path < 1.0, "drop_path", self.drop_path, "must be in [0, 1)")
+        require(
+            not (self.distilled and self.pool != "cls"), "pool", self.pool,
+            "must be cls for a distilled ViT (its two heads read the two tokens)",
+        )  # fmt: skip
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patches: [class], and DeiT's distillation token."""
+        return 1 + self.distilled
 
     @property
     def stem_maps(self) -> list[tuple[int, int]]:
@@ -104,8 +118,8 @@ class ViTConfig(TrainFlops):
 
     @property
     def num_tokens(self) -> int:
-        """Sequence length: patches plus the [class] token."""
-        return self.grid**2 + 1
+        """Sequence length: patches plus the [class] (and distillation) token."""
+        return self.grid**2 + self.prefix_tokens
 
     def forward_flops(self) -> int:
         """FLOPs of one forward pass per image."""
@@ -115,7 +129,7 @@ class ViTConfig(TrainFlops):
             c_in = c
         patches = self.grid**2
         embed = 2 * patches * self.patch_size**2 * c_in * self.width
-        head = 2 * self.width * self.num_classes
+        head = 2 * self.width * self.num_classes * self.prefix_tokens
         return (
             stem
             + embed
@@ -147,9 +161,12 @@ class VisionTransformer(Backbone):
         self.stem = ConvStem(cfg.channels, cfg.stem)
         self.patch_embed = PatchEmbed(cfg.stem[-1] if cfg.stem else cfg.channels, d, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, d))
         nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02, a=-0.04, b=0.04)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_dim, drop_path=r) for r in rates)
         # timm's layout: LayerNorm on the tokens for [class] pooling, after pooling for "avg".
@@ -160,6 +177,11 @@ class VisionTransformer(Backbone):
             Linear(d, cfg.num_classes, std=0.0, bias_init=cfg.head_bias)
             if cfg.num_classes
             else nn.Identity()
+        )
+        self.head_dist: nn.Module | None = (
+            Linear(d, cfg.num_classes, std=0.0, bias_init=cfg.head_bias)
+            if cfg.distilled and cfg.num_classes
+            else None
         )
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
@@ -172,16 +194,39 @@ class VisionTransformer(Backbone):
                 f"{self.cfg.image_size}, {self.cfg.image_size}); got {tuple(x.shape)}"
             )
         patches = self.patch_embed(self.stem(x)).flatten(2).transpose(1, 2)
-        cls = self.cls_token.expand(b, -1, -1)
-        return torch.cat([cls, patches], dim=1) + self.pos_embed
+        prefix = [self.cls_token.expand(b, -1, -1)]
+        if self.dist_token is not None:
+            prefix.append(self.dist_token.expand(b, -1, -1))
+        return torch.cat([*prefix, patches], dim=1) + self.pos_embed
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, D): the [class] token (averaged with the distillation token in
+        DeiT, as timm's pre-logits), or the patch tokens' average."""
         if self.cfg.pool == "cls":
-            return tokens[:, 0]
-        return self.fc_norm(tokens[:, 1:].mean(dim=1))
+            return tokens[:, 0] if not self.cfg.distilled else (tokens[:, 0] + tokens[:, 1]) / 2
+        return self.fc_norm(tokens[:, self.cfg.prefix_tokens :].mean(dim=1))
 
-    def forward(self, x: torch.Tensor, head: str = "classes") -> torch.Tensor:
-        """Images (B, C, H, W) -> logits (B, num_classes), or pooled (B, D) with no head."""
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.head_dist is None or pre_logits:
+            return super().forward_head(features, pre_logits)
+        return (self.head(features[:, 0]) + self.head_dist(features[:, 1])) / 2
+
+    def reset_head(self, num_classes: int, bias: float = 0.0) -> None:
+        super().reset_head(num_classes, bias)
+        if self.cfg.distilled:
+            self.head_dist = None if num_classes == 0 else Linear(
+                self.width, num_classes, std=0.0, bias_init=bias
+            ).to(self.head.weight.device, self.head.weight.dtype)  # fmt: skip
+
+    def forward(
+        self, x: torch.Tensor, head: str = "classes"
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) -> logits (B, num_classes) (DeiT: the two heads averaged), or
+        pooled (B, D) with no head. head="both" (DeiT's training): the [class] head's logits
+        and the distillation head's, apart."""
+        if head == "both" and self.head_dist is not None:
+            tokens = self.forward_features(x)
+            return self.head(tokens[:, 0]), self.head_dist(tokens[:, 1])
         if head != "classes":
-            raise ValueError(f"a ViT has only a class head, not {head!r}")
+            raise ValueError(f"{self.cfg.name} has no {head!r} head (a distilled ViT has 'both')")
         return self.classify(x)

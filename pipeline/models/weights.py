@@ -104,9 +104,9 @@ def load_pretrained(
     own = model.state_dict()
     state = dict(state)
     if "pos_embed" in state and state["pos_embed"].shape[1] != own["pos_embed"].shape[1]:
-        n = own["pos_embed"].shape[1] - 1
-        side = round(n**0.5)
-        state["pos_embed"] = resample_pos_embed(state["pos_embed"], (side, side))
+        prefix = getattr(model.cfg, "prefix_tokens", 1)  # [class] (and DeiT's distillation)
+        side = round((own["pos_embed"].shape[1] - prefix) ** 0.5)
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], (side, side), prefix)
     state = resample_stage_pos_embeds(state, own)  # PVT: each stage's grid
     for key, value in list(state.items()):  # Swin at a new window: bias tables resampled
         table = key.endswith("relative_position_bias_table") and key in own

@@ -37,14 +37,28 @@ def class_logits(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def supervised(
-    model: nn.Module, batch: dict, generative_weight: float = 0.0, **_: object
+    model: nn.Module,
+    batch: dict,
+    generative_weight: float = 0.0,
+    label_smoothing: float = 0.0,
+    teacher: nn.Module | None = None,
+    **_: object,
 ) -> tuple[torch.Tensor, Metrics]:
     """Softmax cross-entropy; multi-hot labels become a uniform target over their classes.
 
     generative_weight > 0 (an autoregressive ImageGPT): plus that weight times the next-pixel
-    NLL of the same pass, as the ImageGPT paper finetunes (L_CLF + L_GEN)."""
-    generative = None
-    if generative_weight > 0:
+    NLL of the same pass, as the ImageGPT paper finetunes (L_CLF + L_GEN).
+    teacher (DeiT's hard-label distillation): the [class] head learns the labels, the
+    distillation head the teacher's top class, each half the loss; accuracy is that of the two
+    heads averaged, as at inference."""
+    generative = distill = None
+    if teacher is not None:
+        images = model_input(batch["image"])
+        logits, dist = (t.float() for t in model(images, head="both"))
+        with torch.no_grad():
+            taught = teacher(images.to(next(teacher.parameters()).dtype)).argmax(-1)
+        distill = F.cross_entropy(dist, taught)
+    elif generative_weight > 0:
         logits, lm = model(batch["tokens"], head="both")
         logits = logits.float()
         generative = F.cross_entropy(lm.float().flatten(0, 1), batch["tokens"].flatten())
@@ -53,16 +67,27 @@ def supervised(
     labels = batch["label"]
     if labels.ndim == 2:
         target = labels.float() / labels.float().sum(1, keepdim=True).clamp_min(1)
+        if label_smoothing:
+            target = target * (1 - label_smoothing) + label_smoothing / target.shape[1]
         loss = -(target * logits.log_softmax(-1)).sum(-1).mean()
-        correct = labels.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1) > 0
     else:
-        loss = F.cross_entropy(logits, labels)
-        correct = logits.argmax(-1) == labels
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    predicted = logits if distill is None else (logits + dist) / 2
+    if labels.ndim == 2:
+        correct = labels.gather(1, predicted.argmax(-1, keepdim=True)).squeeze(1) > 0
+    else:
+        correct = predicted.argmax(-1) == labels
     metrics = {"loss": loss.detach(), "accuracy": correct.float().mean()}
     if generative is not None:
         metrics["classification_loss"] = loss.detach()
         metrics["bits_per_dim"] = generative.detach() / LN2
         loss = loss + generative_weight * generative
+        metrics["loss"] = loss.detach()
+    if distill is not None:
+        metrics["classification_loss"] = loss.detach()
+        metrics["distillation_loss"] = distill.detach()
+        metrics["teacher_agreement"] = (dist.argmax(-1) == taught).float().mean()
+        loss = (loss + distill) / 2
         metrics["loss"] = loss.detach()
     return loss, metrics
 

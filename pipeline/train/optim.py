@@ -10,14 +10,17 @@ from pipeline.models import Backbone
 
 # Learned tokens and position tables are not shrunk towards zero (as in ViT/timm/big_vision),
 # nor Swin's relative position biases (as timm's no_weight_decay).
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "tok_embed", "relative_position_bias_table")
+NO_DECAY_NAMES = (
+    "pos_embed", "cls_token", "dist_token", "tok_embed", "relative_position_bias_table",
+)  # fmt: skip
 
 
 def layer_id(name: str, model: Backbone) -> int:
     """Depth of a parameter for layer-wise lr decay: 0 for the embeddings (a CNN's stem), the
     block's layer for a block (its stage, in a hierarchical model), decay_depth + 1 for the
     final norm and the heads."""
-    if name.startswith(("stem.", "patch_embed", "cls_token", "pos_embed", "tok_embed")):
+    embeddings = ("stem.", "patch_embed", "cls_token", "dist_token", "pos_embed", "tok_embed")
+    if name.startswith(embeddings):
         return 0
     if name.startswith("blocks."):
         return model.decay_layer(int(name.split(".")[1]))

@@ -51,7 +51,7 @@ from pipeline.train.engine import (
     replay_cpu_adam_steps,
     to_universal,
 )
-from pipeline.train.export import Weights, read_weights_for
+from pipeline.train.export import Weights, read_weights, read_weights_for
 from pipeline.train.lease import Lease
 from pipeline.train.objectives import OBJECTIVE_METRICS, OBJECTIVES
 from pipeline.train.visuals import completion_panel, rollout_panel, save_panel
@@ -313,10 +313,34 @@ class Trainer:
         self._objective_args = {
             "mask_prob": run.train.mask_prob,
             "generative_weight": run.finetune.generative_weight,
+            "label_smoothing": run.train.label_smoothing,
+            "teacher": self._build_teacher(),
         }
         self.flops_per_sample = run.model.train_flops()
         peak = run.logging.peak_tflops * 1e12 or measure_peak_flops(self.dtype, self.engine.device)
         self.peak_flops = peak
+
+    def _build_teacher(self) -> torch.nn.Module | None:
+        """train.teacher's model, frozen and in eval mode on this rank's device, in the
+        training dtype; built outside DeepSpeed, so no ZeRO stage partitions it. It must see
+        the student's images and predict its classes."""
+        run = self.run
+        if not run.train.teacher:
+            return None
+        weights = read_weights(run.train.teacher, self.endpoint)
+        cfg, student = weights.config, run.model
+        same = {k: (getattr(cfg, k, None), getattr(student, k)) for k in
+                ("image_size", "channels", "num_classes")}  # fmt: skip
+        wrong = [f"{k} {a} != {b}" for k, (a, b) in same.items() if a != b]
+        if wrong:
+            raise ConfigError(
+                f"train.teacher: {weights.source} holds a {cfg.name} that cannot teach "
+                f"{student.name}: {'; '.join(wrong)}"
+            )
+        teacher = weights.build().to(self.engine.device, self.dtype).eval().requires_grad_(False)
+        if self.rank == 0:
+            self.log(f"distilling from {weights.source} ({cfg.name}, frozen)")
+        return teacher
 
     def _build_writer(self, folder: str = "tensorboard"):
         if self.rank != 0 or not self.run.logging.tensorboard:

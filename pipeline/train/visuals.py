@@ -13,7 +13,7 @@ from pipeline.models import ImageGPT, VisionTransformer
 def attention_rollout(maps: list[torch.Tensor]) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema, 2020): per block, heads averaged and the residual
     path added (0.5 A + 0.5 I, rows renormalised), multiplied through the blocks. maps: each
-    (B, H, N, N) -> (B, N - 1), how much the [class] token draws on each patch."""
+    (B, H, N, N) -> (B, N - 1), how much the [class] token draws on each other token."""
     b, _, n, _ = maps[0].shape
     eye = torch.eye(n, device=maps[0].device, dtype=torch.float32)
     rollout = eye.expand(b, n, n)
@@ -31,6 +31,7 @@ def rollout_panel(model: VisionTransformer, images: torch.Tensor) -> torch.Tenso
 
     x = model_input(images).to(next(model.parameters()).dtype)
     heat = attention_rollout(model.attention_maps(x))
+    heat = heat[:, model.cfg.prefix_tokens - 1 :]  # the patches (DeiT: not its second token)
     g = model.cfg.grid
     heat = heat.reshape(-1, 1, g, g)
     heat = (heat - heat.amin((2, 3), keepdim=True)) / (
