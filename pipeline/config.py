@@ -138,12 +138,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with warmup and decay; no weight decay on norms, biases, position embeddings, tokens."""
+    """AdamW (or SGD with momentum, the CNN baselines' recipe) with warmup and decay; no weight
+    decay on norms, biases, position embeddings, tokens."""
 
+    name: Literal["adamw", "sgd"] = "adamw"
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
+    eps: float = 1e-8  # adamw
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
     warmup_steps: int = 0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
     min_lr_ratio: float = 0.0  # final lr as a fraction of the peak
@@ -158,6 +162,8 @@ class OptimConfig:
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
         require(0 < self.layer_decay <= 1, "layer_decay", self.layer_decay, "must be in (0, 1]")
+        require(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
+        require(not (self.nesterov and self.momentum == 0), "nesterov", True, "needs momentum > 0")
 
 
 @dataclass(frozen=True)
@@ -392,6 +398,11 @@ class RunConfig:
                 self.model.num_classes,
                 f"must be > 0 for the {objective} objective",
             )
+        if self.optim.name == "sgd":
+            require(
+                not self.deepspeed.offload_optimizer, "deepspeed.offload_optimizer", True,
+                "runs DeepSpeed's CPU Adam; it cannot step optim.name sgd",
+            )  # fmt: skip
         if self.train.teacher:
             require(
                 objective == "supervised" and getattr(self.model, "distilled", False),

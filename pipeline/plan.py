@@ -128,11 +128,13 @@ def model_state_bytes(
     precision: str,
     offload_optimizer: bool = False,
     offload_params: bool = False,
+    optimizer_name: str = "adamw",
 ) -> tuple[float, float, float, float]:
     """(weights, gradients, optimizer states, host bytes) per device for this ZeRO stage."""  # fmt: skip
     half = element_bytes(precision)
     weights, grads = half * params, half * params
-    optimizer = (8 if precision == "fp32" else 12) * params  # (master +) m + v
+    moments = 2 if optimizer_name == "adamw" else 1  # Adam's m and v; SGD's momentum
+    optimizer = (4 * moments + (0 if precision == "fp32" else 4)) * params  # (+ fp32 master)
     if stage >= 1:
         optimizer /= world
     if stage >= 2:
@@ -433,8 +435,9 @@ class Plan:
 def memory_for(run: RunConfig, world: int, params: int, micro_batch: int) -> Memory:
     ds = run.deepspeed
     weights, grads, optimizer, host = model_state_bytes(
-        params, ds.zero_stage, world, ds.precision, ds.offload_optimizer, ds.offload_params
-    )
+        params, ds.zero_stage, world, ds.precision, ds.offload_optimizer, ds.offload_params,
+        run.optim.name,
+    )  # fmt: skip
     activations = activation_bytes(run, micro_batch, run.model.grad_checkpointing)
     return Memory(weights, grads, optimizer, activations, buffer_bytes(run, world, params), host)
 
@@ -520,6 +523,7 @@ def report(plan: Plan) -> str:
     ckpt = "on" if run.model.grad_checkpointing else "off"
     other = "off" if run.model.grad_checkpointing else "on"
     cfg = run.model
+    moments = "Adam m and v" if run.optim.name == "adamw" else "SGD momentum"
     states = (
         f"{cfg.num_tokens} tokens" if hasattr(cfg, "num_tokens")
         else f"{cfg.final_side}x{cfg.final_side} final map"
@@ -533,7 +537,7 @@ def report(plan: Plan) -> str:
         f"{'memory per device':<44}{'GB':>10}",
         f"{'  weights':<44}{_gb(m.params)}",
         f"{'  gradients':<44}{_gb(m.grads)}",
-        f"{'  optimizer (fp32 master, Adam m and v)':<44}{_gb(m.optimizer)}",
+        f"{'  optimizer (fp32 master, ' + moments + ')':<44}{_gb(m.optimizer)}",
         f"{f'  activations (checkpointing {ckpt})':<44}{_gb(m.activations)}"
         f"   ({other}: {plan.activations_other / GB:.2f})",
         f"{'  DeepSpeed buffers':<44}{_gb(m.buffers)}",

@@ -162,6 +162,22 @@ def test_synchronised_batchnorm_on_two_ranks_equals_batchnorm_on_the_whole_batch
         torch.testing.assert_close(got[r][3], ref.running_var, rtol=1e-5, atol=1e-6)
 
 
+def test_sgd_keeps_one_moment_and_cannot_run_on_deepspeeds_cpu_adam():
+    from pipeline.config import parse_config
+    from pipeline.plan import model_state_bytes
+    from pipeline.train.engine import deepspeed_config
+
+    p = 1000
+    assert sum(model_state_bytes(p, 0, 1, "bf16", optimizer_name="sgd")[:3]) == 12 * p
+    assert sum(model_state_bytes(p, 0, 1, "fp32", optimizer_name="sgd")[:3]) == 12 * p
+    raw = {"model": {"name": "resnet-micro"}, "optim": {"name": "sgd", "momentum": 0.9}}
+    ds = deepspeed_config(parse_config(raw), 1)
+    assert ds["optimizer"] == {"type": "SGD", "params": {
+        "lr": 1e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 0.05}}  # fmt: skip
+    with pytest.raises(ValueError, match=r"offload_optimizer.*sgd"):
+        parse_config({**raw, "deepspeed": {"offload_optimizer": True}})
+
+
 def test_layer_decay_goes_by_stage():
     model = create_model("resnet-micro", depths=(1, 2, 1, 1))
     lrs = {
@@ -233,18 +249,23 @@ def test_a_resnet_trains_resumes_exactly_exports_loads_and_evaluates(tmp_path, d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("sync", "zero", "checkpointing"), [(False, 2, False), (True, 3, True)])
+@pytest.mark.parametrize(
+    ("sync", "zero", "checkpointing", "optim"),
+    [(False, 2, False, {"name": "sgd", "lr": 0.05, "nesterov": True}), (True, 3, True, {})],
+)
 def test_two_ranks_resume_exactly_with_running_statistics_averaged_at_each_save(
-    tmp_path, digits_url, sync, zero, checkpointing
+    tmp_path, digits_url, sync, zero, checkpointing, optim
 ):
     """Per-rank BatchNorm: each rank's running statistics differ and a checkpoint holds rank
     0's, so without averaging them at every save a resumed rank 1 would carry on from rank 0's,
     and the validation at step 6 (no save there) and the final weights would differ from the
     uninterrupted run's. Synchronised, under ZeRO-3 (whose zero.Init casts buffers) with
-    recomputed blocks: the same."""
+    recomputed blocks: the same. The first case trains with SGD and Nesterov momentum (the
+    CNN recipe; torch's SGD under ZeRO-2), whose momentum the checkpoint carries."""
     sections = dict(
         model={**RESNET_RUN, "grad_checkpointing": checkpointing},
         deepspeed={"zero_stage": zero},
+        optim={"warmup_steps": 2, **optim},
         train={"sync_batchnorm": sync, "validate_every_steps": 6, "validate_samples": 64},
     )
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()

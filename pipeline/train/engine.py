@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import RunConfig
+from pipeline.config import OptimConfig, RunConfig
 from pipeline.errors import ConfigError
 from pipeline.train import distributed
 from pipeline.train.distributed import DEFAULT_IO_TIMEOUT_S, DEFAULT_TIMEOUT_S, Comm
@@ -200,22 +200,28 @@ def deepspeed_config(run: RunConfig, world: int) -> dict[str, Any]:
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": optim.lr,
-                "betas": list(optim.betas),
-                "eps": optim.eps,
-                "weight_decay": optim.weight_decay,
-            },
-        },
+        "optimizer": optimizer_config(optim),
         "steps_per_print": 1 << 30,
     }
+    if optim.name == "sgd":  # torch.optim.SGD, which DeepSpeed's ZeRO has not tested itself
+        cfg["zero_allow_untested_optimizer"] = True
     if optim.grad_clip > 0:
         cfg["gradient_clipping"] = optim.grad_clip
     if ds.config_file:
         cfg = _merge_user_config(ds.config_file, cfg)
     return cfg
+
+
+def optimizer_config(optim: OptimConfig) -> dict[str, Any]:
+    """DeepSpeed's optimizer section: its AdamW, or torch.optim.SGD (DeepSpeed builds any
+    torch.optim class by name)."""
+    if optim.name == "sgd":
+        params = {"lr": optim.lr, "momentum": optim.momentum, "nesterov": optim.nesterov,
+                  "weight_decay": optim.weight_decay}  # fmt: skip
+        return {"type": "SGD", "params": params}
+    params = {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+              "weight_decay": optim.weight_decay}  # fmt: skip
+    return {"type": "AdamW", "params": params}
 
 
 def _merge_user_config(path: str, ours: dict[str, Any]) -> dict[str, Any]:
