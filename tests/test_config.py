@@ -64,7 +64,7 @@ def test_set_overrides_any_field_with_yaml_values(tmp_path):
         (
             "model: {name: vit-b16}\noptim: {weight_dacay: 1}\n",
             [],
-            r"run\.yaml: optim\.weight_dacay: unknown key \(did you mean 'weight_decay'\?\); allowed keys: lr, ",
+            r"run\.yaml: optim\.weight_dacay: unknown key \(did you mean 'weight_decay'\?\); allowed keys: name, lr, ",
         ),
         (
             "model: {name: vit-b16}\ntrian: {}\n",
