@@ -42,6 +42,12 @@ class DataConfig:
     shuffle_buffer: int = 1024  # samples per shuffled window (held in memory per reader)
     augment: Literal["vit", "none"] = "vit"  # random resized crop + flip, or resize only
     crop_scale: tuple[float, float] = (0.08, 1.0)  # area fraction range of the random crop
+    # DeiT's recipe, per sample after the crop and flip (training only): RandAugment's number
+    # of operations (0: off; DeiT: 2) and magnitude of 10 (DeiT: 9), random erasing's
+    # probability (DeiT: 0.25)
+    randaugment_ops: int = 0
+    randaugment_magnitude: float = 9.0
+    random_erasing: float = 0.0
     palette: str = "kmeans"  # ImageGPT tokens: kmeans (fitted by prepare), uniform, grey, or a URL
     palette_size: int = 512  # colours of the grey palette; kmeans and URL palettes bring their own
     max_error_rate: float = 0.01  # stop when more than this fraction of samples is unreadable
@@ -63,6 +69,15 @@ class DataConfig:
             0 < lo <= hi <= 1, "crop_scale", self.crop_scale, "must satisfy 0 < min <= max <= 1"
         )
         require(self.palette_size >= 2, "palette_size", self.palette_size, "must be >= 2")
+        require(self.randaugment_ops >= 0, "randaugment_ops", self.randaugment_ops, "must be >= 0")
+        require(
+            0 <= self.randaugment_magnitude <= 10, "randaugment_magnitude",
+            self.randaugment_magnitude, "must be in [0, 10]",
+        )  # fmt: skip
+        require(
+            0 <= self.random_erasing <= 1, "random_erasing", self.random_erasing,
+            "must be in [0, 1]",
+        )  # fmt: skip
         require(
             0 <= self.max_error_rate <= 1,
             "max_error_rate",
@@ -109,6 +124,12 @@ class TrainConfig:
     # the same images in the same step. "" for none.
     teacher: str = ""
     label_smoothing: float = 0.0  # supervised: of the class targets (not the teacher's)
+    # Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) on each training micro-batch: the
+    # Beta(alpha, alpha) parameter of each, 0 for off (DeiT: 0.8 and 1.0; with both, each
+    # micro-batch takes one of them at even odds). Drawn from the step's seed: a resume at the
+    # same world size mixes the same pairs.
+    mixup: float = 0.0
+    cutmix: float = 0.0
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", self.steps, "must be >= 1")
@@ -123,6 +144,8 @@ class TrainConfig:
             0.0 <= self.label_smoothing < 1.0, "label_smoothing", self.label_smoothing,
             "must be in [0, 1)",
         )  # fmt: skip
+        for key in ("mixup", "cutmix"):
+            require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0 (0: off)")
         require(
             self.collective_timeout_s > 0,
             "collective_timeout_s",
@@ -398,6 +421,11 @@ class RunConfig:
                 self.model.num_classes,
                 f"must be > 0 for the {objective} objective",
             )
+        if self.train.mixup or self.train.cutmix:
+            require(
+                objective == "supervised" and self.model.family != "igpt", "train.mixup",
+                self.train.mixup, "mixes images for the supervised objective only",
+            )  # fmt: skip
         if self.optim.name == "sgd":
             require(
                 not self.deepspeed.offload_optimizer, "deepspeed.offload_optimizer", True,

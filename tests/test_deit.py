@@ -110,13 +110,19 @@ DEIT_RUN = {"name": "deit-micro-p4", "image_size": 16, "channels": 1, "num_class
 @pytest.mark.slow
 def test_two_ranks_distil_from_a_resnet_teacher_and_resume_exactly(tmp_path, digits_url):
     """The teacher: a ResNet trained and exported here. The DeiT student on 2 ranks at ZeRO-2
-    learns from it, killed after its step-4 checkpoint and resumed to the uninterrupted losses;
+    learns from it with DeiT's augmentations, killed after its step-4 checkpoint and resumed to
+    the uninterrupted losses;
     a teacher of another image size is refused before any work, naming train.teacher."""
     (tmp_path / "teacher").mkdir()
     finish(pretrain(write_config(tmp_path / "teacher", digits_url, model=RESNET_RUN)))
     run_export(tmp_path / "teacher" / "run", tmp_path / "teacher" / "export")
     teacher = str(tmp_path / "teacher" / "export")
-    sections = dict(model=DEIT_RUN, train={"teacher": teacher})
+    # DeiT's whole recipe: RandAugment, random erasing, Mixup or CutMix, label smoothing.
+    sections = dict(
+        model=DEIT_RUN,
+        data={"augment": "vit", "randaugment_ops": 2, "random_erasing": 0.25},
+        train={"teacher": teacher, "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1},
+    )
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     clean_out = finish(pretrain(write_config(tmp_path / "a", digits_url, **sections), ranks=2))
     assert f"distilling from {teacher} (resnet-micro, frozen)" in clean_out

@@ -88,6 +88,9 @@ class StreamConfig:
     channels: int = 0  # 1 or 3; 0: the dataset's
     augment: bool = True  # random resized crop + flip (train only)
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    randaugment_ops: int = 0  # with augment: RandAugment, random erasing (augment.py)
+    randaugment_magnitude: float = 9.0
+    random_erasing: float = 0.0
     palette: Palette | None = None  # set: batches hold "tokens" instead of "image"
     labels: bool = True  # a sample without a label is quarantined
     shuffle_shards: int = 4
@@ -158,6 +161,8 @@ def stream_config(run: RunConfig, split: str, batch_size: int, train: bool) -> S
     return StreamConfig(
         data.url, split, batch_size, train, run.train.seed, model.image_size, channels,
         augment=data.augment == "vit", crop_scale=data.crop_scale, palette=palette,
+        randaugment_ops=data.randaugment_ops, randaugment_magnitude=data.randaugment_magnitude,
+        random_erasing=data.random_erasing,
         labels=not run.train.objective.startswith("igpt"), shuffle_shards=data.shuffle_shards,
         shuffle_buffer=data.shuffle_buffer, workers=data.workers,
         max_error_rate=data.max_error_rate, endpoint_url=data.endpoint_url,
@@ -538,8 +543,10 @@ def make_transform(cfg: StreamConfig, manifest: Manifest) -> ImageTransform:
             f"the palette has {cfg.palette.channels} channels but the stream makes {channels}-channel images"
         )
     return ImageTransform(
-        size, channels, cfg.train and cfg.augment, cfg.crop_scale, palette=cfg.palette
-    )
+        size, channels, cfg.train and cfg.augment, cfg.crop_scale, palette=cfg.palette,
+        randaugment_ops=cfg.randaugment_ops, randaugment_magnitude=cfg.randaugment_magnitude,
+        erasing=cfg.random_erasing,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

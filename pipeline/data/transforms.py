@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from pipeline.data import jpeg
+from pipeline.data.augment import rand_augment, random_erase
 from pipeline.data.palette import Palette
 
 
@@ -186,6 +187,19 @@ class ImageTransform:
     hflip: bool = True
     palette: Palette | None = None  # set: output palette tokens (ImageGPT)
     fast_jpeg: bool = True  # decode JPEG crops with libjpeg-turbo (jpeg.py) when it is built
+    # DeiT's recipe, after the crop and flip, with augment (augment.py): RandAugment's number
+    # of operations (0: off) and magnitude of 10, and random erasing's probability
+    randaugment_ops: int = 0
+    randaugment_magnitude: float = 9.0
+    erasing: float = 0.0
+
+    def finish(self, pixels: torch.Tensor, rng: random.Random) -> None:
+        """RandAugment, then random erasing, on one sample's uint8 pixels (C, H, W), in place."""
+        if not self.augment or self.palette is not None:
+            return
+        if self.randaugment_ops:
+            rand_augment(pixels, self.randaugment_ops, self.randaugment_magnitude, rng)
+        random_erase(pixels, self.erasing, rng)
 
     @property
     def layout(self) -> tuple[tuple[int, ...], torch.dtype]:
@@ -242,7 +256,10 @@ class ImageTransform:
         x = torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2)  # (n, C, h, w)
         y = (rows @ x @ cols).round_().clamp_(0, 255)  # (n, C, size, size)
         if self.palette is None:
-            return out.copy_(y)
+            out.copy_(y)
+            for row, rng in zip(out, rngs, strict=True):
+                self.finish(row, rng)
+            return out
         return out.copy_(self.palette.encode(y.permute(0, 2, 3, 1)).reshape(n, -1))
 
     def into(self, data: bytes | np.ndarray, rng: random.Random, out: torch.Tensor) -> torch.Tensor:
@@ -281,6 +298,7 @@ class ImageTransform:
             )
         if self.augment and self.hflip and rng.random() < 0.5:
             pixels.copy_(pixels.flip(-1))
+        self.finish(pixels[0], rng)
         if self.palette is not None:
             out.copy_(self.palette.encode(pixels[0].permute(1, 2, 0)).reshape(-1))
         return out

@@ -11,6 +11,7 @@ to minimise, `metrics` holds detached scalars for logging. Batches:
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 
 import torch
@@ -36,12 +37,43 @@ def class_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(inputs, head="classes").float()
 
 
+def mix(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup: float, cutmix: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Mixup or CutMix of a micro-batch with itself reversed (timm's pairing): images
+    (B, C, H, W) floats and labels -> mixed images and soft targets (B, num_classes). Beta
+    draws and the CutMix box come from the step's generator's seed."""
+    rng = random.Random(generator.initial_seed())
+    use_cutmix = cutmix > 0 and (mixup == 0 or rng.random() < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    lam = rng.betavariate(alpha, alpha)
+    target = _multi_hot(labels, num_classes)
+    target = target / target.sum(1, keepdim=True).clamp_min(1)
+    other = images.flip(0)
+    if use_cutmix:  # a box of 1 - lam of the area, clipped at the border; lam is what is left
+        h, w = images.shape[-2:]
+        cut = math.sqrt(1 - lam)
+        cy, cx = rng.randrange(h), rng.randrange(w)
+        y0, y1 = max(cy - int(h * cut) // 2, 0), min(cy + int(h * cut) // 2, h)
+        x0, x1 = max(cx - int(w * cut) // 2, 0), min(cx + int(w * cut) // 2, w)
+        images = images.clone()
+        images[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        images = lam * images + (1 - lam) * other
+    return images, lam * target + (1 - lam) * target.flip(0)
+
+
 def supervised(
     model: nn.Module,
     batch: dict,
     generative_weight: float = 0.0,
     label_smoothing: float = 0.0,
     teacher: nn.Module | None = None,
+    mixup: float = 0.0,
+    cutmix: float = 0.0,
+    generator: torch.Generator | None = None,
     **_: object,
 ) -> tuple[torch.Tensor, Metrics]:
     """Softmax cross-entropy; multi-hot labels become a uniform target over their classes.
@@ -50,7 +82,15 @@ def supervised(
     NLL of the same pass, as the ImageGPT paper finetunes (L_CLF + L_GEN).
     teacher (DeiT's hard-label distillation): the [class] head learns the labels, the
     distillation head the teacher's top class, each half the loss; accuracy is that of the two
-    heads averaged, as at inference."""
+    heads averaged, as at inference.
+    mixup, cutmix (training mode only): the micro-batch mixed with itself reversed (`mix`);
+    accuracy then counts a prediction of either class of a pair as right."""
+    if model.training and (mixup or cutmix) and "image" in batch:
+        classes = getattr(model, "module", model).cfg.num_classes  # a DeepSpeed engine's, or not
+        images, target = mix(
+            model_input(batch["image"]), batch["label"], classes, mixup, cutmix, generator
+        )
+        batch = {**batch, "image": images, "label": target}
     generative = distill = None
     if teacher is not None:
         images = model_input(batch["image"])

@@ -314,6 +314,8 @@ class Trainer:
             "mask_prob": run.train.mask_prob,
             "generative_weight": run.finetune.generative_weight,
             "label_smoothing": run.train.label_smoothing,
+            "mixup": run.train.mixup,  # in training mode only: validation is not mixed
+            "cutmix": run.train.cutmix,
             "teacher": self._build_teacher(),
         }
         self.flops_per_sample = run.model.train_flops()
