@@ -1,6 +1,6 @@
 """The lecture's experiment in miniature: ViT against CNNs (and Swin, PVT, DeiT) as data grows.
 
-    .venv/bin/python benchmarks/data_scale.py [--sizes 1000 6000 55000] [--budget-tflop 10]
+    .venv/bin/python benchmarks/data_scale.py [--sizes 1000 6000 55000] [--budget-tflop 5]
         [--models vit resnet swin pvt deit] [--lrs 2] [--parallel 2] [--out runs/data-scale]
 
 Every model trains on Fashion-MNIST subsets of each size for the same training FLOPs
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -167,9 +168,12 @@ def train_one(
             "epochs": steps * batch / size}  # fmt: skip
 
 
-def launch(family: str, size: int, lr: float, budget: float, teacher: str, evaluated: int) -> dict:
-    """One run in a fresh one-thread process; its result and the path of its saved model."""
-    out = Path(tempfile.mkdtemp(prefix=f"data-scale-{family}-{size}-"))
+def launch(
+    family: str, size: int, lr: float, budget: float, teacher: str, evaluated: int, work: str
+) -> dict:
+    """One run in a fresh one-thread process; its result and the path of its saved model (in
+    `work`, which the study removes at its end)."""
+    out = Path(tempfile.mkdtemp(prefix=f"{family}-{size}-", dir=work))
     task = [family, size, lr, budget, teacher, evaluated]
     cmd = [sys.executable, __file__, "--child", json.dumps(task), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -188,7 +192,8 @@ def choose(
     run with the best validation top-1."""
     tasks = [(f, lr) for f in families for lr in LRS[f][: args.lrs]]
     runs = list(pool.map(
-        lambda t: launch(t[0], size, t[1], args.budget_tflop, teacher, args.eval_images), tasks
+        lambda t: launch(t[0], size, t[1], args.budget_tflop, teacher, args.eval_images, args.work),
+        tasks,
     ))  # fmt: skip
     chosen: dict[str, dict] = {}
     for (family, _), run in zip(tasks, runs, strict=True):
@@ -222,7 +227,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 6000, 55000])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--budget-tflop", type=float, default=10.0)
+    parser.add_argument("--budget-tflop", type=float, default=5.0)
     parser.add_argument("--lrs", type=int, default=2, choices=[1, 2])
     parser.add_argument("--parallel", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default="runs/data-scale")
@@ -244,21 +249,25 @@ def main() -> None:
     if "deit" in args.models and "resnet" not in args.models:
         sys.exit("--models: deit is distilled from the resnet; list resnet too")
     data = fashion_mnist(args.eval_images)
+    args.work = tempfile.mkdtemp(prefix="data-scale-")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     table: dict[str, dict[int, dict]] = {}
-    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-        for size in args.sizes:
-            first = [m for m in args.models if m != "deit"]
-            chosen = choose(first, size, args, pool)
-            if "deit" in args.models:  # its teacher: the ResNet chosen at this size
-                chosen |= choose(["deit"], size, args, pool, chosen["resnet"]["model"])
-            for family, r in chosen.items():
-                model = load_model(r["model"])
-                size_px = MODELS[family]["image_size"]
-                r["test_top1"] = top1(model, *data["test"], size_px)  # once, for the chosen run
-                table.setdefault(family, {})[size] = r
+    try:
+        with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+            for size in args.sizes:
+                first = [m for m in args.models if m != "deit"]
+                chosen = choose(first, size, args, pool)
+                if "deit" in args.models:  # its teacher: the ResNet chosen at this size
+                    chosen |= choose(["deit"], size, args, pool, chosen["resnet"]["model"])
+                for family, r in chosen.items():
+                    model = load_model(r["model"])
+                    size_px = MODELS[family]["image_size"]
+                    r["test_top1"] = top1(model, *data["test"], size_px)  # once, for the chosen run
+                    table.setdefault(family, {})[size] = r
+    finally:  # the runs' saved models
+        shutil.rmtree(args.work, ignore_errors=True)
     minutes = (time.perf_counter() - start) / 60
 
     val, test = len(data["val"][1]), len(data["test"][1])
