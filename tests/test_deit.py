@@ -1,19 +1,21 @@
 """DeiT: the distillation token and head, timm parity, hard-label distillation from a frozen
 teacher of another family, on one and two ranks."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors import safe_open
 from test_resnet import RESNET_RUN, count
-from test_train import finish, kill_when, losses, pretrain, run_export, write_config
+from test_train import (
+    finish,
+    pretrain,
+    resume_matches_uninterrupted,
+    run_export,
+    write_config,
+)
+from test_weights import assert_timm_round_trip, timm_fixture
 
 from pipeline.config import parse_config
-from pipeline.models import ViTConfig, create_model, from_timm, load_pretrained, to_timm
+from pipeline.models import ViTConfig, create_model
 from pipeline.train.objectives import supervised
-
-FIXTURE = Path(__file__).parent / "fixtures" / "timm_deit.safetensors"
 
 
 def test_deit_b_with_its_distillation_token_is_timms_87m():
@@ -22,19 +24,9 @@ def test_deit_b_with_its_distillation_token_is_timms_87m():
 
 
 def test_timm_deit_weights_reproduce_timm_logits_and_convert_back():
-    with safe_open(FIXTURE, "pt") as f:
-        state = {k[len("state/") :]: f.get_tensor(k) for k in f.keys() if k.startswith("state/")}  # noqa: SIM118 (not a dict)
-        x, timm_logits = f.get_tensor("input"), f.get_tensor("logits")
     cfg = ViTConfig("from-timm", image_size=32, patch_size=8, width=48, depth=2, heads=3,
                     mlp_dim=192, num_classes=5, distilled=True)  # fmt: skip
-    model = create_model(cfg).eval()
-    assert load_pretrained(model, from_timm(state)) == []
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), timm_logits, rtol=1e-4, atol=1e-4)
-    back = to_timm(model.state_dict())
-    assert set(back) == set(state)
-    for key, value in state.items():
-        torch.testing.assert_close(back[key], value, rtol=0, atol=0)
+    assert_timm_round_trip(create_model(cfg), timm_fixture("timm_deit.safetensors"))
 
 
 def test_two_heads_apart_in_training_averaged_at_inference():
@@ -111,7 +103,7 @@ DEIT_RUN = {"name": "deit-micro-p4", "image_size": 16, "channels": 1, "num_class
 def test_two_ranks_distil_from_a_resnet_teacher_and_resume_exactly(tmp_path, digits_url):
     """The teacher: a ResNet trained and exported here. The DeiT student on 2 ranks at ZeRO-2
     learns from it with DeiT's augmentations, killed after its step-4 checkpoint and resumed to
-    the uninterrupted losses;
+    the uninterrupted losses and weights;
     a teacher of another image size is refused before any work, naming train.teacher."""
     (tmp_path / "teacher").mkdir()
     finish(pretrain(write_config(tmp_path / "teacher", digits_url, model=RESNET_RUN)))
@@ -123,15 +115,8 @@ def test_two_ranks_distil_from_a_resnet_teacher_and_resume_exactly(tmp_path, dig
         data={"augment": "vit", "randaugment_ops": 2, "random_erasing": 0.25},
         train={"teacher": teacher, "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1},
     )
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    clean_out = finish(pretrain(write_config(tmp_path / "a", digits_url, **sections), ranks=2))
+    clean_out, _ = resume_matches_uninterrupted(tmp_path, digits_url, 4, ranks=2, **sections)
     assert f"distilling from {teacher} (resnet-micro, frozen)" in clean_out
-    config = write_config(tmp_path / "b", digits_url, **sections)
-    proc = pretrain(config, ranks=2)
-    kill_when(proc, tmp_path / "b" / "run" / "checkpoints" / "step-0000004" / "COMPLETE")
-    out = finish(pretrain(config, ranks=2))
-    clean, resumed = losses(clean_out), losses(out)
-    assert min(resumed) >= 5 and all(resumed[s] == clean[s] for s in resumed)
 
     (tmp_path / "c").mkdir()
     bad = write_config(tmp_path / "c", digits_url, model={**DEIT_RUN, "image_size": 32},

@@ -3,7 +3,9 @@
 import pytest
 import torch
 from test_resnet import count
-from test_train import finish, kill_when, losses, pretrain, run_export, write_config
+from test_train import (
+    resume_matches_uninterrupted,
+)
 
 from pipeline.models import create_model, load_model, load_pretrained, model_config
 from pipeline.models.posembed import resample_pos_embed
@@ -67,13 +69,6 @@ PVT_RUN = {"name": "pvt-micro", "image_size": 16, "channels": 1, "num_classes": 
 
 @pytest.mark.slow
 def test_a_pvt_trains_resumes_exactly_and_exports(tmp_path, digits_url):
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    clean = losses(finish(pretrain(write_config(tmp_path / "a", digits_url, model=PVT_RUN))))
-    config = write_config(tmp_path / "b", digits_url, model=PVT_RUN)
-    proc = pretrain(config)
-    kill_when(proc, tmp_path / "b" / "run" / "checkpoints" / "step-0000008" / "COMPLETE")
-    resumed = losses(finish(pretrain(config)))
-    assert sorted(resumed) == list(range(9, 13)) and all(resumed[s] == clean[s] for s in resumed)
-    run_export(tmp_path / "b" / "run", tmp_path / "export")
-    model = load_model(str(tmp_path / "export")).eval()
+    resume_matches_uninterrupted(tmp_path, digits_url, kill_at=8, model=PVT_RUN)
+    model = load_model(str(tmp_path / "b" / "export")).eval()
     assert torch.isfinite(model(torch.rand(2, 1, 16, 16))).all()

@@ -6,7 +6,9 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import finish, kill_when, losses, pretrain, run_export, write_config
+from test_train import (
+    resume_matches_uninterrupted,
+)
 
 from pipeline.models import create_model, load_model, model_config
 from pipeline.models.registry import PAPER_PARAMS
@@ -223,19 +225,9 @@ def test_a_resnet_trains_resumes_exactly_exports_loads_and_evaluates(tmp_path, d
     sections = dict(
         model=RESNET_RUN, train={"validate_every_steps": 4, "validate_samples": 64}, eval=EVAL
     )
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    clean = losses(finish(pretrain(write_config(tmp_path / "a", digits_url, **sections))))
-    config = write_config(tmp_path / "b", digits_url, **sections)
-    proc = pretrain(config)
-    kill_when(proc, tmp_path / "b" / "run" / "checkpoints" / "step-0000008" / "COMPLETE")
-    out = finish(pretrain(config))
-    resumed = losses(out)
-    assert sorted(resumed) == list(range(9, 13)) and all(resumed[s] == clean[s] for s in resumed)
-    for run in "ab":
-        run_export(tmp_path / run / "run", tmp_path / run / "export")
-    a, b = (load_model(str(tmp_path / r / "export")).state_dict() for r in "ab")
-    for k in a:  # running statistics included
-        assert torch.equal(a[k], b[k]), k
+    resume_matches_uninterrupted(tmp_path, digits_url, kill_at=8, **sections)
+    config = tmp_path / "b" / "run.yaml"
+    a = load_model(str(tmp_path / "b" / "export")).state_dict()
     assert a["blocks.0.bn1.running_var"].dtype == torch.float32
     # The evaluators read pooled feature maps of the chosen blocks; finetuning decays by stage.
     from test_evaluate import read_rows, run_tessera
@@ -268,24 +260,11 @@ def test_two_ranks_resume_exactly_with_running_statistics_averaged_at_each_save(
         optim={"warmup_steps": 2, **optim},
         train={"sync_batchnorm": sync, "validate_every_steps": 6, "validate_samples": 64},
     )
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    clean_out = finish(pretrain(write_config(tmp_path / "a", digits_url, **sections), ranks=2))
-    config = write_config(tmp_path / "b", digits_url, **sections)
-    proc = pretrain(config, ranks=2)
-    kill_when(proc, tmp_path / "b" / "run" / "checkpoints" / "step-0000004" / "COMPLETE")
-    out = finish(pretrain(config, ranks=2))
-    assert re.search(r"resumed from .*step-0000004", out), out[-2000:]
-    clean, resumed = losses(clean_out), losses(out)
-    assert min(resumed) >= 5 and all(resumed[s] == clean[s] for s in resumed)
+    clean_out, out = resume_matches_uninterrupted(tmp_path, digits_url, 4, ranks=2, **sections)
     line = re.compile(r"^validation at step (\d+): (.*)$", re.M)
     want = {k: v for k, v in line.findall(clean_out) if int(k) > 4}
     assert sorted(want, key=int) == ["6", "12"], clean_out[-2000:]
     assert {k: v for k, v in line.findall(out) if int(k) > 4} == want
-    for run in "ab":
-        run_export(tmp_path / run / "run", tmp_path / run / "export")
-    a, b = (load_model(str(tmp_path / r / "export")).state_dict() for r in "ab")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
     step = tmp_path / "b" / "run" / "checkpoints" / "step-0000012"
     states = sorted(step.glob("*mp_rank_00_model_states.pt"))[0]  # ZeRO-3: zero_pp_rank_0_...
     saved = torch.load(states, weights_only=False)["module"]

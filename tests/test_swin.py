@@ -3,7 +3,11 @@
 import pytest
 import torch
 from test_resnet import count
-from test_train import finish, kill_when, losses, pretrain, run_export, write_config
+from test_train import (
+    resume_matches_uninterrupted,
+    run_export,
+    write_config,
+)
 
 from pipeline.models import create_model, load_model, model_config
 from pipeline.models.posembed import resample_bias_table
@@ -70,14 +74,7 @@ SWIN_RUN = {"name": "swin-micro", "image_size": 16, "channels": 1, "num_classes"
 def test_a_swin_trains_resumes_exactly_and_finetunes_at_a_new_resolution(tmp_path, digits_url):
     """16 px: maps 8, 4, 2, 1 with windows 4, 4, 2, 1. Finetuned at 32 px the third stage's
     window grows to 4: its bias tables are resampled (7x7 offsets from 3x3)."""
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    clean = losses(finish(pretrain(write_config(tmp_path / "a", digits_url, model=SWIN_RUN))))
-    config = write_config(tmp_path / "b", digits_url, model=SWIN_RUN)
-    proc = pretrain(config)
-    kill_when(proc, tmp_path / "b" / "run" / "checkpoints" / "step-0000008" / "COMPLETE")
-    resumed = losses(finish(pretrain(config)))
-    assert sorted(resumed) == list(range(9, 13)) and all(resumed[s] == clean[s] for s in resumed)
-    run_export(tmp_path / "b" / "run", tmp_path / "export")
+    resume_matches_uninterrupted(tmp_path, digits_url, kill_at=8, model=SWIN_RUN)
 
     from test_evaluate import run_tessera
 
@@ -85,10 +82,10 @@ def test_a_swin_trains_resumes_exactly_and_finetunes_at_a_new_resolution(tmp_pat
     ft.mkdir()
     config = write_config(ft, digits_url, train={"steps": 1}, optim={"lr": 1e-9, "warmup_steps": 0},
                           model={**SWIN_RUN, "image_size": 32},
-                          finetune={"init": str(tmp_path / "export")})  # fmt: skip
+                          finetune={"init": str(tmp_path / "b" / "export")})  # fmt: skip
     run_tessera("finetune", config)
     run_export(ft / "run", ft / "after")
-    before = load_model(str(tmp_path / "export")).blocks[3].attn.relative_position_bias_table
+    before = load_model(str(tmp_path / "b" / "export")).blocks[3].attn.relative_position_bias_table
     after = load_model(str(ft / "after")).blocks[3].attn.relative_position_bias_table
     assert before.shape == (9, 2) and after.shape == (49, 2)
     expected = resample_bias_table(before.detach(), 49)

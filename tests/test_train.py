@@ -112,6 +112,34 @@ def kill_when(proc, path: Path, sig=signal.SIGKILL):
     return wait(proc)
 
 
+def resume_matches_uninterrupted(tmp_path, digits_url, kill_at: int, ranks: int = 1, **sections):
+    """The same config run twice: uninterrupted in tmp_path/a, and in tmp_path/b killed (the
+    whole launch) once step `kill_at`'s checkpoint is complete, then resumed. Asserts that the
+    resumed steps' losses are the uninterrupted run's and that both exports hold the same
+    bytes (running statistics included). Returns (uninterrupted output, resumed output)."""
+    import torch
+
+    from pipeline.models import load_model
+
+    runs = {r: tmp_path / r for r in "ab"}
+    for folder in runs.values():
+        folder.mkdir()
+    clean_out = finish(pretrain(write_config(runs["a"], digits_url, **sections), ranks=ranks))
+    config = write_config(runs["b"], digits_url, **sections)
+    proc = pretrain(config, ranks=ranks)
+    kill_when(proc, runs["b"] / "run" / "checkpoints" / f"step-{kill_at:07d}" / "COMPLETE")
+    out = finish(pretrain(config, ranks=ranks))
+    assert f"step-{kill_at:07d}" in out and "resumed from" in out, out[-2000:]
+    clean, resumed = losses(clean_out), losses(out)
+    assert min(resumed) == kill_at + 1 and max(resumed) == max(clean)
+    assert all(resumed[s] == clean[s] for s in resumed), (resumed, clean)
+    for folder in runs.values():
+        run_export(folder / "run", folder / "export")
+    a, b = (load_model(str(folder / "export")).state_dict() for folder in runs.values())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return clean_out, out
+
+
 # -- units --------------------------------------------------------------------------------------
 
 

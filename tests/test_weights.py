@@ -18,7 +18,7 @@ from pipeline.models import (
     to_timm,
 )
 
-FIXTURE = Path(__file__).parent / "fixtures" / "timm_vit.safetensors"
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def test_resample_is_identity_at_the_same_grid():
@@ -90,17 +90,36 @@ def test_loading_another_model_size_is_a_clear_error():
         load_pretrained(small, other.state_dict(), source="ckpt-x")
 
 
-def _timm_fixture(pool):
-    with safe_open(FIXTURE, "pt") as f:
-        prefix = f"{pool}/state/"
-        state = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118 (not a dict)
-        return state, f.get_tensor(f"{pool}/input"), f.get_tensor(f"{pool}/logits")
+def timm_fixture(file: str, model: str = "") -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(timm state dict, input, timm's eval-mode logits) as make_timm_fixture.py wrote them;
+    `model` picks one of a file's several models (its key prefix)."""
+    prefix = f"{model}/" if model else ""
+    with safe_open(FIXTURES / file, "pt") as f:
+        state = {
+            k[len(prefix) + len("state/") :]: f.get_tensor(k)
+            for k in f.keys()  # noqa: SIM118 (not a dict)
+            if k.startswith(prefix + "state/")
+        }
+        return state, f.get_tensor(f"{prefix}input"), f.get_tensor(f"{prefix}logits")
+
+
+def assert_timm_round_trip(model, fixture, depths: tuple[int, ...] = ()) -> None:
+    """timm's weights in: timm's logits to 1e-4 (eval mode); ours back out in timm's layout:
+    exactly timm's state dict."""
+    state, x, timm_logits = fixture
+    model.eval()
+    assert load_pretrained(model, from_timm(state)) == []
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), timm_logits, rtol=1e-4, atol=1e-4)
+    back = to_timm(model.state_dict(), depths=depths)
+    assert set(back) == set(state)
+    for key, value in state.items():
+        torch.testing.assert_close(back[key], value, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("timm_pool", "pool"), [("token", "cls"), ("avg", "avg")])
 def test_timm_weights_reproduce_timm_logits(timm_pool, pool):
     """The fixture holds a real timm 1.0.31 ViT's weights and logits (see make_timm_fixture.py)."""
-    state, x, timm_logits = _timm_fixture(timm_pool)
     cfg = ViTConfig(
         "from-timm",
         image_size=32,
@@ -112,19 +131,11 @@ def test_timm_weights_reproduce_timm_logits(timm_pool, pool):
         num_classes=5,
         pool=pool,
     )
-    model = create_model(cfg).eval()
-    assert load_pretrained(model, from_timm(state)) == []
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), timm_logits, rtol=1e-4, atol=1e-4)
-    # ... and back: our weights in timm's layout are exactly timm's state dict.
-    back = to_timm(model.state_dict())
-    assert set(back) == set(state)
-    for key, value in state.items():
-        torch.testing.assert_close(back[key], value, rtol=0, atol=0)
+    assert_timm_round_trip(create_model(cfg), timm_fixture("timm_vit.safetensors", timm_pool))
 
 
 def test_timm_features_we_lack_are_refused():
-    state, _, _ = _timm_fixture("token")
+    state, _, _ = timm_fixture("timm_vit.safetensors", "token")
     state["blocks.0.ls1.gamma"] = torch.ones(48)
     with pytest.raises(ValueError, match="ls1"):
         from_timm(state)
@@ -187,48 +198,23 @@ def test_imagegpt_finetunes_at_a_new_resolution_with_its_raster_embeddings_resam
     assert big(torch.randint(0, 16, (2, 144)), head="classes").shape == (2, 5)
 
 
-RESNET_FIXTURE = Path(__file__).parent / "fixtures" / "timm_resnet.safetensors"
-
-
 @pytest.mark.parametrize(("name", "groups", "group_width"), [("resnet", 1, 8), ("resnext", 4, 4)])
 def test_timm_resnet_weights_reproduce_timm_logits_and_convert_back(name, groups, group_width):
     """A real timm 1.0.31 ResNet and ResNeXt (make_timm_fixture.py): weights, running
     statistics and logits in eval mode."""
-    with safe_open(RESNET_FIXTURE, "pt") as f:
-        prefix = f"{name}/state/"
-        state = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118 (not a dict)
-        x, timm_logits = f.get_tensor(f"{name}/input"), f.get_tensor(f"{name}/logits")
     cfg = model_config(
         "resnet-micro", depths=(1, 2, 1, 1), base_width=8, groups=groups,
         group_width=group_width, stem_width=64, small_stem=False, num_classes=5,
     )  # fmt: skip
-    model = create_model(cfg).eval()
-    assert load_pretrained(model, from_timm(state)) == []
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), timm_logits, rtol=1e-4, atol=1e-4)
-    back = to_timm(model.state_dict(), depths=cfg.depths)
-    assert set(back) == set(state)
-    for key, value in state.items():
-        torch.testing.assert_close(back[key], value, rtol=0, atol=0)
-
-
-SWIN_FIXTURE = Path(__file__).parent / "fixtures" / "timm_swin.safetensors"
+    fixture = timm_fixture("timm_resnet.safetensors", name)
+    assert_timm_round_trip(create_model(cfg), fixture, depths=cfg.depths)
 
 
 def test_timm_swin_weights_reproduce_timm_logits_and_convert_back():
     """A real timm 1.0.31 Swin Transformer (make_timm_fixture.py) the size of `swin-micro`:
     shifted windows, their mask, relative position bias, patch merging."""
-    with safe_open(SWIN_FIXTURE, "pt") as f:
-        state = {k[len("state/") :]: f.get_tensor(k) for k in f.keys() if k.startswith("state/")}  # noqa: SIM118 (not a dict)
-        x, timm_logits = f.get_tensor("input"), f.get_tensor("logits")
-    model = create_model("swin-micro", num_classes=5).eval()
-    assert load_pretrained(model, from_timm(state)) == []
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), timm_logits, rtol=1e-4, atol=1e-4)
-    back = to_timm(model.state_dict(), depths=model.cfg.depths)
-    assert set(back) == set(state)
-    for key, value in state.items():
-        torch.testing.assert_close(back[key], value, rtol=0, atol=0)
+    model = create_model("swin-micro", num_classes=5)
+    assert_timm_round_trip(model, timm_fixture("timm_swin.safetensors"), depths=model.cfg.depths)
 
 
 def test_swin_at_a_larger_window_resamples_its_bias_tables():
@@ -240,7 +226,7 @@ def test_swin_at_a_larger_window_resamples_its_bias_tables():
     assert load_pretrained(big, small.state_dict()) == []
     table = big.blocks[0].attn.relative_position_bias_table
     assert table.shape == (15 * 15, 1)
-    # The centre offset (0, 0) of a 7x7 grid lands on the centre of the 15x15 one.
+    # The centre offset (0, 0) of a 7x7 grid lands exactly on the centre of the 15x15 one.
     centre = small.blocks[0].attn.relative_position_bias_table[24]
-    torch.testing.assert_close(table[112], centre, rtol=0.2, atol=0.2)
+    torch.testing.assert_close(table[112], centre, rtol=0, atol=1e-6)
     assert torch.isfinite(big(torch.randn(1, 3, 64, 64))).all()

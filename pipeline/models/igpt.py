@@ -22,6 +22,7 @@ from pipeline.models.layers import (
     Linear,
     TrainFlops,
     blocks_forward_flops,
+    class_head,
 )
 
 
@@ -95,11 +96,7 @@ class ImageGPT(Backbone):
         )
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.lm_head = Linear(d, cfg.vocab_size, bias=False)
-        self.head: nn.Module = (
-            Linear(d, cfg.num_classes, std=0.0, bias_init=cfg.head_bias)
-            if cfg.num_classes
-            else nn.Identity()
-        )
+        self.head = class_head(d, cfg.num_classes, cfg.head_bias)
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ switch on the backbone (`set_grad_checkpointing`), applied per block.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -237,8 +238,31 @@ class Backbone(nn.Module):
 
     def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
+            return checkpoint(
+                block, x, use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), self.recomputing(block)),
+            )  # fmt: skip
         return block(x)
+
+    def recomputing(self, block: nn.Module) -> contextlib.AbstractContextManager:
+        """The context in which checkpointing recomputes `block` in backward (a ResNet's
+        BatchNorms leave their running statistics alone there); none by default."""
+        return contextlib.nullcontext()
+
+    def check_images(self, x: torch.Tensor) -> None:
+        """Images (B, C, H, W) of the configured channels and size, or an error saying both."""
+        cfg = self.cfg
+        if tuple(x.shape[1:]) != (cfg.channels, cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"{cfg.name} expects images of shape (B, {cfg.channels}, {cfg.image_size}, "
+                f"{cfg.image_size}); got {tuple(x.shape)}"
+            )
+
+    def forward(self, x: torch.Tensor, head: str = "classes") -> torch.Tensor:
+        """Images (B, C, H, W) -> logits (B, num_classes), or pooled (B, D) with no head."""
+        if head != "classes":
+            raise ValueError(f"{self.cfg.name} has only a class head, not {head!r}")
+        return self.classify(x)
 
     def forward_features(
         self, x: torch.Tensor, layers: Sequence[int] | None = None
@@ -285,12 +309,7 @@ class Backbone(nn.Module):
         """Replace the classifier: zero weights and a constant bias (ViT finetuning, big_vision
         uses a negative bias for sigmoid losses); num_classes=0 makes it the identity."""
         param = next(self.parameters())
-        if num_classes == 0:
-            self.head = nn.Identity()
-            return
-        self.head = Linear(self.width, num_classes, std=0.0, bias_init=bias).to(
-            param.device, param.dtype
-        )
+        self.head = class_head(self.width, num_classes, bias).to(param.device, param.dtype)
 
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Attention probabilities of every block, each (B, H, N, N), in eval mode."""
@@ -300,6 +319,14 @@ class Backbone(nn.Module):
             maps.append(block.attn.weights(block.norm1(h)))
             h = block(h)
         return maps
+
+
+def class_head(width: int, num_classes: int, bias: float = 0.0) -> nn.Module:
+    """A zero-initialised classifier with a constant bias (the ViT paper; big_vision's negative
+    bias for sigmoid losses), or the identity for num_classes=0 (pooled features out)."""
+    if num_classes == 0:
+        return nn.Identity()
+    return Linear(width, num_classes, std=0.0, bias_init=bias)
 
 
 class TrainFlops:

@@ -30,6 +30,7 @@ from pipeline.models.layers import (
     Mlp,
     PatchEmbed,
     TrainFlops,
+    class_head,
     uses_fused_attention,
 )
 from pipeline.models.posembed import resample_pos_embed
@@ -236,21 +237,12 @@ class PyramidVisionTransformer(Backbone):
             self.stage_of.append(i)
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(cfg.final_width, eps=1e-6)
-        self.head: nn.Module = (
-            Linear(cfg.final_width, cfg.num_classes, std=0.0, bias_init=cfg.head_bias)
-            if cfg.num_classes
-            else nn.Identity()
-        )
+        self.head = class_head(cfg.final_width, cfg.num_classes, cfg.head_bias)
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> the first stage's tokens (B, N, D)."""
-        _, c, h, w = x.shape
-        if (c, h, w) != (self.cfg.channels, self.cfg.image_size, self.cfg.image_size):
-            raise ValueError(
-                f"{self.cfg.name} expects images of shape (B, {self.cfg.channels}, "
-                f"{self.cfg.image_size}, {self.cfg.image_size}); got {tuple(x.shape)}"
-            )
+        self.check_images(x)
         return self.blocks[0].embed(x)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -258,11 +250,6 @@ class PyramidVisionTransformer(Backbone):
         if tokens.shape[1] == self.cfg.final_side**2 + 1 and tokens.shape[2] == self.width:
             return tokens[:, 0]
         return tokens.mean(dim=1)
-
-    def forward(self, x: torch.Tensor, head: str = "classes") -> torch.Tensor:
-        if head != "classes":
-            raise ValueError(f"a PVT has only a class head, not {head!r}")
-        return self.classify(x)
 
 
 def resample_stage_pos_embeds(

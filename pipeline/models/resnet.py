@@ -26,10 +26,9 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from pipeline.errors import require
-from pipeline.models.layers import Backbone, DropPath, Linear, TrainFlops
+from pipeline.models.layers import Backbone, DropPath, TrainFlops, class_head
 
 BITS_GROUPS = 32  # GroupNorm groups in BiT
 
@@ -347,19 +346,6 @@ class Stem(nn.Module):
         return self.pool(self.act(self.bn(self.conv(x))))
 
 
-@contextlib.contextmanager
-def _recomputing(block: nn.Module) -> Iterator[None]:
-    """While checkpointing recomputes `block`: its BatchNorms leave their running statistics."""
-    norms = [m for m in block.modules() if isinstance(m, BatchNorm)]
-    for m in norms:
-        m.recomputing = True
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.recomputing = False
-
-
 class ResNet(Backbone):
     """The blocks of all stages form one list (`blocks`), so that per-block checkpointing,
     `forward_features(layers=...)` and probes index them as a ViT's; `stage_of` says which
@@ -383,40 +369,30 @@ class ResNet(Backbone):
             if cfg.variant == "bit"
             else nn.Identity()
         )
-        self.head: nn.Module = (
-            Linear(cfg.width, cfg.num_classes, std=0.0, bias_init=cfg.head_bias)
-            if cfg.num_classes
-            else nn.Identity()
-        )
+        self.head = class_head(cfg.width, cfg.num_classes, cfg.head_bias)
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(
-                block, x, use_reentrant=False,
-                context_fn=lambda: (contextlib.nullcontext(), _recomputing(block)),
-            )  # fmt: skip
-        return block(x)
+    @contextlib.contextmanager
+    def recomputing(self, block: nn.Module) -> Iterator[None]:
+        """While checkpointing recomputes `block`: its BatchNorms leave their running
+        statistics alone (they were updated in the forward)."""
+        norms = [m for m in block.modules() if isinstance(m, BatchNorm)]
+        for m in norms:
+            m.recomputing = True
+        try:
+            yield
+        finally:
+            for m in norms:
+                m.recomputing = False
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> the first stage's input (B, base_width, H', W')."""
-        _, c, h, w = x.shape
-        if (c, h, w) != (self.cfg.channels, self.cfg.image_size, self.cfg.image_size):
-            raise ValueError(
-                f"{self.cfg.name} expects images of shape (B, {self.cfg.channels}, "
-                f"{self.cfg.image_size}, {self.cfg.image_size}); got {tuple(x.shape)}"
-            )
+        self.check_images(x)
         return self.stem(x)
 
     def pool(self, maps: torch.Tensor) -> torch.Tensor:
         """Feature maps (B, C, H, W) -> their spatial average (B, C)."""
         return maps.mean(dim=(2, 3))
-
-    def forward(self, x: torch.Tensor, head: str = "classes") -> torch.Tensor:
-        """Images (B, C, H, W) -> logits (B, num_classes), or pooled (B, C) with no head."""
-        if head != "classes":
-            raise ValueError(f"a ResNet has only a class head, not {head!r}")
-        return self.classify(x)
 
     def set_batchnorm_sync(self, sync: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
         """Train with the statistics of every rank's batch: `sync` sums a tensor over ranks,

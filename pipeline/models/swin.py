@@ -31,6 +31,7 @@ from pipeline.models.layers import (
     Mlp,
     PatchEmbed,
     TrainFlops,
+    class_head,
     uses_fused_attention,
 )
 
@@ -309,28 +310,14 @@ class SwinTransformer(Backbone):
             self.stage_of.append(i)
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(cfg.final_width)
-        self.head: nn.Module = (
-            Linear(cfg.final_width, cfg.num_classes, std=0.0, bias_init=cfg.head_bias)
-            if cfg.num_classes
-            else nn.Identity()
-        )
+        self.head = class_head(cfg.final_width, cfg.num_classes, cfg.head_bias)
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> the first stage's map (B, H/P, W/P, D)."""
-        _, c, h, w = x.shape
-        if (c, h, w) != (self.cfg.channels, self.cfg.image_size, self.cfg.image_size):
-            raise ValueError(
-                f"{self.cfg.name} expects images of shape (B, {self.cfg.channels}, "
-                f"{self.cfg.image_size}, {self.cfg.image_size}); got {tuple(x.shape)}"
-            )
+        self.check_images(x)
         return self.patch_embed(x)
 
     def pool(self, maps: torch.Tensor) -> torch.Tensor:
         """Maps (B, H, W, D) -> their average (B, D)."""
         return maps.mean(dim=(1, 2))
-
-    def forward(self, x: torch.Tensor, head: str = "classes") -> torch.Tensor:
-        if head != "classes":
-            raise ValueError(f"a Swin Transformer has only a class head, not {head!r}")
-        return self.classify(x)

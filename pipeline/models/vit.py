@@ -26,10 +26,10 @@ from pipeline.errors import require
 from pipeline.models.layers import (
     Backbone,
     Block,
-    Linear,
     PatchEmbed,
     TrainFlops,
     blocks_forward_flops,
+    class_head,
 )
 
 
@@ -173,26 +173,17 @@ class VisionTransformer(Backbone):
         self.norm = nn.LayerNorm(d, eps=1e-6) if cfg.pool == "cls" else nn.Identity()
         self.fc_norm = nn.LayerNorm(d, eps=1e-6) if cfg.pool == "avg" else nn.Identity()
         # Zero head, as the ViT paper; a negative bias for sigmoid losses, as big_vision.
-        self.head: nn.Module = (
-            Linear(d, cfg.num_classes, std=0.0, bias_init=cfg.head_bias)
-            if cfg.num_classes
-            else nn.Identity()
-        )
+        self.head = class_head(d, cfg.num_classes, cfg.head_bias)
         self.head_dist: nn.Module | None = (
-            Linear(d, cfg.num_classes, std=0.0, bias_init=cfg.head_bias)
-            if cfg.distilled and cfg.num_classes
+            class_head(d, cfg.num_classes, cfg.head_bias) if cfg.distilled and cfg.num_classes
             else None
-        )
+        )  # fmt: skip
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens (B, 1 + H*W/P^2, D)."""
-        b, c, h, w = x.shape
-        if (c, h, w) != (self.cfg.channels, self.cfg.image_size, self.cfg.image_size):
-            raise ValueError(
-                f"{self.cfg.name} expects images of shape (B, {self.cfg.channels}, "
-                f"{self.cfg.image_size}, {self.cfg.image_size}); got {tuple(x.shape)}"
-            )
+        self.check_images(x)
+        b = x.shape[0]
         patches = self.patch_embed(self.stem(x)).flatten(2).transpose(1, 2)
         prefix = [self.cls_token.expand(b, -1, -1)]
         if self.dist_token is not None:
@@ -214,9 +205,11 @@ class VisionTransformer(Backbone):
     def reset_head(self, num_classes: int, bias: float = 0.0) -> None:
         super().reset_head(num_classes, bias)
         if self.cfg.distilled:
-            self.head_dist = None if num_classes == 0 else Linear(
-                self.width, num_classes, std=0.0, bias_init=bias
-            ).to(self.head.weight.device, self.head.weight.dtype)  # fmt: skip
+            param = next(self.parameters())
+            self.head_dist = (
+                class_head(self.width, num_classes, bias).to(param.device, param.dtype)
+                if num_classes else None
+            )  # fmt: skip
 
     def forward(
         self, x: torch.Tensor, head: str = "classes"
