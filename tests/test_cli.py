@@ -9,6 +9,7 @@ from conftest import TESSERA
 
 from pipeline.cli import main
 from pipeline.models import create_model, list_models
+from pipeline.models.registry import PAPER_PARAMS
 
 
 @pytest.mark.slow
@@ -16,12 +17,22 @@ def test_tessera_models_lists_every_size_with_its_figures():
     out = subprocess.run([TESSERA, "models"], check=True, capture_output=True, text=True).stdout
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
     assert list(rows) == list_models()
-    for name, (_, params, image, tokens, gflops) in rows.items():
+    for name, (_, params, paper, image, states, gflops) in rows.items():
         with torch.device("meta"):
             model = create_model(name)
-        assert int(params.replace(",", "")) == sum(p.numel() for p in model.parameters())
-        assert int(image) == model.cfg.image_size and int(tokens) == model.cfg.num_tokens
-        assert float(gflops) == round(model.cfg.train_flops() / 1e9, 2)
+        cfg = model.cfg
+        count = sum(p.numel() for p in model.parameters())
+        assert int(params.replace(",", "")) == count
+        if name in PAPER_PARAMS:
+            assert paper == f"{PAPER_PARAMS[name] / 1e6:.1f}M"
+        else:
+            assert paper == "-"
+        assert int(image) == cfg.image_size
+        if hasattr(cfg, "num_tokens"):
+            assert int(states) == cfg.num_tokens
+        else:  # a hierarchical model's last feature map
+            assert states == f"{cfg.final_side}x{cfg.final_side}"
+        assert float(gflops) == round(cfg.train_flops() / 1e9, 2)
     assert rows["igpt-xl"][1] == "6,803,475,456"
 
 
