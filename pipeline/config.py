@@ -280,6 +280,9 @@ class FinetuneConfig:
     # Autoregressive ImageGPT: add this weight x the next-pixel NLL to the classification loss
     # (the ImageGPT paper's finetuning, L_CLF + L_GEN); 0: classification alone.
     generative_weight: float = 0.0
+    # A split read once, after the last step, for the final report (its own results row);
+    # training and the before/after top-1 never read it (they read data.val_split). Empty: none.
+    report_split: str = ""
 
     def __post_init__(self) -> None:
         require(self.head_init >= 0, "head_init", self.head_init, "must be >= 0")
@@ -457,6 +460,14 @@ class RunConfig:
             "optim.warmup_steps",
             self.optim.warmup_steps,
             f"must be below train.steps={self.train.steps}",
+        )
+        require(
+            self.finetune.report_split not in (self.data.train_split, self.data.val_split),
+            "finetune.report_split",
+            self.finetune.report_split,
+            f"is read once for the final report: it cannot be data.train_split "
+            f"({self.data.train_split}) or data.val_split ({self.data.val_split}), which "
+            "training reads",
         )
         require(
             self.data.storage_deadline_s < self.train.collective_timeout_s,

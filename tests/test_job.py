@@ -21,6 +21,7 @@ from ports import exposed, process_tree, sockets_of
 from test_train import finish, launch, wait
 
 from pipeline.config import parse_config
+from pipeline.data.shards import DatasetError
 from pipeline.errors import ConfigError
 from pipeline.orchestrate.job import absolute_paths
 
@@ -96,6 +97,45 @@ def test_relative_paths_start_at_the_root_and_urls_and_names_are_kept(tmp_path):
     assert fixed["finetune"]["init"] == "/abs/export"
     assert fixed["prepare"][0]["source"] == "digits"  # a source name, not a path here
     assert fixed["prepare"][1] == {"source": str(tmp_path / "images"), "output": "memory://y"}
+
+
+def test_the_finetune_stage_measures_before_and_after_on_val_and_reads_test_once(
+    tmp_path, digits_url
+):
+    """Choose on validation, report test once: with train/val/test the stage's training and its
+    before/after read val, and test is its final report; without test, val is both (labelled)."""
+    from conftest import fashion_mnist_subset
+
+    from pipeline.data.prepare import PrepareOptions, prepare
+    from pipeline.data.sources import open_source
+    from pipeline.orchestrate.job import finetune_run
+    from pipeline.train.finetune import check_classes
+
+    (tmp_path / "idx").mkdir()
+    fashion_mnist_subset(tmp_path / "idx", 60, 20)
+    carved = str(tmp_path / "carved")  # train, val (a quarter, by class), test
+    prepare(open_source(str(tmp_path / "idx")), carved, PrepareOptions(
+        samples_per_shard=50, val_fraction=0.25, executor="local", progress=False))  # fmt: skip
+    base = {"model": {"name": "vit-micro-p4", "num_classes": 10},
+            "train": {"output": str(tmp_path / "run")}}  # fmt: skip
+
+    ft = finetune_run(parse_config({**base, "data": {"url": carved}}, "a.yaml"))
+    assert (ft.data.train_split, ft.data.val_split, ft.finetune.report_split) == (
+        "train",
+        "val",
+        "test",
+    )
+    check_classes(ft)
+    ft = finetune_run(parse_config({**base, "data": {"url": digits_url}}, "a.yaml"))
+    assert (ft.data.val_split, ft.finetune.report_split) == ("val", "")
+
+    with pytest.raises(ConfigError, match=r"finetune\.report_split: got 'val'; is read once"):
+        parse_config({**base, "finetune": {"report_split": "val"}}, "a.yaml")
+    asked = parse_config(
+        {**base, "data": {"url": digits_url}, "finetune": {"report_split": "test"}}, "a.yaml"
+    )
+    with pytest.raises(DatasetError, match=r"no split 'test'; the dataset has train, val"):
+        check_classes(asked)  # before any training
 
 
 # -- local executor -------------------------------------------------------------------------

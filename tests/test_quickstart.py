@@ -99,7 +99,7 @@ def test_quickstart_interrupted_resumed_and_reused(quickstart):
     assert proc.returncode != 0
     interrupted_at = int(runs.latest_checkpoint(str(vit)).split("-")[-1])
     assert interrupted_at < 100, out[-3000:]
-    assert "fashion-mnist written (train 2000, test 500)" in out
+    assert "fashion-mnist written (train 1834, test 500, val 166)" in out  # val by class
     assert not dashboard_answers(env), "the quickstart left its Ray head running"
 
     # Again: prepare is reused, pretraining resumes at the checkpoint, everything else runs.
@@ -139,8 +139,12 @@ def test_quickstart_interrupted_resumed_and_reused(quickstart):
         assert f"tensorboard --logdir {run}/tensorboard" in out
         with Image.open(run / "curves.png") as curves:  # the ViT's: pretraining, finetuning, lr
             assert curves.size == ((1280, 640) if run == vit else (1280, 320))
-    finetuned = [r for r in read_rows(vit) if r.evaluator == "finetune"]
-    assert len(finetuned) == 1 and finetuned[0].target == "fashion-mnist:test"
+    # The finetune's before/after on val; test read once after its last step, for the report.
+    finetuned = {r.target: r for r in read_rows(vit) if r.evaluator == "finetune"}
+    assert set(finetuned) == {"fashion-mnist:val", "fashion-mnist:test"}
+    assert finetuned["fashion-mnist:val"].reported_on == "val (data.val_split)"
+    assert finetuned["fashion-mnist:val"].extra["initial_top1"] is not None
+    assert finetuned["fashion-mnist:test"].reported_on == "test (final)"
     assert list((vit / "images").glob("attention_rollout-step-0000100.png"))
     assert list((igpt / "images").glob("completions-step-0000100.png"))
     assert not dashboard_answers(env)

@@ -119,13 +119,25 @@ def finetune_run(run: RunConfig) -> RunConfig:
 
     from pipeline.evaluate.run import finetune_config, resolve_target
 
-    # The finetune's before/after is part of the job's final report (eval.final's split).
-    final = dataclasses.replace(run.eval, target="", final=True)
-    target = resolve_target(dataclasses.replace(run, eval=final))
+    def target(final: bool):
+        return resolve_target(
+            dataclasses.replace(run, eval=dataclasses.replace(run.eval, target="", final=final))
+        )
+
+    # Before/after on val, as training's validation; the final report's split (test) is read
+    # once after the last step. A target without val measures before/after on the final split.
+    report = target(final=True)
+    try:
+        chosen = target(final=False)
+    except ConfigError:
+        chosen = report
+    extra = [] if report.test_split == chosen.test_split else [
+        f"finetune.report_split={report.test_split}"
+    ]  # fmt: skip
     steps = run.job.finetune_steps or run.eval.finetune_steps
     return finetune_config(
-        run, weights_source(run), target, finetune_output(run), steps,
-        overrides=run.job.finetune, source="job.finetune",
+        run, weights_source(run), chosen, finetune_output(run), steps,
+        overrides=[*extra, *run.job.finetune], source="job.finetune",
     )  # fmt: skip
 
 

@@ -29,8 +29,9 @@ from pipeline.train.trainer import DrainNotice, Trainer
 def check_classes(run: RunConfig) -> None:
     """model.num_classes must equal the classes of the data, before any computing starts."""
     manifest = load_manifest(run.data.url, run.data.endpoint_url)
-    for split in (run.data.train_split, run.data.val_split):
-        manifest.split(split)  # names the missing split
+    for split in (run.data.train_split, run.data.val_split, run.finetune.report_split):
+        if split:
+            manifest.split(split)  # names the missing split
     if run.model.num_classes != len(manifest.classes):
         raise ConfigError(
             f"model.num_classes is {run.model.num_classes} but {run.data.url} has "
@@ -92,6 +93,8 @@ def finetune(
             log(f"top-1 on {split} before finetuning: {100 * initial[0] / initial[1]:.2f}%")
         done = trainer.train() == "done"
         correct, total = top1(trainer, split) if done else (0, 0)
+        report = run.finetune.report_split
+        final = top1(trainer, report) if done and report else None  # read once, after training
     except BaseException:
         trainer.close(clean=False)
         raise
@@ -107,29 +110,34 @@ def finetune(
         "initial_top1": initial[0] / max(initial[1], 1) if initial else None,
         "step": trainer.step,
     }
+    if final:
+        result["report_top1"] = final[0] / max(final[1], 1)
     if trainer.rank == 0:
         from pipeline.evaluate.run import code_commit, data_fingerprint
 
         log(
             f"top-1 on {split} after {trainer.step} steps: {100 * result['top1']:.2f}% ({total} images)"
         )
+        if final:
+            log(f"top-1 on {report} (final report, read once): {100 * result['report_top1']:.2f}%")
         init = trainer.init_provenance
         manifest = load_manifest(run.data.url, run.data.endpoint_url)
-        append_rows(
-            run.train.output,
-            [
-                Row(
-                    model=run.model.name, pretrain_data=init.get("data", ""),
-                    pretrain_steps=init.get("step", 0), target=f"{basename(run.data.url)}:{split}",
-                    evaluator="finetune", layer="-", metric="top1", value=result["top1"],
-                    source=init.get("checkpoint", run.finetune.init),
-                    extra={"finetune_steps": trainer.step, "initial_top1": result["initial_top1"]},
-                    fitted_on=run.data.train_split, selected_on="- (steps fixed)",
-                    reported_on=f"{split} (data.val_split)", commit=code_commit(),
-                    dataset=data_fingerprint(manifest),
-                )
-            ],
-            run.data.endpoint_url,
-        )  # fmt: skip
+
+        def row(reported: str, value: float, reported_on: str, **extra) -> Row:
+            return Row(
+                model=run.model.name, pretrain_data=init.get("data", ""),
+                pretrain_steps=init.get("step", 0), target=f"{basename(run.data.url)}:{reported}",
+                evaluator="finetune", layer="-", metric="top1", value=value,
+                source=init.get("checkpoint", run.finetune.init),
+                extra={"finetune_steps": trainer.step, **extra}, fitted_on=run.data.train_split,
+                selected_on="- (steps fixed)", reported_on=reported_on, commit=code_commit(),
+                dataset=data_fingerprint(manifest),
+            )  # fmt: skip
+
+        rows = [row(split, result["top1"], f"{split} (data.val_split)",
+                    initial_top1=result["initial_top1"])]  # fmt: skip
+        if final:
+            rows.append(row(report, result["report_top1"], f"{report} (final)"))
+        append_rows(run.train.output, rows, run.data.endpoint_url)
     trainer.close()
     return result
