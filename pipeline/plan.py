@@ -19,6 +19,11 @@ Memory per device, from the run config alone (nothing is allocated):
                 maps shrink as they deepen (`cnn_activation_bytes`).
   buffers       DeepSpeed's gradient-reduction buckets (and ZeRO-3's prefetch), as sized by the
                 DeepSpeed config the run really gets.
+  teacher       train.teacher (DeiT's distillation): its weights whole on every device in the
+                training precision, and the activations of its no-grad forward, bounded by
+                what the same network keeps training with checkpointing (an upper bound: a
+                no-grad forward frees each block's tensors as it goes). Its forward's FLOPs
+                join the step's.
 
 Checked against the allocator on CPU (tests/test_plan.py): activations within 10% of the
 profiler's peak with and without checkpointing, model states within 15% at 2 ranks for ZeRO
@@ -32,13 +37,14 @@ to train.steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.models import create_model
+from pipeline.models import ModelConfig, create_model
 from pipeline.models.pvt import PVTConfig
 from pipeline.models.resnet import ResNetConfig
 from pipeline.models.swin import SwinConfig
@@ -68,6 +74,7 @@ class Memory:
     activations: float
     buffers: float
     host: float = 0.0
+    teacher: float = 0.0  # train.teacher's weights and forward activations, on every device
 
     @property
     def model_states(self) -> float:
@@ -75,7 +82,7 @@ class Memory:
 
     @property
     def total(self) -> float:
-        return self.model_states + self.activations + self.buffers
+        return self.model_states + self.activations + self.buffers + self.teacher
 
 
 def element_bytes(precision: str) -> int:
@@ -408,6 +415,7 @@ class Plan:
     accum: int
     memory: Memory
     activations_other: float  # the same micro-batch with checkpointing switched the other way
+    teacher: ModelConfig | None = None  # train.teacher's model, where it could be read
 
     @property
     def fits(self) -> bool:
@@ -415,8 +423,10 @@ class Plan:
 
     @property
     def step_flops(self) -> float:
-        """Model FLOPs of one optimizer step (the count the training log's MFU uses)."""
-        return self.run.model.train_flops() * self.run.train.global_batch_size
+        """Model FLOPs of one optimizer step (the count the training log's MFU uses), and the
+        teacher's forward where there is one."""
+        teacher = self.teacher.forward_flops() if self.teacher else 0
+        return (self.run.model.train_flops() + teacher) * self.run.train.global_batch_size
 
     @property
     def step_seconds(self) -> float:
@@ -432,6 +442,40 @@ class Plan:
         return self.run.train.steps * self.step_seconds
 
 
+@functools.cache
+def teacher_model(source: str, endpoint_url: str = "") -> ModelConfig | str:
+    """train.teacher's model config (read from its export or checkpoint, no weights), or why it
+    could not be read (not there yet, no credentials here): the plan then says it is not
+    counted, and plans the rest."""
+    from pipeline.train.export import read_model_config
+
+    try:
+        return read_model_config(source, endpoint_url)
+    except FileNotFoundError:
+        return "it is not there yet"
+    except Exception as e:  # a plan is made anywhere: storage may be out of reach from here
+        return f"it could not be read here ({type(e).__name__}: {e})"
+
+
+def _teacher(run: RunConfig) -> ModelConfig | None:
+    if not run.train.teacher:
+        return None
+    found = teacher_model(run.train.teacher, run.data.endpoint_url)
+    return None if isinstance(found, str) else found
+
+
+def teacher_bytes(run: RunConfig, teacher: ModelConfig, micro_batch: int) -> float:
+    """The teacher's weights in the training precision and a bound on its forward's activations
+    (module docstring)."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in create_model(teacher).parameters())
+    as_trained = dataclasses.replace(
+        run, model=teacher, train=dataclasses.replace(run.train, teacher="")
+    )
+    bound = activation_bytes(as_trained, micro_batch, checkpointing=True)
+    return params * element_bytes(run.deepspeed.precision) + bound
+
+
 def memory_for(run: RunConfig, world: int, params: int, micro_batch: int) -> Memory:
     ds = run.deepspeed
     weights, grads, optimizer, host = model_state_bytes(
@@ -439,15 +483,19 @@ def memory_for(run: RunConfig, world: int, params: int, micro_batch: int) -> Mem
         run.optim.name,
     )  # fmt: skip
     activations = activation_bytes(run, micro_batch, run.model.grad_checkpointing)
-    return Memory(weights, grads, optimizer, activations, buffer_bytes(run, world, params), host)
+    teacher = _teacher(run)
+    extra = teacher_bytes(run, teacher, micro_batch) if teacher else 0.0
+    buffers = buffer_bytes(run, world, params)
+    return Memory(weights, grads, optimizer, activations, buffers, host, extra)
 
 
 def make_plan(run: RunConfig, device: Device) -> Plan:
     params = parameter_count(run)
     micro, accum = batch_layout(run, device.count)
     flipped = activation_bytes(run, micro, not run.model.grad_checkpointing)
+    teacher = _teacher(run)
     return Plan(run, device, params, micro, accum, memory_for(run, device.count, params, micro),
-                flipped)  # fmt: skip
+                flipped, teacher)  # fmt: skip
 
 
 def with_changes(run: RunConfig, **deepspeed: object) -> RunConfig:
@@ -514,6 +562,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
+def teacher_lines(plan: Plan) -> list[str]:
+    run = plan.run
+    if not run.train.teacher:
+        return []
+    if plan.teacher is None:
+        why = teacher_model(run.train.teacher, run.data.endpoint_url)
+        return [f"  teacher: not counted, {run.train.teacher}: {why}"]
+    name = f"  teacher {plan.teacher.name} (whole, forward bound)"
+    return [f"{name:<44}{_gb(plan.memory.teacher)}"]
+
+
 def report(plan: Plan) -> str:
     run, d, m = plan.run, plan.device, plan.memory
     ds = run.deepspeed
@@ -541,6 +600,7 @@ def report(plan: Plan) -> str:
         f"{f'  activations (checkpointing {ckpt})':<44}{_gb(m.activations)}"
         f"   ({other}: {plan.activations_other / GB:.2f})",
         f"{'  DeepSpeed buffers':<44}{_gb(m.buffers)}",
+        *teacher_lines(plan),
         f"{'  total':<44}{_gb(m.total)}   of {d.memory / GB:.0f} GB: "
         + ("fits" if plan.fits else f"DOES NOT FIT (keeping {1 - FIT_FRACTION:.0%} free)"),
     ]
@@ -558,6 +618,11 @@ def report(plan: Plan) -> str:
         f"{f'  {run.train.steps:,} steps':<44}{_duration(plan.train_seconds):>10}, "
         f"{plan.train_seconds * d.count / 3600:,.0f} device-hours",
     ]
+    if plan.teacher:
+        lines.insert(
+            lines.index("compute") + 2,
+            f"{'  teacher forward FLOPs per image':<44}{plan.teacher.forward_flops() / 1e9:10.1f} G",
+        )
     if run.model.grad_checkpointing:
         lines.append("  (checkpointing recomputes the forward: hardware does 4/3 of these FLOPs)")
     advice = suggestions(plan)

@@ -21,6 +21,7 @@ from pipeline.plan import (
     parameter_count,
     parse_bytes,
     peak_allocated,
+    report,
 )
 from pipeline.train.objectives import OBJECTIVES
 
@@ -91,6 +92,52 @@ def test_activation_memory_is_within_10_percent_of_the_allocators_peak(
     fused = uses_fused_attention(torch.device("cpu"), next(net.parameters()).dtype)
     planned = activation_bytes(run, batch, checkpointing, fused_attention=fused)
     assert 0.9 < planned / measured < 1.1, (planned, measured)
+
+
+@pytest.mark.parametrize("teacher", ["resnet-micro", "vit-micro-p4"])
+def test_a_distillation_teacher_is_counted_in_memory_and_flops(tmp_path, teacher):
+    """DeiT's teacher: its weights whole on every device, its no-grad forward's activations
+    bounded above (the allocator's peak of that forward is within the bound, and the bound
+    within 4x of it), its forward FLOPs in the step; a teacher not there yet is named."""
+    from pipeline.models.weights import save_model
+
+    torch.manual_seed(0)
+    net = create_model(teacher, image_size=32, channels=3, num_classes=10)
+    save_model(net, str(tmp_path / "teacher"))
+    batch = 32
+    raw = {
+        "model": {"name": "deit-micro-p4", "image_size": 32, "num_classes": 10},
+        "data": {"url": "/unused"},
+        "train": {"global_batch_size": batch, "teacher": str(tmp_path / "teacher")},
+        "deepspeed": {"precision": "bf16"},
+    }
+    run = parse_config(raw, "test")
+    alone = make_plan(parse_config({**raw, "train": {"global_batch_size": batch}}, "t"), DEVICE)
+    plan = make_plan(run, DEVICE)
+    weights = 2 * sum(p.numel() for p in net.parameters())
+    net = net.to(torch.bfloat16).eval().requires_grad_(False)
+    images = torch.randn(batch, 3, 32, 32, dtype=torch.bfloat16)
+
+    def forward():
+        with torch.no_grad():
+            net(images)
+
+    measured = peak_allocated(forward)
+    bound = plan.memory.teacher - weights
+    assert measured <= bound < 4 * measured, (measured, bound)
+    assert plan.memory.total - alone.memory.total == plan.memory.teacher
+    assert plan.step_flops - alone.step_flops == net.cfg.forward_flops() * batch
+    out = report(plan)
+    assert f"teacher {teacher} (whole, forward bound)" in out
+    assert "teacher forward FLOPs per image" in out
+
+    missing = {**raw, "train": {**raw["train"], "teacher": str(tmp_path / "nothing")}}
+    plan = make_plan(parse_config(missing, "test"), DEVICE)
+    assert plan.memory.teacher == 0 and plan.step_flops == alone.step_flops
+    assert f"teacher: not counted, {tmp_path / 'nothing'}: it is not there yet" in report(plan)
+
+
+DEVICE = Device(1, 80e9, 989e12, 0.4)
 
 
 @pytest.mark.slow

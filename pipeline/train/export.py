@@ -78,6 +78,15 @@ def _checkpoint_provenance(ckpt: Path) -> tuple[ModelConfig, dict[str, Any]]:
     }
 
 
+def read_model_config(source: str | Path, endpoint_url: str = "") -> ModelConfig:
+    """The model config of what read_weights would read, without reading any weights."""
+    text = str(source)
+    fs, path = filesystem(text, endpoint_url)
+    if fs.exists(join(path, CONFIG_FILE)):
+        return config_from_dict(read_model_meta(text, endpoint_url)["config"])
+    return _checkpoint_provenance(resolve_checkpoint(text, endpoint_url))[0]
+
+
 def read_weights(source: str | Path, endpoint_url: str = "") -> Weights:
     """Weights from an exported model folder (any fsspec URL), a complete checkpoint, or a run
     folder. Errors name the source and what it lacks."""
