@@ -23,11 +23,16 @@ case " ${RAY_SUBMIT_ARGS:-} " in
   *" --no-wait "*) ;;  # the job outlives this script; so must its credentials file
   *) trap 'rm -rf "$private"' EXIT ;;
 esac
-TESSERA_ROOT=${TESSERA_ROOT:-$PWD} "$BIN/python" - "$private" <<'PY'
+# The job's working directory travels without .git: results rows get the commit from here.
+commit=$(git rev-parse --short=12 HEAD 2>/dev/null || true)
+if [ -n "$commit" ] && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+  commit="$commit+dirty"
+fi
+TESSERA_COMMIT=$commit TESSERA_ROOT=${TESSERA_ROOT:-$PWD} "$BIN/python" - "$private" <<'PY'
 import json, os, sys, urllib.parse
 
 private = sys.argv[1]
-passed = ["TESSERA_ROOT", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+passed = ["TESSERA_ROOT", "TESSERA_COMMIT", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
           "AWS_SHARED_CREDENTIALS_FILE"]
 env = {k: os.environ[k] for k in passed if os.environ.get(k)}
 keys = {k: os.environ[k] for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",

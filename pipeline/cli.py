@@ -139,6 +139,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         watch(run, poll=args.poll, idle_timeout=args.idle_timeout)
     else:
         evaluate(run, args.model)
+    if os.environ.get("RANK", "0") != "0":  # under a launcher: rank 0 reports
+        return
     table = read_markdown(run.train.output, run.data.endpoint_url)
     if table:
         print(f"\n{run.train.output}/{RESULTS_MD}:\n\n{table}", end="")

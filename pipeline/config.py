@@ -371,6 +371,9 @@ class JobConfig:
     finetune: list[str] = field(default_factory=list)  # KEY=VALUE for the finetune stage's run
     finetune_steps: int = 0  # 0: eval.finetune_steps
     untrained_baseline: bool = True  # also evaluate the network at its initialisation
+    # Evaluate each checkpoint on val while pretraining goes on (`tessera evaluate --watch` as its
+    # own Ray task or process, job.eval_cpus); TensorBoard's eval/ plots it against the step.
+    eval_every_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         require(len(self.stages) > 0, "stages", self.stages, f"name at least one of {STAGES}")

@@ -79,10 +79,11 @@ def complete_checkpoints(url: str, endpoint_url: str = "", newest_only: bool = F
     return found
 
 
-def pull_checkpoint(url: str, name: str, endpoint_url: str = "") -> Path:
+def pull_checkpoint(url: str, name: str, endpoint_url: str = "", into: Path | None = None) -> Path:
     """A remote checkpoint as a local folder (files already here at their size are kept); its
-    COMPLETE marker is written last, so an interrupted download is never taken as complete."""
-    local = local_dir(url) / CHECKPOINTS / name
+    COMPLETE marker is written last, so an interrupted download is never taken as complete.
+    `into`: a folder of the caller's own (an evaluator's), not the run's local checkpoints."""
+    local = (into or local_dir(url) / CHECKPOINTS) / name
     if not is_remote(url):
         return local
     fs, path = filesystem(url, endpoint_url)

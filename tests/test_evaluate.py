@@ -92,6 +92,57 @@ def test_probe_streams_features_from_disk_with_the_same_result(tmp_path, monkeyp
     assert abs(streamed[0] - held[0]) < 0.01
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_interrupted_feature_extraction_resumes_and_matches_one_that_was_not(
+    tmp_path, monkeypatch, digits_url, workers
+):
+    """Killed after some batches (progress recorded after each), the re-run computes only the
+    images after the last record and writes the same bytes as an uninterrupted extraction."""
+    from pipeline.data.stream import StreamConfig
+    from pipeline.evaluate import features
+
+    monkeypatch.setattr(features, "COMMIT_S", 0.0)
+    cfg = StreamConfig(digits_url, "train", batch_size=64, train=False, workers=workers)
+    seen: list[str] = []
+
+    def fn(batch, stop_after=None):
+        if stop_after is not None and len(seen) >= stop_after:
+            raise KeyboardInterrupt("preempted")
+        seen.extend(batch["key"])
+        pixels = batch["image"].flatten(1).float()
+        return {"mean": pixels.mean(1, keepdim=True), "pixels": pixels}
+
+    names = ["mean", "pixels"]
+    whole = features.extract(fn, names, cfg, tmp_path / "whole", "w0", log=lambda *_: None)
+    assert len(seen) == 1438
+    seen.clear()
+    features.extract(fn, names, cfg, tmp_path / "first", "w0", log=lambda *_: None, limit=1400)
+    order = list(seen)  # the first 1,400 of the split, in the order the stream reads them
+    assert len(set(order)) == 1400
+
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        features.extract(lambda b: fn(b, stop_after=5 * 64), names, cfg, tmp_path / "cut",
+                         "w0", log=lambda *_: None, limit=1400)  # fmt: skip
+    assert not (tmp_path / "cut" / features.META).exists()
+    logs: list[str] = []
+    again = features.extract(fn, names, cfg, tmp_path / "cut", "w0", log=logs.append, limit=1400)
+    assert "  features train: resuming at 320/1400 images" in logs
+    assert seen == order  # each image computed once across both runs, in order
+    for name in names:  # each image's row at its place in the split, however it was read
+        assert again[name][0].tobytes() == whole[name][0][:1400].tobytes()
+    assert again.labels.tobytes() == whole.labels[:1400].tobytes()
+    assert not (tmp_path / "cut" / features.PROGRESS).exists()
+
+    # Progress of other weights is not resumed: the folder is recomputed.
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        features.extract(lambda b: fn(b, stop_after=128), names, cfg, tmp_path / "other", "w0",
+                         log=lambda *_: None)  # fmt: skip
+    features.extract(fn, names, cfg, tmp_path / "other", "w1", log=lambda *_: None)
+    assert len(seen) == 128 + 1438
+
+
 # -- models and optimiser pieces -----------------------------------------------------------------
 
 
@@ -462,23 +513,58 @@ def test_zero3_on_two_ranks_starts_from_the_exported_weights(pretrained, tmp_pat
 
 
 @pytest.mark.slow
-def test_watch_evaluates_checkpoints_as_training_writes_them(tmp_path, digits_url):
-    config = write_config(tmp_path, digits_url, train={"steps": 8}, checkpoint={"every_steps": 4},
+def test_watch_evaluates_checkpoints_of_an_s3_run_as_training_writes_them(
+    tmp_path, digits_url, s3_bucket
+):
+    """The watcher runs as on another machine (its own staging folder): it downloads each
+    complete checkpoint into a folder of its own and removes it once evaluated. (On a
+    filesystem: the local job test's job.eval_every_checkpoint.)"""
+    run_url = f"{s3_bucket}/runs/watched"
+    config = write_config(tmp_path, digits_url, train={"steps": 8, "output": run_url},
+                          checkpoint={"every_steps": 4, "keep_last": 1},
                           eval={"evaluators": ["knn"], "layers": [-1]})  # fmt: skip
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
+           "TESSERA_STAGING": str(tmp_path / "watcher")}  # fmt: skip
     watcher = subprocess.Popen(
         [TESSERA, "evaluate", str(config), "--watch", "--poll", "0.5", "--idle-timeout", "300"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     try:
-        finish(pretrain(config))
+        finish(pretrain(config, env={"TESSERA_STAGING": str(tmp_path / "trainer")}))
         out, _ = watcher.communicate(timeout=TIMEOUT)
     finally:
         watcher.kill()
     assert watcher.returncode == 0, out[-3000:]
-    assert "done watching" in out
-    sources = {r.source.rsplit("/", 1)[-1] for r in read_rows(tmp_path / "run")}
-    assert "step-0000008" in sources
+    assert "evaluated the final checkpoint step-0000008; done watching" in out
+    rows = read_rows(run_url)
+    assert {r.source.rsplit("/", 1)[-1] for r in rows} >= {"step-0000008"}
+    assert {r.pretrain_steps for r in rows} <= {4, 8}
+    assert all(r.target.endswith(":val") and r.reported_on == "val" for r in rows)  # not final
+    assert not list((tmp_path / "watcher").rglob("mp_rank_*")), "a pulled copy was kept"
+    assert filesystem(run_url)[0].glob(f"{run_url}/tensorboard/eval/events.out.tfevents.*")
+
+
+@pytest.mark.slow
+def test_two_ranks_extract_features_together_as_one_process_does(pretrained, tmp_path):
+    """`tessera evaluate` under the deepspeed launcher: each rank extracts its share of the
+    stream, rank 0 gathers and writes each image's features at its place, fits and reports;
+    the features and the table's numbers are those of one process."""
+    config, _, export = pretrained
+    rows, arrays = {}, {}
+    for ranks in (1, 2):
+        out = tmp_path / f"ranks{ranks}"
+        sets = [f"train.output={out}", "eval.evaluators=[linear_probe, knn]", "eval.layers=[1]",
+                "eval.batch_size=96"]  # fmt: skip
+        args = ["--model", export, *[a for x in sets for a in ("--set", x)]]
+        log = finish(pretrain(config, *args, ranks=ranks, command="evaluate"))
+        assert log.count("linear_probe layer 1 top1") == 1, log[-3000:]  # rank 0 reports
+        rows[ranks] = {(r.evaluator, r.metric): r.value for r in read_rows(out)}
+        arrays[ranks] = {p.relative_to(out): np.load(p) for p in sorted(out.rglob("*.npy"))}
+    assert set(rows[2]) == {("linear_probe", "top1"), ("knn", "top1"), ("pixels", "top1")}
+    assert rows[2] == rows[1]
+    assert arrays[2].keys() == arrays[1].keys() and len(arrays[1]) >= 4  # layer1 and labels
+    for name, a in arrays[1].items():
+        np.testing.assert_array_equal(arrays[2][name], a, err_msg=str(name))
 
 
 @pytest.mark.slow

@@ -145,13 +145,18 @@ def test_the_finetune_stage_measures_before_and_after_on_val_and_reads_test_once
 def test_local_job_runs_the_stages_then_a_rerun_skips_every_one(tmp_path):
     config = job_config(
         tmp_path, "data/digits", job={"executor": "local", "workers": 2, "max_failures": 0,
-                                      "stages": ["prepare", "pretrain", "export", "evaluate"]},
+                                      "stages": ["prepare", "pretrain", "export", "evaluate"],
+                                      "eval_every_checkpoint": True},
         eval={"evaluators": ["linear_probe"]},
     )  # fmt: skip
     out = finish(launch([TESSERA, "run", config, "--root", tmp_path]))
     notes = stage_notes(out)
     assert notes["prepare"].endswith("written (train 1438, val 359)"), out[-3000:]
-    assert notes["pretrain"] == f"done: {tmp_path}/run/checkpoints/step-0000012"
+    # Each checkpoint evaluated on val by a process beside training (keep_last 2 may prune step
+    # 4's before the watcher's first look); the final one always.
+    done, _, watched = notes["pretrain"].partition("; ")
+    assert done == f"done: {tmp_path}/run/checkpoints/step-0000012", notes
+    assert re.fullmatch(r"checkpoints of steps (4, )?(8, )?12 evaluated while training", watched)
     assert notes["export"].startswith("done:")
     table = (tmp_path / "run" / "results.md").read_text()
     assert "| vit-micro-p4 | digits | 12 | digits:val | linear_probe | 1 | top1 |" in table
@@ -238,10 +243,15 @@ def test_ray_job_runs_every_stage_on_s3_data_and_no_key_leaks(ray_cluster, tmp_p
         client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]},
     )  # fmt: skip
     s3.mkdir(bucket)
-    config = job_config(tmp_path, f"s3://{bucket}/digits")
+    config = job_config(tmp_path, f"s3://{bucket}/digits", job={"eval_every_checkpoint": True})
     out = wait(submit(env, config, tmp_path))
     assert "succeeded" in out, out[-5000:]
     notes = stage_notes(out)
+    # Two CPUs, both the ranks': a watcher task would hold one while the ranks waited for it,
+    # so the checkpoints that are left are evaluated after training, and the note says why.
+    assert re.search(r"checkpoints of steps (\d+, )*12 evaluated after training \(the cluster "
+                     r"has 2 CPUs and 0 GPUs; the ranks and the watcher need 3 and 0\)",
+                     notes["pretrain"]), notes  # fmt: skip
     assert notes["prepare"] == f"s3://{bucket}/digits written (train 1438, val 359)"
     assert notes["finetune"] == f"done: {tmp_path}/run/finetune"
     assert "(ray, 2 workers)" in out
@@ -252,6 +262,12 @@ def test_ray_job_runs_every_stage_on_s3_data_and_no_key_leaks(ray_cluster, tmp_p
         assert f"| vit-micro-p4 | digits | 12 | digits:val {row}" in table, table
     assert "| vit-micro-p4 (untrained) | - | 0 | digits:val | linear_probe |" in table
     assert table.splitlines()[2] in out  # the table is in the job's log
+    # The working directory reached Ray without .git: rows name the submitter's commit.
+    from pipeline.evaluate.results import read_rows
+
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    assert {r.commit.removesuffix("+dirty") for r in read_rows(tmp_path / "run")} == {head}
 
     # The keys reached S3 (the cluster itself has none) and went nowhere else.
     job_id = re.search(r"Job '(raysubmit_\w+)' succeeded", out).group(1)

@@ -99,6 +99,7 @@ class StreamConfig:
     max_error_rate: float = 0.01
     endpoint_url: str = ""
     storage_deadline_s: float | None = None  # None: a few retries, then the sample is quarantined
+    limit: int = 0  # read only the split's first `limit` samples, in its stored order (0: all)
 
 
 def over_budget(errors: int, seen: int, rate: float, final: bool = False) -> bool:
@@ -175,7 +176,10 @@ def stream_config(run: RunConfig, split: str, batch_size: int, train: bool) -> S
 
 
 def epoch_phase(cfg: StreamConfig, samples: int, readers: int, epoch: int) -> Phase:
-    """A whole epoch of a split of `samples` samples, read by `readers` readers."""
+    """A whole epoch of a split of `samples` samples (its first cfg.limit), read by `readers`
+    readers."""
+    if cfg.limit:
+        samples = min(samples, cfg.limit)
     return Phase(
         epoch, readers, cfg.batch_size, np.array([[0, samples]], dtype=np.int64),
         drop_last=cfg.train, shuffle=cfg.train, lanes=cfg.shuffle_shards, window=cfg.shuffle_buffer,
@@ -461,7 +465,7 @@ class _ReaderDataset(IterableDataset):
         cfg = self.cfg
         slot, memory = self._buffer(len(positions))
         out = self.transform.batch(memory)  # each good sample is decoded into the next row
-        labels, keys, errors = [], [], []
+        labels, keys, errors, index = [], [], [], []
         raw: list[tuple[int, np.ndarray, random.Random]] = []  # resized together, below
         for g, s, m in zip(positions, shards, members, strict=True):
             key, sample, reason = fetched.pop((int(s), int(m)))
@@ -478,6 +482,7 @@ class _ReaderDataset(IterableDataset):
                         self.transform.crop_into(image, rng, out[len(keys)])
                     labels.append(lab)
                     keys.append(key)
+                    index.append(int(g))
                     continue
                 except Exception as e:
                     reason = f"undecodable: {e}"
@@ -485,6 +490,8 @@ class _ReaderDataset(IterableDataset):
             errors.append({"key": key or f"{name}#{m}", "shard": name, "reason": reason})
         self._resize_together(raw, out, memory)
         batch = self._labelled({"key": keys}, labels)
+        if not cfg.train:  # in order, unshuffled: a sample's position is its place in the split
+            batch["index"] = np.array(index, dtype=np.int64)
         if slot is None:
             batch["tokens" if cfg.palette is not None else "image"] = out[: len(keys)]
         else:  # the main process takes the samples from the slot (Stream._run_phase)
@@ -666,8 +673,9 @@ class Stream:
                 name = "image" if self.cfg.palette is None else "tokens"
                 memory = slots.take(batch.pop("_worker"), batch.pop("_slot"), len(batch["key"]))
                 batch[name] = self.transform.batch(memory)
-            if "label" in batch:
-                batch["label"] = torch.from_numpy(batch["label"])
+            for name in ("label", "index"):
+                if name in batch:
+                    batch[name] = torch.from_numpy(batch[name])
             c.consumed[batch.pop("_reader")] = batch.pop("_batch") + 1
             c.count(len(batch["key"]), batch.pop("_errors"), batch.pop("_retries"))
             self._check_budget()

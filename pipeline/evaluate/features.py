@@ -4,11 +4,18 @@ The images of a split stream in (any size of dataset); each forward's pooled fea
 asked blocks go straight into memory-mapped .npy files, so memory holds one batch, not the
 dataset. A folder is complete once meta.json is written (last); a complete folder for the same
 weights, split and layers is reused instead of recomputed (a re-run, a second evaluator).
+Each image's features are written at its place in the split (the stream carries it), so the
+arrays do not depend on how the split was read: by one process with any number of loader
+workers, or by several ranks, each reading its share and rank 0 gathering the batches.
+An extraction that stops (preempted, killed) resumes where it stopped: every COMMIT_S seconds
+the arrays are flushed and progress.json records how many images they hold and the stream's
+cursor after them, so a re-run goes on from there instead of from the first image.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import time
@@ -20,11 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data.stream import Stream, StreamConfig
+from pipeline.data.stream import DataError, Stream, StreamConfig
 from pipeline.data.transforms import model_input
 from pipeline.train.distributed import native_bf16
 
 META = "meta.json"
+PROGRESS = "progress.json"
+COMMIT_S = 30.0  # seconds of extraction between two progress records
 
 Extractor = Callable[[dict[str, Any]], dict[str, torch.Tensor]]  # batch -> name -> (B, D)
 
@@ -56,58 +65,124 @@ def _load(folder: Path, names: list[str], fingerprint: str, limit: int) -> Featu
     return FeatureSet(labels, arrays)
 
 
+def _resume(folder: Path, names: list[str], fingerprint: str, limit: int) -> dict | None:
+    """The progress record of an interrupted extraction of the same features, if any."""
+    try:
+        progress = json.loads((folder / PROGRESS).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    same = (progress["fingerprint"], progress["names"], progress["limit"]) == (
+        fingerprint, names, limit
+    )  # fmt: skip
+    return progress if same else None
+
+
 def extract(
     fn: Extractor, names: list[str], cfg: StreamConfig, folder: Path, fingerprint: str,
-    log=print, limit: int = 0,
-) -> FeatureSet:  # fmt: skip
-    """Features `names` of every image of cfg.split (the first `limit` in the split's order when
-    limit > 0), computed by `fn` or reused from `folder`. `fingerprint` names the weights and
-    settings: a folder made for other ones is recomputed."""
-    found = _load(folder, names, fingerprint, limit)
-    if found is not None:
-        return found
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    stream = Stream(cfg, rank=0, world=1)
+    log=print, limit: int = 0, comm=None,
+) -> FeatureSet | None:  # fmt: skip
+    """Features `names` of every image of cfg.split (its first `limit` in the stored order when
+    limit > 0), computed by `fn` or reused from `folder`, resuming an interrupted extraction.
+    `fingerprint` names the weights and settings: a folder made for other ones is recomputed.
+
+    With `comm` (a Comm of several ranks) every rank reads its share of the stream, as training
+    splits it, and rank 0 gathers each batch's features and writes them at the images' places
+    in the split: the same arrays as one process makes. Only rank 0 holds the folder (no shared
+    disk needed) and gets the FeatureSet; the other ranks get None."""
+    rank, world = (comm.rank, comm.world) if comm is not None else (0, 1)
+    leader = rank == 0
+    found = _load(folder, names, fingerprint, limit) if leader else None
+    exists = found is not None
+    if world > 1:
+        exists = comm.gather(exists, "whether the features exist")[0]
+    if exists:
+        return found  # None on the other ranks
+    stream = Stream(dataclasses.replace(cfg, limit=limit), rank=rank, world=world)
     total = min(stream.split.samples, limit) if limit else stream.split.samples
-    labels: np.ndarray | None = None  # (N,) class ids, or (N, K) multi-hot: as the first batch
-    arrays: dict[str, np.ndarray] = {}
-    n, start, shown = 0, time.perf_counter(), 0.0
-    with torch.inference_mode():
-        for batch in stream.iter_epoch():
-            b = min(len(batch["key"]), total - n)
-            if b == 0:
-                continue
-            if b < len(batch["key"]):
-                batch = {k: v[:b] for k, v in batch.items()}
-            out = fn(batch)
-            for name in names:
-                f = out[name].float().cpu().numpy()
-                if name not in arrays:
-                    arrays[name] = np.lib.format.open_memmap(
-                        folder / f"{name}.npy", "w+", np.float32, (total, f.shape[1])
-                    )
-                arrays[name][n : n + b] = f
-            y = batch["label"].numpy()
-            if labels is None:
-                labels = np.lib.format.open_memmap(
-                    folder / "labels.npy", "w+", y.dtype, (total, *y.shape[1:])
+    arrays: dict[str, np.ndarray] = {}  # rank 0's: (total, D) per name, "labels", "written"
+    progress = _resume(folder, names, fingerprint, limit) if leader else None
+    if world > 1:
+        progress = comm.gather(progress, "the extraction's progress")[0]
+    if progress is not None:
+        stream.load_state_dict(progress["cursor"])
+        if leader:
+            arrays = {k: np.load(folder / f"{k}.npy", mmap_mode="r+")
+                      for k in [*names, "labels", "written"]}  # fmt: skip
+            log(f"  features {cfg.split}: resuming at {progress['samples']}/{total} images")
+    elif leader:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    n = progress["samples"] if progress else 0
+
+    def write(index: np.ndarray, out: dict[str, np.ndarray]) -> None:
+        for name, values in out.items():
+            if name not in arrays:
+                shape = (total, *values.shape[1:])
+                arrays[name] = np.lib.format.open_memmap(
+                    folder / f"{name}.npy", "w+", values.dtype, shape
                 )
-            labels[n : n + b] = y
-            n += b
+            arrays[name][index] = values
+        if "written" not in arrays:
+            arrays["written"] = np.lib.format.open_memmap(
+                folder / "written.npy", "w+", np.bool_, (total,)
+            )
+        arrays["written"][index] = True
+
+    def commit() -> None:  # the arrays first, then the record that they hold n images
+        cursor = stream.state_dict()
+        if world > 1:
+            cursor = Stream.merge_states(comm.gather(cursor, "the extraction's cursors"))
+        if leader and arrays:
+            for a in arrays.values():
+                a.flush()
+            record = {"fingerprint": fingerprint, "names": names, "limit": limit, "samples": n,
+                      "cursor": cursor}  # fmt: skip
+            tmp = folder / f".{PROGRESS}.tmp"
+            tmp.write_text(json.dumps(record))
+            tmp.replace(folder / PROGRESS)
+
+    start, shown, committed = time.perf_counter(), 0.0, time.perf_counter()
+    with torch.inference_mode():
+        for batch in stream.iter_epoch():  # the same number of batches on every rank
+            mine = (batch["index"].numpy(), {})
+            if len(batch["key"]):
+                out = fn(batch)
+                mine[1].update({k: out[k].float().cpu().numpy() for k in names})
+                mine[1]["labels"] = batch["label"].numpy()
+            parts = comm.gather(mine, "features") if world > 1 else [mine]
+            for index, out in parts:
+                if len(index) and leader:
+                    write(index, out)
+                n += len(index)
             now = time.perf_counter()
-            if now - shown > 10 or n == total:
+            if leader and (now - shown > 10 or n == total):
                 rate = n / max(now - start, 1e-9)
                 log(f"  features {cfg.split}: {n}/{total} images ({rate:.0f}/s)")
                 shown = now
-            if n == total:
-                break
-    if labels is None:  # an empty split
-        labels = np.lib.format.open_memmap(folder / "labels.npy", "w+", np.int64, (0,))
-    for a in [labels, *arrays.values()]:
+            if world > 1:  # every rank commits together: the cursors are gathered
+                now = comm.gather(now, "the extraction's clock")[0]
+            if now - committed > COMMIT_S:
+                commit()
+                committed = now
+    if not leader:
+        return None
+    if not arrays:
+        raise DataError(f"{cfg.url} ({cfg.split}): no readable image to compute features of")
+    written = np.asarray(arrays["written"])
+    if not written.all():  # samples quarantined as unreadable: their rows are left out
+        keep = np.flatnonzero(written)
+        for name in [*names, "labels"]:
+            if name in arrays:  # a new file: the mapped one is not rewritten under its map
+                np.save(folder / f".{name}.npy", np.asarray(arrays[name])[keep])
+                (folder / f".{name}.npy").replace(folder / f"{name}.npy")
+                arrays[name] = np.load(folder / f"{name}.npy", mmap_mode="r+")
+    for a in arrays.values():
         a.flush()
-    meta = {"fingerprint": fingerprint, "names": names, "samples": n, "skipped": total - n}
-    (folder / META).write_text(json.dumps({**meta, "limit": limit}))
+    meta = {"fingerprint": fingerprint, "names": names, "samples": int(written.sum()),
+            "skipped": total - int(written.sum()), "limit": limit}  # fmt: skip
+    (folder / META).write_text(json.dumps(meta))
+    (folder / PROGRESS).unlink(missing_ok=True)
+    (folder / "written.npy").unlink(missing_ok=True)
     return _load(folder, names, fingerprint, limit)
 
 

@@ -51,7 +51,7 @@ class Standardizer:
         return cls(torch.from_numpy(mean).float(), torch.from_numpy(std).float())
 
     def __call__(self, rows: np.ndarray) -> torch.Tensor:
-        return (torch.from_numpy(np.asarray(rows, dtype=np.float32)) - self.mean) / self.std
+        return (torch.from_numpy(np.array(rows, dtype=np.float32)) - self.mean) / self.std
 
 
 class Design:
@@ -68,7 +68,7 @@ class Design:
         dtype = np.float32 if self.y.ndim == 2 else np.int64  # multi-hot rows, or class ids
         for a in range(0, self.n, CHUNK):
             sel = self.idx[a : a + CHUNK]
-            yield self.scale(self.x[sel]), torch.from_numpy(np.asarray(self.y[sel], dtype=dtype))
+            yield self.scale(self.x[sel]), torch.from_numpy(np.array(self.y[sel], dtype=dtype))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return iter(self.held) if self.held is not None else self._read()
@@ -243,14 +243,14 @@ def knn(
     k = min(k, len(ytr))
     correct = 0
     for a in range(0, len(yte), CHUNK):
-        q = F.normalize(torch.from_numpy(np.asarray(xte[a : a + CHUNK], dtype=np.float32)), dim=1)
+        q = F.normalize(torch.from_numpy(np.array(xte[a : a + CHUNK], dtype=np.float32)), dim=1)
         best_sim = torch.full((len(q), k), -2.0)
         best_lab = torch.zeros((len(q), k), dtype=torch.int64)
         for t in range(0, len(ytr), CHUNK):
             ref = F.normalize(
-                torch.from_numpy(np.asarray(xtr[t : t + CHUNK], dtype=np.float32)), dim=1
+                torch.from_numpy(np.array(xtr[t : t + CHUNK], dtype=np.float32)), dim=1
             )
-            labels = torch.from_numpy(np.asarray(ytr[t : t + CHUNK], dtype=np.int64))
+            labels = torch.from_numpy(np.array(ytr[t : t + CHUNK], dtype=np.int64))
             sims = torch.cat([best_sim, q @ ref.T], dim=1)
             labs = torch.cat([best_lab, labels.expand(len(q), -1)], dim=1)
             best_sim, top = sims.topk(k, dim=1)
@@ -258,6 +258,6 @@ def knn(
         votes = torch.zeros(len(q), classes).scatter_add_(
             1, best_lab, (best_sim / temperature).exp()
         )
-        truth = torch.from_numpy(np.asarray(yte[a : a + CHUNK], dtype=np.int64))
+        truth = torch.from_numpy(np.array(yte[a : a + CHUNK], dtype=np.int64))
         correct += int((votes.argmax(1) == truth).sum())
     return correct / max(len(yte), 1)

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -128,15 +129,26 @@ def data_fingerprint(manifest) -> str:
 
 @functools.cache
 def code_commit() -> str:
-    """The git commit of the code that evaluated ("" outside a checkout), for results rows."""
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent,
-            capture_output=True, text=True, timeout=10,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
+    """The git commit of the code that evaluated, "+dirty" when tracked files differ from it,
+    for results rows: $TESSERA_COMMIT where the code travelled without its .git (a Ray job's
+    working directory; launch/ray-submit.sh sets it), else the checkout's; "" outside one."""
+    if os.environ.get("TESSERA_COMMIT"):
+        return os.environ["TESSERA_COMMIT"]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                timeout=10,
+            )  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    rev = git("rev-parse", "--short=12", "HEAD")
+    if not rev:
         return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
+    return rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def weights_fingerprint(weights: Weights) -> str:
@@ -160,14 +172,20 @@ class Measurement:
 class Context:
     """What evaluators share: the model, the target, cached features and pixel baselines."""
 
-    def __init__(self, run: RunConfig, weights: Weights, target: Target, log=print) -> None:
+    def __init__(
+        self, run: RunConfig, weights: Weights, target: Target, log=print, comm=None
+    ) -> None:
         self.run, self.weights, self.target, self.log = run, weights, target, log
+        self.comm = comm  # several ranks extract features together (`prefetch`)
         self.model = weights.build().eval()
         try:
             self.layers = self.model.resolve_layers(run.eval.layers or [-1])
         except IndexError as e:
             raise ConfigError(f"eval.layers: {e}") from None
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if comm is not None:
+            self.device = comm.device
+        else:
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         self.fingerprint = weights_fingerprint(weights)
         self.cache = runs.local_dir(run.train.output) / "eval" / "features"
@@ -200,9 +218,16 @@ class Context:
             fn = model_extractor(self.model, self.layers, self.device)
             self._features[split] = extract(
                 fn, names, self._stream(split), folder, self.fingerprint, self.log,
-                self._limit(split),
+                self._limit(split), self.comm,
             )  # fmt: skip
         return self._features[split]
+
+    def prefetch(self) -> None:
+        """The model's features of both splits, extracted by every rank of `comm` together (on
+        rank 0 afterwards; the evaluators then find them). Pixels are rank 0's alone."""
+        if {"linear_probe", "fewshot", "knn"} & set(self.run.eval.evaluators):
+            for split in (self.target.train_split, self.target.test_split):
+                self._split(split)
 
     def _limit(self, split: str) -> int:
         cfg = self.run.eval
@@ -434,14 +459,45 @@ def evaluate(run: RunConfig, source: str = "", log=print) -> list[Row]:
         if source == UNTRAINED
         else read_weights_for(_source_of(run, source), run.model, "--model", run.data.endpoint_url)
     )
-    rows: list[Row] = []
-    for one, target in targets:
-        rows += _evaluate_target(one, weights, target, log)
-    return rows
+    comm = _ranks(run)
+    if comm is None:
+        return [
+            row for one, t in targets for row in _evaluate_target(Context(one, weights, t, log))
+        ]
+    # Several ranks (under a launcher): every rank extracts its share of every target's
+    # features first; then rank 0 alone fits and reports, with no collective left to wait on.
+    quiet = log if comm.rank == 0 else (lambda *_: None)
+    contexts = [Context(one, weights, t, quiet, comm) for one, t in targets]
+    for ctx in contexts:
+        ctx.prefetch()
+        ctx.comm = None  # what is left (pixels, probes) is rank 0's
+    if comm.rank != 0:
+        return []
+    return [row for ctx in contexts for row in _evaluate_target(ctx)]
 
 
-def _evaluate_target(run: RunConfig, weights: Weights, target: Target, log) -> list[Row]:
-    ctx = Context(run, weights, target, log)
+def _ranks(run: RunConfig):
+    """This process's Comm when a launcher started several ranks (WORLD_SIZE > 1), else None;
+    made once per process (`--watch` evaluates many checkpoints)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if "finetune" in run.eval.evaluators:
+        raise ConfigError(
+            "eval.evaluators: finetune trains with every rank itself; under a launcher run "
+            "`tessera finetune`, or evaluate it in one process"
+        )
+    if not _COMM:
+        from pipeline.train.distributed import setup
+
+        _COMM.append(setup(run.train.collective_timeout_s))
+    return _COMM[0]
+
+
+_COMM: list = []
+
+
+def _evaluate_target(ctx: Context) -> list[Row]:
+    run, weights, target, log = ctx.run, ctx.weights, ctx.target, ctx.log
     names = list(dict.fromkeys([*run.eval.evaluators, "pixels"]))  # the baseline row, always
     p = weights.provenance
     log(
@@ -522,35 +578,38 @@ def _prune_features(ctx: Context) -> None:
 
 def watch(run: RunConfig, poll: float = 10.0, idle_timeout: float = 3600.0, log=print) -> list[Row]:
     """Evaluate each new complete checkpoint of the run as it appears, oldest first, in this
-    process (training is not blocked: it only writes checkpoints). Returns once the final step
-    has been evaluated, or after `idle_timeout` seconds without a new checkpoint."""
-    if runs.is_remote(run.train.output):
-        raise ConfigError(
-            f"train.output: --watch follows a run folder on a filesystem, not {run.train.output}; "
-            "evaluate its checkpoints with `tessera evaluate` (or `tessera run`) instead"
-        )
-    root = Path(run.train.output) / "checkpoints"
-    done = {r.source for r in read_rows(run.train.output)}
+    process (training is not blocked: it only writes checkpoints). The run may be on a
+    filesystem or in object storage: a remote checkpoint is downloaded into a folder of the
+    watcher's own and removed once evaluated (the trainer's local copies are left alone).
+    Returns once the final step has been evaluated, or after `idle_timeout` seconds without a
+    new checkpoint."""
+    url, endpoint = run.train.output, run.data.endpoint_url
+    remote = runs.is_remote(url)
+    staging = runs.local_dir(url) / "watch"
+    done = {basename(r.source) for r in read_rows(url, endpoint)}  # step-NNNNNNN
     rows: list[Row] = []
     last_new = time.monotonic()
-    log(f"watching {root} for complete checkpoints (every {poll:g}s)")
+    log(f"watching {join(url, runs.CHECKPOINTS)} for complete checkpoints (every {poll:g}s)")
     while True:
-        for ckpt in checkpoint.complete_checkpoints(root):
-            if str(ckpt) in done:
+        for name in runs.complete_checkpoints(url, endpoint):
+            if name in done:
                 continue
             try:
+                ckpt = runs.pull_checkpoint(url, name, endpoint, into=staging if remote else None)
                 state = checkpoint.read_state(ckpt)
                 rows += evaluate(run, str(ckpt), log)
             except (FileNotFoundError, OSError, RuntimeError) as e:
-                if checkpoint.is_complete(ckpt):
+                if name in runs.complete_checkpoints(url, endpoint):
                     raise
-                log(f"{ckpt} was removed while being read (keep_last pruning); skipped: {e}")
+                log(f"{name} was removed while being read (keep_last pruning); skipped: {e}")
                 continue
             finally:
-                done.add(str(ckpt))
+                done.add(name)
+                if remote:
+                    shutil.rmtree(staging / name, ignore_errors=True)
             last_new = time.monotonic()
             if state["step"] >= state["config"]["train"]["steps"]:
-                log(f"evaluated the final checkpoint {ckpt.name}; done watching")
+                log(f"evaluated the final checkpoint {name}; done watching")
                 return rows
         if time.monotonic() - last_new > idle_timeout:
             log(f"no new checkpoint for {idle_timeout:g}s; done watching")

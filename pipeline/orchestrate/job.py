@@ -339,6 +339,76 @@ def _evaluate_in_process(raw: dict[str, Any], source: str) -> None:
     evaluate(parse_config(raw, source="job evaluate stage"), source)
 
 
+def _watch_in_process(raw: dict[str, Any]) -> None:
+    from pipeline.evaluate.run import watch
+
+    watch(parse_config(raw, source="job.eval_every_checkpoint"), WATCH_POLL_S, WATCH_IDLE_S)
+
+
+WATCH_POLL_S = 5.0  # how often the watcher lists the run's checkpoints
+WATCH_IDLE_S = 6 * 3600.0  # a watcher left without new checkpoints this long gives up
+
+
+class CheckpointWatcher:
+    """`job.eval_every_checkpoint`: `evaluate --watch` beside pretraining, as a Ray task with
+    job.eval_cpus (queued by Ray until the CPUs are free, so never taking a training rank's) or a
+    local process. It reports on val; training never waits for it."""
+
+    def __init__(self, run: RunConfig, executor: str) -> None:
+        from pipeline.evaluate.run import resolve_targets
+
+        raw = {**config_to_raw(run), "eval": {**config_to_raw(run)["eval"], "final": False}}
+        # A target without val stops the job now, not once training has ended.
+        resolve_targets(parse_config(raw, source="job.eval_every_checkpoint"))
+        self.ref = self.proc = self.task = None
+        self.after = ""  # why the checkpoints are evaluated after training instead
+        if executor == "ray":
+            import ray
+
+            job = run.job
+            cpus, gpus = job.eval_cpus or job.cpus_per_worker, job.gpus_per_worker
+            self.task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_watch_in_process)
+            self.raw = raw
+            # A task waiting for checkpoints must not hold what the training ranks need: Ray
+            # would then wait for the ranks' resources while the task waits for their work.
+            have = ray.cluster_resources()
+            cpu_need = job.workers * job.cpus_per_worker + cpus
+            gpu_need = job.workers * gpus + gpus
+            if have.get("CPU", 0) < cpu_need or have.get("GPU", 0) < gpu_need:
+                self.after = (
+                    f"the cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} "
+                    f"GPUs; the ranks and the watcher need {cpu_need:g} and {gpu_need:g}"
+                )
+            else:
+                self.ref = self.task.remote(raw)
+        else:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("spawn")  # no forked copy of the job's threads
+            self.proc = ctx.Process(target=_watch_in_process, args=(raw,), name="tessera-watch")
+            self.proc.start()
+
+    def wait(self) -> None:
+        """After training: until the final checkpoint is evaluated."""
+        if self.task is not None:
+            import ray
+
+            ray.get(self.ref if self.ref is not None else self.task.remote(self.raw))
+            return
+        self.proc.join()
+        if self.proc.exitcode != 0:
+            raise StageError(f"eval_every_checkpoint: the watcher exited {self.proc.exitcode}")
+
+    def stop(self) -> None:
+        if self.ref is not None:
+            import ray
+
+            ray.cancel(self.ref, force=True)
+        elif self.proc is not None and self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(30)
+
+
 def evaluate_on(executor: str, run: RunConfig, source: str) -> None:
     """Evaluation needs one accelerator: on Ray, a task with one training rank's resources (or
     job.eval_cpus CPUs: Ray sets the task's thread count from them)."""
@@ -465,11 +535,28 @@ def stage_pretrain(run: RunConfig, executor: str) -> str:
     done = final_checkpoint(run)
     if done is not None:
         return f"skipped: {ckpts}/{done} is complete"
-    (train_on_ray if executor == "ray" else train_locally)(run, "pretrain")
+    watcher = CheckpointWatcher(run, executor) if run.job.eval_every_checkpoint else None
+    try:
+        (train_on_ray if executor == "ray" else train_locally)(run, "pretrain")
+    except BaseException:
+        if watcher:
+            watcher.stop()
+        raise
     done = final_checkpoint(run)
     if done is None:
+        if watcher:
+            watcher.stop()
         raise StageError(f"pretrain: ended without a checkpoint at step {run.train.steps}")
-    return f"done: {ckpts}/{done}"
+    note = f"done: {ckpts}/{done}"
+    if watcher:
+        from pipeline.evaluate.results import read_rows
+
+        watcher.wait()
+        rows = read_rows(run.train.output, run.data.endpoint_url)
+        steps = sorted({r.pretrain_steps for r in rows if basename(r.source).startswith("step-")})
+        when = f"after training ({watcher.after})" if watcher.after else "while training"
+        note += f"; checkpoints of steps {', '.join(map(str, steps))} evaluated {when}"
+    return note
 
 
 def stage_export(run: RunConfig, executor: str) -> str:
