@@ -279,6 +279,20 @@ def test_results_appended_at_once_by_several_writers_lose_no_row(where, tmp_path
 # -- end to end: pretrain, evaluate, finetune ------------------------------------------------------
 
 
+def probes_of_an_export(config, export, layers=(0, -1)) -> dict:
+    """`tessera evaluate` in this process on an export of any family: a linear probe and kNN of
+    the blocks `layers` on the digits' val; returns {(evaluator, layer): top-1}."""
+    from pipeline.config import load_config
+    from pipeline.evaluate.run import evaluate
+
+    sets = ["eval.evaluators=[linear_probe, knn]", f"eval.layers=[{', '.join(map(str, layers))}]"]
+    rows = evaluate(load_config(config, sets), str(export), log=lambda *_: None)
+    found = {(r.evaluator, r.layer): r.value for r in rows if r.evaluator != "pixels"}
+    assert all(r.reported_on == "val" for r in rows)
+    assert all(0.2 < v <= 1.0 for v in found.values()), found  # ten classes: chance is 0.1
+    return found
+
+
 def run_tessera(*args, check=True):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     proc = subprocess.run(

@@ -68,7 +68,33 @@ PVT_RUN = {"name": "pvt-micro", "image_size": 16, "channels": 1, "num_classes": 
 
 
 @pytest.mark.slow
-def test_a_pvt_trains_resumes_exactly_and_exports(tmp_path, digits_url):
+def test_a_pvt_trains_resumes_exactly_evaluates_and_finetunes_at_a_new_resolution(
+    tmp_path, digits_url
+):
+    """Through the same commands as a ViT: pretrain, resume, export, evaluate (probes of the
+    first stage's pooled map and of the class token), finetune at 32 px, where each stage's
+    position embeddings are resampled."""
+    from test_evaluate import probes_of_an_export, run_tessera
+    from test_train import run_export, write_config
+
     resume_matches_uninterrupted(tmp_path, digits_url, kill_at=8, model=PVT_RUN)
-    model = load_model(str(tmp_path / "b" / "export")).eval()
-    assert torch.isfinite(model(torch.rand(2, 1, 16, 16))).all()
+    export = tmp_path / "b" / "export"
+    found = probes_of_an_export(write_config(tmp_path / "b", digits_url, model=PVT_RUN), export)
+    assert set(found) == {("linear_probe", "0"), ("linear_probe", "3"), ("knn", "3")}
+
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    config = write_config(ft, digits_url, train={"steps": 1}, optim={"lr": 1e-9, "warmup_steps": 0},
+                          model={**PVT_RUN, "image_size": 32},
+                          finetune={"init": str(export)})  # fmt: skip
+    run_tessera("finetune", config)
+    run_export(ft / "run", ft / "after")
+    small, big = load_model(str(export)), load_model(str(ft / "after"))
+    assert torch.isfinite(big(torch.rand(2, 1, 32, 32))).all()
+    for i in range(4):
+        before = small.blocks[i].embed.pos_embed.detach().float()
+        after = big.blocks[i].embed.pos_embed.detach().float()
+        side, cls = round((after.shape[1] - (i == 3)) ** 0.5), int(i == 3)
+        assert after.shape[1] == 4 * before.shape[1] - 3 * cls  # twice the side
+        torch.testing.assert_close(after, resample_pos_embed(before, (side, side), cls),
+                                   atol=1e-3, rtol=0)  # bf16 weights, an lr of 1e-9  # fmt: skip

@@ -76,7 +76,12 @@ def test_a_swin_trains_resumes_exactly_and_finetunes_at_a_new_resolution(tmp_pat
     window grows to 4: its bias tables are resampled (7x7 offsets from 3x3)."""
     resume_matches_uninterrupted(tmp_path, digits_url, kill_at=8, model=SWIN_RUN)
 
-    from test_evaluate import run_tessera
+    from test_evaluate import probes_of_an_export, run_tessera
+
+    config = write_config(tmp_path / "b", digits_url, model=SWIN_RUN)
+    found = probes_of_an_export(config, tmp_path / "b" / "export")  # the first and last maps
+    assert {layer for _, layer in found} == {"0", str(len(load_model(
+        str(tmp_path / "b" / "export")).blocks) - 1)}  # fmt: skip
 
     ft = tmp_path / "ft"
     ft.mkdir()
