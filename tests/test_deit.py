@@ -117,6 +117,12 @@ def test_two_ranks_distil_from_a_resnet_teacher_and_resume_exactly(tmp_path, dig
     )
     clean_out, _ = resume_matches_uninterrupted(tmp_path, digits_url, 4, ranks=2, **sections)
     assert f"distilling from {teacher} (resnet-micro, frozen)" in clean_out
+    # The student through `tessera evaluate` like any ViT: its last block's [class] token.
+    from test_evaluate import probes_of_an_export
+
+    config = write_config(tmp_path / "b", digits_url, **sections)
+    found = probes_of_an_export(config, tmp_path / "b" / "export", layers=(-1,))
+    assert {e for e, _ in found} == {"linear_probe", "knn"}
 
     (tmp_path / "c").mkdir()
     bad = write_config(tmp_path / "c", digits_url, model={**DEIT_RUN, "image_size": 32},
