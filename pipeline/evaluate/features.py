@@ -141,26 +141,29 @@ def extract(
             tmp.write_text(json.dumps(record))
             tmp.replace(folder / PROGRESS)
 
-    start, shown, committed = time.perf_counter(), 0.0, time.perf_counter()
+    start, shown = time.perf_counter(), 0.0
+    committed = None  # rank 0's clock at the last commit (clocks of other nodes differ)
     with torch.inference_mode():
         for batch in stream.iter_epoch():  # the same number of batches on every rank
-            mine = (batch["index"].numpy(), {})
+            values: dict[str, np.ndarray] = {}
             if len(batch["key"]):
                 out = fn(batch)
-                mine[1].update({k: out[k].float().cpu().numpy() for k in names})
-                mine[1]["labels"] = batch["label"].numpy()
+                values = {k: out[k].float().cpu().numpy() for k in names}
+                values["labels"] = batch["label"].numpy()
+            # With each rank's batch goes its clock: every rank then takes rank 0's, and all
+            # commit at the same batch (a commit gathers the cursors).
+            mine = (batch["index"].numpy(), values, time.perf_counter())
             parts = comm.gather(mine, "features") if world > 1 else [mine]
-            for index, out in parts:
+            for index, features, _ in parts:
                 if len(index) and leader:
-                    write(index, out)
+                    write(index, features)
                 n += len(index)
-            now = time.perf_counter()
+            now = parts[0][2]
+            committed = now if committed is None else committed
             if leader and (now - shown > 10 or n == total):
                 rate = n / max(now - start, 1e-9)
                 log(f"  features {cfg.split}: {n}/{total} images ({rate:.0f}/s)")
                 shown = now
-            if world > 1:  # every rank commits together: the cursors are gathered
-                now = comm.gather(now, "the extraction's clock")[0]
             if now - committed > COMMIT_S:
                 commit()
                 committed = now

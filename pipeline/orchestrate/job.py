@@ -350,16 +350,18 @@ WATCH_IDLE_S = 6 * 3600.0  # a watcher left without new checkpoints this long gi
 
 
 class CheckpointWatcher:
-    """`job.eval_every_checkpoint`: `evaluate --watch` beside pretraining, as a Ray task with
-    job.eval_cpus (queued by Ray until the CPUs are free, so never taking a training rank's) or a
-    local process. It reports on val; training never waits for it."""
+    """`job.eval_every_checkpoint`: `evaluate --watch` beside pretraining, as a local process or
+    a Ray task with job.eval_cpus, started only where the cluster has those beside the training
+    ranks' (else after training, `after` saying why). It reports on val; training never waits
+    for it."""
 
     def __init__(self, run: RunConfig, executor: str) -> None:
         from pipeline.evaluate.run import resolve_targets
 
-        raw = {**config_to_raw(run), "eval": {**config_to_raw(run)["eval"], "final": False}}
+        raw = config_to_raw(run)
+        self.raw = {**raw, "eval": {**raw["eval"], "final": False}}
         # A target without val stops the job now, not once training has ended.
-        resolve_targets(parse_config(raw, source="job.eval_every_checkpoint"))
+        resolve_targets(parse_config(self.raw, source="job.eval_every_checkpoint"))
         self.ref = self.proc = self.task = None
         self.after = ""  # why the checkpoints are evaluated after training instead
         if executor == "ray":
@@ -368,7 +370,6 @@ class CheckpointWatcher:
             job = run.job
             cpus, gpus = job.eval_cpus or job.cpus_per_worker, job.gpus_per_worker
             self.task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_watch_in_process)
-            self.raw = raw
             # A task waiting for checkpoints must not hold what the training ranks need: Ray
             # would then wait for the ranks' resources while the task waits for their work.
             have = ray.cluster_resources()
@@ -380,12 +381,14 @@ class CheckpointWatcher:
                     f"GPUs; the ranks and the watcher need {cpu_need:g} and {gpu_need:g}"
                 )
             else:
-                self.ref = self.task.remote(raw)
+                self.ref = self.task.remote(self.raw)
         else:
             import multiprocessing
 
             ctx = multiprocessing.get_context("spawn")  # no forked copy of the job's threads
-            self.proc = ctx.Process(target=_watch_in_process, args=(raw,), name="tessera-watch")
+            self.proc = ctx.Process(
+                target=_watch_in_process, args=(self.raw,), name="tessera-watch"
+            )
             self.proc.start()
 
     def wait(self) -> None:
@@ -538,15 +541,13 @@ def stage_pretrain(run: RunConfig, executor: str) -> str:
     watcher = CheckpointWatcher(run, executor) if run.job.eval_every_checkpoint else None
     try:
         (train_on_ray if executor == "ray" else train_locally)(run, "pretrain")
+        done = final_checkpoint(run)
+        if done is None:
+            raise StageError(f"pretrain: ended without a checkpoint at step {run.train.steps}")
     except BaseException:
         if watcher:
             watcher.stop()
         raise
-    done = final_checkpoint(run)
-    if done is None:
-        if watcher:
-            watcher.stop()
-        raise StageError(f"pretrain: ended without a checkpoint at step {run.train.steps}")
     note = f"done: {ckpts}/{done}"
     if watcher:
         from pipeline.evaluate.results import read_rows
