@@ -301,6 +301,9 @@ class EvalConfig:
     transfer: list[str] = field(default_factory=list)  # more dataset URLs, evaluated after target
     layers: list[int] = field(default_factory=list)  # probe these blocks; empty: the last one
     concat_layers: bool = False  # one more probe on all of them side by side (held in memory)
+    # Poolings probed for each block: 0 the model's own ([class] token, average of tokens); k > 0
+    # the block's map averaged over a k x k grid (D k^2 features). Choose among them on val.
+    grids: list[int] = field(default_factory=lambda: [0])
     shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])  # few-shot examples per class
     seeds: int = 3  # few-shot repetitions
     knn_k: int = 20
@@ -323,6 +326,10 @@ class EvalConfig:
         require(all(s >= 1 for s in self.shots), "shots", self.shots, "each must be >= 1")
         require(self.seeds >= 1, "seeds", self.seeds, "must be >= 1")
         require(self.knn_k >= 1, "knn_k", self.knn_k, "must be >= 1")
+        require(
+            bool(self.grids) and all(k >= 0 for k in self.grids), "grids", self.grids,
+            "must list poolings: 0 (the model's own) or a grid side k >= 1",
+        )  # fmt: skip
         for key in ("train_samples", "test_samples"):
             require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0 (0: all)")
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import BIN, TESSERA
+from PIL import Image
 from test_train import TIMEOUT, finish, pretrain, run_export, write_config
 
 from pipeline.evaluate import probes
@@ -159,6 +160,93 @@ def test_probe_features_of_the_last_block_are_what_the_head_sees(name):
     assert first.shape == last.shape == (2, cfg.width)
     pre_logits = model.forward_head(model.forward_features(x), pre_logits=True)
     torch.testing.assert_close(last, pre_logits)
+
+
+@pytest.mark.parametrize(
+    "name", ["igpt-micro", "vit-micro-p4", "resnet-micro", "swin-micro", "pvt-micro"]
+)
+def test_grid_pooling_averages_each_blocks_map_over_a_k_by_k_grid(name):
+    """eval.grids: a block's spatial map averaged over k x k cells ((B, D k^2), channel-major);
+    0 is the model's own pooling. Checked against the map's own cell averages for ImageGPT."""
+    model = create_model(name).eval()
+    cfg = model.cfg
+    x = (
+        torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
+        if cfg.family == "igpt"
+        else torch.randn(2, cfg.channels, cfg.image_size, cfg.image_size)
+    )
+    own, grid1, grid2 = model.features(x, [0], grids=[0, 1, 2])
+    torch.testing.assert_close(own, model.features(x, [0])[0])
+    assert grid2.shape == (2, 4 * grid1.shape[1])
+    (last,) = model.features(x, [-1], grids=[1])  # PVT's last stage: after its [class] token
+    assert last.shape == (2, model.width)
+    if cfg.family == "igpt":  # raster order: pixel (r, c) is token 1 + r * side + c
+        (state,) = model.forward_features(x, layers=[0])
+        side, half = cfg.image_size, cfg.image_size // 2
+        pixels = state[:, 1:].reshape(2, side, side, -1).float()
+        top_right = pixels[:, :half, half:].mean(dim=(1, 2))  # cell (0, 1) of the 2x2 grid
+        torch.testing.assert_close(grid2.reshape(2, -1, 4)[:, :, 1], top_right)
+        torch.testing.assert_close(grid1, own.float())  # one cell: the average over pixels
+
+
+def test_a_final_report_chooses_the_block_and_pooling_on_val_and_reads_test_once(
+    tmp_path, digits_url
+):
+    """Several probes compete (blocks x poolings): each is scored on val, and test is read for
+    the one val chose alone, its row saying so; ImageGPT's pixels are also probed as it sees
+    them (its side, its palette's greys)."""
+    from conftest import fashion_mnist_subset
+
+    from pipeline.config import load_config
+    from pipeline.data.prepare import PrepareOptions, prepare
+    from pipeline.data.sources import open_source
+    from pipeline.evaluate.results import layer_sweep
+    from pipeline.evaluate.run import UNTRAINED, evaluate
+
+    (tmp_path / "idx").mkdir()
+    fashion_mnist_subset(tmp_path / "idx", 300, 100)
+    url = str(tmp_path / "fmnist")
+    prepare(open_source(str(tmp_path / "idx")), url,
+            PrepareOptions(samples_per_shard=100, executor="local", progress=False,
+                           val_fraction=0.25))  # fmt: skip
+    config = write_config(
+        tmp_path, url,
+        model={"name": "igpt-micro", "image_size": 8, "vocab_size": 4, "causal": True},
+        data={"palette": "grey", "palette_size": 4},
+        train={"objective": "igpt-ar"},
+        eval={"evaluators": ["linear_probe"], "layers": [0, 1], "grids": [0, 2], "final": True},
+    )  # fmt: skip
+    rows = evaluate(load_config(config), UNTRAINED, log=lambda *_: None)
+    val = {r.layer: r for r in rows if r.evaluator == "linear_probe" and r.reported_on == "val"}
+    assert set(val) == {"0", "0@2x2", "1", "1@2x2"}
+    assert all(r.target == "fmnist:val" and r.baseline is not None for r in val.values())
+    (chosen,) = [r for r in rows if r.evaluator == "linear_probe" and r.reported_on != "val"]
+    best = max(val.values(), key=lambda r: r.value)
+    assert chosen.layer == best.layer and chosen.extra["val_top1"] == best.value
+    assert (chosen.target, chosen.reported_on) == ("fmnist:test", "test (final)")
+    assert chosen.selected_on == "val (block, pooling); 10% of train (L2)"
+    pixels = {(r.target, r.layer) for r in rows if r.evaluator == "pixels"}
+    at_input = "model input (8 px, 4 colours)"
+    assert pixels == {
+        (t, layer) for t in ("fmnist:val", "fmnist:test") for layer in ("-", at_input)
+    }
+    # The sweep against depth (val), one curve per pooling, beside both pixel baselines.
+    sweep = layer_sweep(read_rows(tmp_path / "run"))
+    assert set(sweep) == {"fmnist:val"}
+    curves = sweep["fmnist:val"]["curves"]
+    assert set(curves) == {"igpt-micro (untrained)", "igpt-micro (untrained), 2x2 grid"}
+    assert sorted(curves["igpt-micro (untrained)"]) == [(0, val["0"].value), (1, val["1"].value)]
+    assert set(sweep["fmnist:val"]["pixels"]) == {
+        "raw pixels, full resolution",
+        f"raw pixels, {at_input}",
+    }
+    with Image.open(tmp_path / "run" / "layer_sweep.png") as picture:
+        assert picture.size == (640, 400)
+    seen = tmp_path / "run" / "eval" / "features" / "pixels"
+    (at_input,) = [np.load(f) for f in seen.glob("fmnist-test-8-*/pixels.npy")]
+    assert at_input.shape == (100, 64) and len(np.unique(at_input)) <= 4  # 4 greys, 8x8
+    (full,) = [np.load(f) for f in seen.glob("fmnist-test-28/pixels.npy")]
+    assert full.shape == (100, 784) and len(np.unique(full)) > 4
 
 
 def test_layer_decay_scales_each_blocks_lr_from_the_top():
@@ -604,6 +692,7 @@ def test_imagegpt_layer_sweep_finetune_and_the_untrained_baseline(tmp_path, digi
     trained = {(r.evaluator, r.layer) for r in rows if r.pretrain_steps == 30}
     untrained = {(r.evaluator, r.layer) for r in rows if r.source == "untrained"}
     expected = {("linear_probe", "0"), ("linear_probe", "1"), ("finetune", "-"), ("pixels", "-")}
+    expected.add(("pixels", "model input (8 px, 16 colours)"))
     assert trained == untrained == expected
     assert all(0 <= r.value <= 1 for r in rows)
     assert "igpt-micro (untrained)" in out

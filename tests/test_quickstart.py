@@ -124,15 +124,22 @@ def test_quickstart_interrupted_resumed_and_reused(quickstart):
         ("digits:val", "knn", "3", "top1"),
         ("digits:val", "pixels", "-", "top1"),
     }
-    want_igpt = {("fashion-mnist:test", "linear_probe", str(i), "top1") for i in range(4)}
-    want_igpt |= {("fashion-mnist:test", "linear_probe", "0+1+2+3", "top1"),
-                  ("fashion-mnist:test", "pixels", "-", "top1")}  # fmt: skip
+    # ImageGPT's probes compete (every block, and all four side by side): each on val, and
+    # test read for the one val chose alone; raw pixels at full resolution and as it sees them.
+    want_igpt = {("fashion-mnist:val", "linear_probe", str(i), "top1") for i in range(4)}
+    want_igpt |= {("fashion-mnist:val", "linear_probe", "0+1+2+3", "top1"),
+                  ("fashion-mnist:test", "pixels", "-", "top1"),
+                  ("fashion-mnist:test", "pixels", "model input (14 px, 16 colours)", "top1")}  # fmt: skip
     for run, want, model in ((vit, want_vit, "vit-hybrid-mini"), (igpt, want_igpt, "igpt-tiny")):
         rows = read_rows(run)
         for untrained in (False, True):
             name = f"{model} (untrained)" if untrained else model
             have = {(r.target, r.evaluator, r.layer, r.metric) for r in rows if r.model == name}
             assert want <= have, (name, sorted(want - have))
+            if run == igpt:  # one probe read on test: the one chosen on val
+                (chosen,) = [r for r in rows if r.model == name and r.target == "fashion-mnist:test"
+                             and r.evaluator == "linear_probe"]  # fmt: skip
+                assert chosen.selected_on.startswith("val (block, pooling)")
         assert all(r.baseline is not None for r in rows if r.evaluator != "finetune")
         table = (run / "results.md").read_text()
         assert table in out  # printed at the end of the job

@@ -197,8 +197,16 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def model_extractor(model: torch.nn.Module, layers: list[int], device: torch.device) -> Extractor:
-    """Pooled features of each block in `layers`, named "layer{i}"."""
+def feature_name(layer: int, grid: int = 0) -> str:
+    """The array of one block under one pooling (0: the model's own, k: a k x k grid)."""
+    return f"layer{layer}" if grid == 0 else f"layer{layer}-grid{grid}"
+
+
+def model_extractor(
+    model: torch.nn.Module, layers: list[int], device: torch.device, grids: list[int] = (0,)
+) -> Extractor:
+    """Pooled features of each block in `layers` under each pooling in `grids`."""
+    names = [feature_name(i, k) for i in layers for k in grids]
 
     def fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if "tokens" in batch:
@@ -206,8 +214,8 @@ def model_extractor(model: torch.nn.Module, layers: list[int], device: torch.dev
         else:
             x = model_input(batch["image"].to(device))
         with autocast(device):
-            feats = model.features(x, layers)
-        return {f"layer{i}": f for i, f in zip(layers, feats, strict=True)}
+            feats = model.features(x, layers, grids)
+        return dict(zip(names, feats, strict=True))
 
     return fn
 
@@ -215,3 +223,12 @@ def model_extractor(model: torch.nn.Module, layers: list[int], device: torch.dev
 def pixel_extractor(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The raw-pixel baseline: images flattened to vectors in [0, 1]."""
     return {"pixels": batch["image"].flatten(1).float() / 255}
+
+
+def palette_pixel_extractor(palette) -> Extractor:
+    """The raw-pixel baseline at an ImageGPT's own input: each token's palette colour."""
+
+    def fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"pixels": palette.decode(batch["tokens"]).flatten(1).float() / 255}
+
+    return fn

@@ -23,6 +23,7 @@ from pipeline.storage import filesystem, join, write_atomic
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+LAYER_SWEEP = "layer_sweep.png"
 ROWS = "results/rows"
 
 
@@ -124,3 +125,46 @@ def markdown(rows: list[Row]) -> str:
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def layer_sweep(rows: list[Row]) -> dict[str, dict]:
+    """Per target (and split), the linear probe against block depth, as the ImageGPT paper draws
+    it: {"target": {"curves": {label: [(block, value)]}, "pixels": {label: value}}}, one curve
+    per weights (the newest trained step and the untrained network) and pooling; targets with
+    fewer than two single-block probes are left out. Where candidates were scored on val for a
+    final report, the sweep is the val one (test was read for the chosen probe alone)."""
+    out: dict[str, dict] = {}
+    scores = ("top1", "precision_at_1")  # the score choices are made by
+    probes = [r for r in rows if r.evaluator == "linear_probe" and r.metric in scores]
+    newest = max((r.pretrain_steps for r in probes if r.source != "untrained"), default=0)
+    for r in probes:
+        block, _, grid = r.layer.partition("@")
+        if not block.isdigit() or (r.source != "untrained" and r.pretrain_steps != newest):
+            continue
+        pooling = f", {grid} grid" if grid else ""
+        sweep = out.setdefault(r.target, {"curves": {}, "pixels": {}})
+        sweep["curves"].setdefault(f"{r.model}{pooling}", []).append((int(block), r.value))
+    for r in rows:  # the raw-pixel baselines of the same split
+        if r.evaluator == "pixels" and r.metric in scores and r.target in out:
+            where = "full resolution" if r.layer == "-" else r.layer
+            out[r.target]["pixels"][f"raw pixels, {where}"] = r.value
+    return {t: s for t, s in out.items() if any(len(c) > 1 for c in s["curves"].values())}
+
+
+def write_layer_sweep(run_url: str | Path, endpoint_url: str = "", title: str = "") -> str:
+    """layer_sweep.png in the run folder from its rows (see `layer_sweep`); "" if there is no
+    sweep to draw."""
+    import tempfile
+
+    sweeps = layer_sweep(read_rows(run_url, endpoint_url))
+    if not sweeps:
+        return ""
+    from pipeline.train.visuals import sweep_png
+
+    fs, path = filesystem(str(run_url), endpoint_url)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / LAYER_SWEEP
+        sweep_png(sweeps, local, title=title)
+        fs.makedirs(path, exist_ok=True)
+        write_atomic(fs, join(path, LAYER_SWEEP), local.read_bytes())
+    return join(str(run_url), LAYER_SWEEP)

@@ -21,6 +21,7 @@ splits or with another class count) runs before any feature is computed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -44,8 +45,15 @@ from pipeline.data.shards import DatasetError, load_manifest
 from pipeline.data.stream import StreamConfig, stream_config
 from pipeline.errors import ConfigError
 from pipeline.evaluate import probes
-from pipeline.evaluate.features import FeatureSet, extract, model_extractor, pixel_extractor
-from pipeline.evaluate.results import Row, append_rows, read_rows
+from pipeline.evaluate.features import (
+    FeatureSet,
+    extract,
+    feature_name,
+    model_extractor,
+    palette_pixel_extractor,
+    pixel_extractor,
+)
+from pipeline.evaluate.results import Row, append_rows, read_rows, write_layer_sweep
 from pipeline.storage import basename, join, write_atomic
 from pipeline.train import checkpoint
 from pipeline.train.export import Weights, read_weights_for
@@ -65,6 +73,9 @@ class Target:
     multi_label: bool = False  # probes report precision@1 and mAP; few-shot and kNN refuse it
     role: str = ""  # how results.md shows the reported split: "val", "test (final)", ...
     fingerprint: str = ""  # data_fingerprint of the target
+    # A final report's split for choices: where several probes (blocks, poolings) compete, each
+    # is scored here and test is read for the one chosen alone; "" where there is none.
+    choose_split: str = ""
 
     @property
     def name(self) -> str:
@@ -94,9 +105,11 @@ def resolve_target(run: RunConfig, key: str = "eval.target") -> Target:
                 f"{key}: {url} has no split {split!r}; it has {', '.join(manifest.splits)}"
             )
     side = min(manifest.image_size[0] if manifest.image_size else PIXEL_SIDE, PIXEL_SIDE)
+    choose = "val" if role == "test (final)" and "val" in manifest.splits else ""
     return Target(
         url, run.eval.train_split, test, len(manifest.classes), manifest.channels, side,
         run.data.endpoint_url, manifest.multi_label, role, data_fingerprint(manifest),
+        "" if choose == run.eval.train_split else choose,
     )  # fmt: skip
 
 
@@ -167,6 +180,8 @@ class Measurement:
     value: float
     baseline: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    split: str = ""  # the split reported, where not the target's (a choice's candidates on val)
+    chosen_on: str = ""  # the split its block and pooling were chosen on, if they were
 
 
 class Context:
@@ -213,9 +228,10 @@ class Context:
 
     def _split(self, split: str) -> FeatureSet:
         if split not in self._features:
-            names = [f"layer{i}" for i in self.layers]
+            grids = self.run.eval.grids
+            names = [feature_name(i, k) for i in self.layers for k in grids]
             folder = self.cache / self.fingerprint / f"{self.target.name}-{split}"
-            fn = model_extractor(self.model, self.layers, self.device)
+            fn = model_extractor(self.model, self.layers, self.device, grids)
             self._features[split] = extract(
                 fn, names, self._stream(split), folder, self.fingerprint, self.log,
                 self._limit(split), self.comm,
@@ -223,34 +239,62 @@ class Context:
         return self._features[split]
 
     def prefetch(self) -> None:
-        """The model's features of both splits, extracted by every rank of `comm` together (on
-        rank 0 afterwards; the evaluators then find them). Pixels are rank 0's alone."""
+        """The model's features of every split evaluators read, extracted by every rank of
+        `comm` together (on rank 0 afterwards; the evaluators then find them). Pixels are rank
+        0's alone."""
         if {"linear_probe", "fewshot", "knn"} & set(self.run.eval.evaluators):
-            for split in (self.target.train_split, self.target.test_split):
-                self._split(split)
+            t = self.target
+            for split in dict.fromkeys([t.train_split, t.test_split, t.choose_split]):
+                if split:
+                    self._split(split)
+
+    def on_split(self, split: str) -> Context:
+        """This context reporting `split` instead (sharing the model and extracted features)."""
+        other = copy.copy(self)
+        other.target = dataclasses.replace(self.target, test_split=split, role=split)
+        other._baselines = {}
+        return other
 
     def _limit(self, split: str) -> int:
         cfg = self.run.eval
         return cfg.train_samples if split == self.target.train_split else cfg.test_samples
 
-    def features(self, layer: int) -> tuple[tuple, tuple]:
-        """((x_train, y_train), (x_test, y_test)) of one block."""
-        name = f"layer{layer}"
+    def features(self, layer: int, grid: int = 0) -> tuple[tuple, tuple]:
+        """((x_train, y_train), (x_test, y_test)) of one block under one pooling."""
+        name = feature_name(layer, grid)
         return self._split(self.target.train_split)[name], self._split(self.target.test_split)[name]
 
-    def pixels(self) -> tuple[tuple, tuple]:
-        side, out = self.target.pixel_side, []
+    @property
+    def input_pixels(self) -> str:
+        """How the model sees pixels where that differs from the full-resolution baseline (an
+        ImageGPT's palette colours at its own side), for a second baseline; "" otherwise."""
+        if self.weights.config.family != "igpt":
+            return ""
+        palette = self._stream(self.target.train_split).palette
+        return f"model input ({self.weights.config.image_size} px, {palette.size} colours)"
+
+    def pixels(self, at_input: bool = False) -> tuple[tuple, tuple]:
+        """Raw pixels of both splits in [0, 1]: at full resolution (at most PIXEL_SIDE a side),
+        or (at_input) as the model sees them: an ImageGPT's palette colours at its side."""
+        out = []
         for split in (self.target.train_split, self.target.test_split):
-            key = f"pixels-{split}"
+            key = f"pixels-{split}-{'input' if at_input else 'full'}"
             if key not in self._features:
-                cfg = self._stream(
-                    split, image_size=side, channels=self.target.channels, palette=None
-                )
-                folder = self.cache / "pixels" / f"{self.target.name}-{split}-{side}"
+                if at_input:
+                    cfg = self._stream(split)
+                    colours = cfg.palette.colours.numpy().tobytes()
+                    tag = f"{cfg.image_size}-{hashlib.sha256(colours).hexdigest()[:12]}"
+                    fn = palette_pixel_extractor(cfg.palette)
+                else:
+                    side = self.target.pixel_side
+                    cfg = self._stream(
+                        split, image_size=side, channels=self.target.channels, palette=None
+                    )
+                    tag, fn = str(side), pixel_extractor
+                folder = self.cache / "pixels" / f"{self.target.name}-{split}-{tag}"
                 self._features[key] = extract(
-                    pixel_extractor, ["pixels"], cfg, folder, f"pixels-{side}", self.log,
-                    self._limit(split),
-                )  # fmt: skip
+                    fn, ["pixels"], cfg, folder, f"pixels-{tag}", self.log, self._limit(split)
+                )
             out.append(self._features[key]["pixels"])
         return out[0], out[1]
 
@@ -262,7 +306,7 @@ class Context:
             key = json.dumps([
                 evaluator, metric, t.url, t.train_split, t.test_split, t.pixel_side, cfg.holdout,
                 cfg.knn_k, cfg.shots, cfg.seeds, cfg.train_samples, cfg.test_samples,
-            ])  # fmt: skip
+            ] + ([] if not evaluator.endswith("@input") else [self.input_pixels]))  # fmt: skip
             path = self.cache / "pixels" / "baselines.json"
             saved = json.loads(path.read_text()) if path.is_file() else {}
             if key not in saved:
@@ -272,15 +316,20 @@ class Context:
             self._baselines[(evaluator, metric)] = saved[key]
         return self._baselines[(evaluator, metric)]
 
-    def pixel_probe(self, metric: str = "top1") -> float:
-        """The linear probe on raw pixels: top-1, or (a multi-label target) precision_at_1 or
-        mAP."""
+    @property
+    def choice_metric(self) -> str:
+        """The score choices are made by: top-1, or precision@1 on a multi-label target."""
+        return "precision_at_1" if self.target.multi_label else "top1"
+
+    def pixel_probe(self, metric: str = "top1", at_input: bool = False) -> float:
+        """The linear probe on raw pixels (at full resolution, or as the model sees them): top-1,
+        or (a multi-label target) precision_at_1 or mAP."""
 
         def compute() -> float:
-            train, test = self.pixels()
+            train, test = self.pixels(at_input)
             return self.probe(train, test)[0][metric]
 
-        return self.baseline("linear_probe", metric, compute)
+        return self.baseline("linear_probe" + ("@input" if at_input else ""), metric, compute)
 
     def probe(self, train: tuple, test: tuple) -> tuple[dict[str, float], dict]:
         """The linear probe of this target: {"top1"} or {"precision_at_1", "mAP"}, and its info."""
@@ -295,33 +344,64 @@ class Context:
 # Evaluators
 
 
+def layer_label(layers: str, grid: int) -> str:
+    """A results row's layer: "3" (the model's pooling), "3@4x4" (pooled on a 4x4 grid)."""
+    return layers if grid == 0 else f"{layers}@{grid}x{grid}"
+
+
 def linear_probe(ctx: Context) -> Iterator[Measurement]:
-    """iGPT's linear probe, on every block in eval.layers, and (eval.concat_layers) on all of
-    them concatenated (layer "1+2+3"; the iGPT paper also concatenates layers for its best probe)."""
+    """iGPT's linear probe, on every block in eval.layers under every pooling in eval.grids, and
+    (eval.concat_layers) on all the blocks concatenated (layer "1+2+3"; the iGPT paper also
+    concatenates layers for its best probe).
+
+    A final report with a val split beside test scores every candidate on val and reads test
+    for the one with the best val score alone, so the number quoted was not chosen on test."""
     cfg = ctx.run.eval
-    for layer in ctx.layers:
-        train, test = ctx.features(layer)
-        scores, info = ctx.probe(train, test)
-        for metric, value in scores.items():
-            yield Measurement(
-                "linear_probe", str(layer), metric, value, ctx.pixel_probe(metric), info
-            )
+    candidates = [(str(i), [i], k) for i in ctx.layers for k in cfg.grids]
     if cfg.concat_layers and len(ctx.layers) > 1:
-        parts = [ctx.features(layer) for layer in ctx.layers]
+        joined = "+".join(map(str, ctx.layers))
+        candidates += [(joined, ctx.layers, k) for k in cfg.grids]
+
+    def probe(on: Context, blocks: list[int], grid: int) -> tuple[dict, dict]:
+        parts = [on.features(i, grid) for i in blocks]
         train, test = (
-            (np.concatenate([p[i][0] for p in parts], axis=1), parts[0][i][1]) for i in (0, 1)
+            (np.concatenate([p[j][0] for p in parts], axis=1), parts[0][j][1]) for j in (0, 1)
         )
-        scores, info = ctx.probe(train, test)
-        name = "+".join(map(str, ctx.layers))
+        return on.probe(train, test)
+
+    choose = ctx.target.choose_split
+    if not choose or len(candidates) == 1:
+        for name, blocks, grid in candidates:
+            scores, info = probe(ctx, blocks, grid)
+            for metric, value in scores.items():
+                label = layer_label(name, grid)
+                yield Measurement(
+                    "linear_probe", label, metric, value, ctx.pixel_probe(metric), info
+                )
+        return
+    on_val, best, chosen = ctx.on_split(choose), -1.0, candidates[0]
+    for name, blocks, grid in candidates:
+        scores, info = probe(on_val, blocks, grid)
         for metric, value in scores.items():
-            yield Measurement("linear_probe", name, metric, value, ctx.pixel_probe(metric), info)
+            label, base = layer_label(name, grid), on_val.pixel_probe(metric)
+            yield Measurement("linear_probe", label, metric, value, base, info, split=choose)
+        if scores[ctx.choice_metric] > best:
+            best, chosen = scores[ctx.choice_metric], (name, blocks, grid)
+    name, blocks, grid = chosen
+    scores, info = probe(ctx, blocks, grid)
+    info = {**info, f"{choose}_{ctx.choice_metric}": best}
+    for metric, value in scores.items():
+        label = layer_label(name, grid)
+        yield Measurement(
+            "linear_probe", label, metric, value, ctx.pixel_probe(metric), info, chosen_on=choose
+        )  # fmt: skip
 
 
 def fewshot(ctx: Context) -> Iterator[Measurement]:
     """big_vision's few-shot ridge regression on the last block asked for."""
-    layer = ctx.layers[-1]
-    cfg = ctx.run.eval
-    train, test = ctx.features(layer)
+    layer, cfg = ctx.layers[-1], ctx.run.eval
+    grid = cfg.grids[0]
+    train, test = ctx.features(layer, grid)
     scores = probes.fewshot(train, test, ctx.target.classes, cfg.shots, cfg.seeds)
     pixel_scores: dict[int, list[float]] = {}
     for k, accs in scores.items():
@@ -337,30 +417,36 @@ def fewshot(ctx: Context) -> Iterator[Measurement]:
         base = ctx.baseline("fewshot", f"{k}-shot top1", compute)
         extra = {"std": float(np.std(accs)), "seeds": len(accs)}
         yield Measurement(
-            "fewshot", str(layer), f"{k}-shot top1", float(np.mean(accs)), base, extra
-        )
+            "fewshot", layer_label(str(layer), grid), f"{k}-shot top1", float(np.mean(accs)),
+            base, extra,
+        )  # fmt: skip
 
 
 def knn(ctx: Context) -> Iterator[Measurement]:
-    layer = ctx.layers[-1]
-    k = ctx.run.eval.knn_k
-    train, test = ctx.features(layer)
+    layer, k, grid = ctx.layers[-1], ctx.run.eval.knn_k, ctx.run.eval.grids[0]
+    train, test = ctx.features(layer, grid)
     top1 = probes.knn(train, test, ctx.target.classes, k)
 
     def compute() -> float:
         px_train, px_test = ctx.pixels()
         return probes.knn(px_train, px_test, ctx.target.classes, k)
 
-    yield Measurement(
-        "knn", str(layer), "top1", top1, ctx.baseline("knn", "top1", compute), {"k": k}
-    )
+    label = layer_label(str(layer), grid)
+    yield Measurement("knn", label, "top1", top1, ctx.baseline("knn", "top1", compute), {"k": k})
 
 
 def pixels(ctx: Context) -> Iterator[Measurement]:
-    """The same logistic regression on raw pixels: what pretraining has to beat."""
-    for metric in ("precision_at_1", "mAP") if ctx.target.multi_label else ("top1",):
-        value = ctx.pixel_probe(metric)
-        yield Measurement("pixels", "-", metric, value, value)
+    """The same logistic regression on raw pixels: what pretraining has to beat, at full
+    resolution, and for an ImageGPT also as it sees them (its side and palette)."""
+    choose = ctx.target.choose_split
+    metrics = ("precision_at_1", "mAP") if ctx.target.multi_label else ("top1",)
+    for on, split in ((ctx.on_split(choose), choose), (ctx, "")) if choose else ((ctx, ""),):
+        for metric in metrics:  # beside probes chosen on val, the baselines on val too
+            value = on.pixel_probe(metric)
+            yield Measurement("pixels", "-", metric, value, value, split=split)
+            if on.input_pixels:
+                at_input = on.pixel_probe(metric, at_input=True)
+                yield Measurement("pixels", on.input_pixels, metric, at_input, value, split=split)
 
 
 def finetune(ctx: Context) -> Iterator[Measurement]:
@@ -519,6 +605,9 @@ def _evaluate_target(ctx: Context) -> list[Row]:
             log(f"  ({name}: {time.perf_counter() - started:.0f}s)")
     finally:  # what finished is kept, even when a later evaluator fails
         append_rows(run.train.output, rows, run.data.endpoint_url)
+        picture = write_layer_sweep(run.train.output, run.data.endpoint_url, title=run.name)
+        if picture:
+            log(f"  linear probe against depth: {picture}")
         if writer:
             writer.close()
             if runs.is_remote(run.train.output):
@@ -544,19 +633,24 @@ SELECTED_ON = {  # what each evaluator chose its free settings on (never the rep
 def _record(
     m: Measurement, p: dict, target: Target, source: str, writer, log, holdout: float = 0.1
 ) -> Row:
+    selected = SELECTED_ON[m.evaluator].format(holdout=holdout, train=target.train_split)
+    if m.chosen_on:
+        selected = f"{m.chosen_on} (block, pooling); {selected}"
     row = Row(
         model=p["model"], pretrain_data=p.get("data", ""), pretrain_steps=p["step"],
-        target=f"{target.name}:{target.test_split}", evaluator=m.evaluator, layer=m.layer,
-        metric=m.metric, value=m.value, baseline=m.baseline, source=source, extra=m.extra,
-        fitted_on=target.train_split, reported_on=target.role or target.test_split,
-        selected_on=SELECTED_ON[m.evaluator].format(holdout=holdout, train=target.train_split),
+        target=f"{target.name}:{m.split or target.test_split}", evaluator=m.evaluator,
+        layer=m.layer, metric=m.metric, value=m.value, baseline=m.baseline, source=source,
+        extra=m.extra, fitted_on=target.train_split,
+        reported_on=m.split or target.role or target.test_split, selected_on=selected,
         commit=code_commit(), dataset=target.fingerprint,
     )  # fmt: skip
     base = "" if m.baseline is None else f" (raw pixels {100 * m.baseline:.2f}%)"
-    log(f"  {m.evaluator} layer {m.layer} {m.metric}: {100 * m.value:.2f}%{base}")
+    where = f" on {m.split}" if m.split else (f" (chosen on {m.chosen_on})" if m.chosen_on else "")
+    log(f"  {m.evaluator} layer {m.layer} {m.metric}{where}: {100 * m.value:.2f}%{base}")
     if writer:
-        layer = "" if m.layer == "-" else f"/layer{m.layer}"
-        tag = f"eval/{target.name}/{m.evaluator}/{m.metric.replace(' ', '_')}{layer}"
+        layer = "" if m.layer == "-" else f"/layer{m.layer}".replace(" ", "_")
+        split = f"/{m.split}" if m.split else ""
+        tag = f"eval/{target.name}{split}/{m.evaluator}/{m.metric.replace(' ', '_')}{layer}"
         writer.add_scalar(tag, m.value, p["step"])
     return row
 

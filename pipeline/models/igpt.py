@@ -115,6 +115,11 @@ class ImageGPT(Backbone):
         """Average over the pixel positions (the start token is left out), as iGPT probes do."""
         return tokens[:, 1:].mean(dim=1)
 
+    def spatial(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + H*W, D) -> the pixels' states as a map (B, D, H, W), in raster order."""
+        side = self.cfg.image_size
+        return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+
     def forward(self, tokens: torch.Tensor, head: str = "lm") -> torch.Tensor:
         """Token ids (B, T) -> palette logits (B, T, K), where logits[:, i] predicts pixel i;
         head="classes": class logits (B, num_classes) from the average-pooled tokens (finetuning);

@@ -204,6 +204,10 @@ class Backbone(nn.Module):
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def spatial(self, states: torch.Tensor) -> torch.Tensor:
+        """A block's output as a feature map (B, C, h, w), for probes that pool it on a grid."""
+        raise NotImplementedError(f"{type(self).__name__} has no spatial map of its states")
+
     @property
     def depth(self) -> int:
         return len(self.blocks)
@@ -285,16 +289,23 @@ class Backbone(nn.Module):
             return self.norm(x)
         return [states[i] for i in wanted]
 
-    def features(self, x: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
-        """Pooled representations (B, D) of the given blocks, as linear probes read them: the
-        model's own pooling ([class] token or average over tokens) of each block's output; the
-        last block's output is normalised first, as the head sees it."""
+    def features(
+        self, x: torch.Tensor, layers: Sequence[int], grids: Sequence[int] = (0,)
+    ) -> list[torch.Tensor]:
+        """Pooled representations of the given blocks, as linear probes read them, for each
+        block each pooling in `grids` in turn: 0 the model's own ([class] token or average over
+        tokens, (B, D)); k > 0 the block's spatial map averaged over a k x k grid, (B, D k^2) (the
+        protocol of linear probes on convolutional features, Zhang et al. 2016, Goyal et al.
+        2019, which keeps where in the image a feature fired). The last block's output is
+        normalised first, as the head sees it."""
         wanted = self.resolve_layers(layers)
         states = self.forward_features(x, layers=wanted)
-        last = self.depth - 1
-        return [
-            self.pool(self.norm(s) if i == last else s) for i, s in zip(wanted, states, strict=True)
-        ]
+        last, out = self.depth - 1, []
+        for i, s in zip(wanted, states, strict=True):
+            s = self.norm(s) if i == last else s
+            for k in grids:
+                out.append(self.pool(s) if k == 0 else adaptive_avg_pool2d(self.spatial(s), k))
+        return out
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits (B, num_classes) from the pooled final tokens."""
@@ -319,6 +330,13 @@ class Backbone(nn.Module):
             maps.append(block.attn.weights(block.norm1(h)))
             h = block(h)
         return maps
+
+
+def adaptive_avg_pool2d(maps: torch.Tensor, k: int) -> torch.Tensor:
+    """Maps (B, C, h, w) -> their averages over a k x k grid, (B, C k^2), channel-major."""
+    if min(maps.shape[-2:]) < k:
+        raise ValueError(f"a {k}x{k} grid needs a map of at least that size; got {maps.shape[-2:]}")
+    return torch.nn.functional.adaptive_avg_pool2d(maps.float(), k).flatten(1)
 
 
 def class_head(width: int, num_classes: int, bias: float = 0.0) -> nn.Module:

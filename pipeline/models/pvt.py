@@ -14,6 +14,7 @@ code names are kept inside a block (`attn.q`, `attn.kv`, `attn.sr`, `attn.norm`)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -250,6 +251,14 @@ class PyramidVisionTransformer(Backbone):
         if tokens.shape[1] == self.cfg.final_side**2 + 1 and tokens.shape[2] == self.width:
             return tokens[:, 0]
         return tokens.mean(dim=1)
+
+    def spatial(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A stage's tokens (B, h*w, C) (the last stage's after its [class] token) -> (B, C, h, w)."""
+        n = tokens.shape[1]
+        side = math.isqrt(n)
+        if side * side != n:  # the last stage: a [class] token first
+            tokens, side = tokens[:, 1:], math.isqrt(n - 1)
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
 
 
 def resample_stage_pos_embeds(

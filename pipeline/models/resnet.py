@@ -394,6 +394,9 @@ class ResNet(Backbone):
         """Feature maps (B, C, H, W) -> their spatial average (B, C)."""
         return maps.mean(dim=(2, 3))
 
+    def spatial(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps
+
     def set_batchnorm_sync(self, sync: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
         """Train with the statistics of every rank's batch: `sync` sums a tensor over ranks,
         differentiably (None: each rank its own)."""

@@ -321,3 +321,7 @@ class SwinTransformer(Backbone):
     def pool(self, maps: torch.Tensor) -> torch.Tensor:
         """Maps (B, H, W, D) -> their average (B, D)."""
         return maps.mean(dim=(1, 2))
+
+    def spatial(self, maps: torch.Tensor) -> torch.Tensor:
+        """Maps (B, H, W, D) -> (B, D, H, W)."""
+        return maps.permute(0, 3, 1, 2)

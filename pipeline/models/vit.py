@@ -15,6 +15,7 @@ image: `stem=(32, 64, 128)` puts three 3x3 stride-2 convolutions before the patc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -196,6 +197,12 @@ class VisionTransformer(Backbone):
         if self.cfg.pool == "cls":
             return tokens[:, 0] if not self.cfg.distilled else (tokens[:, 0] + tokens[:, 1]) / 2
         return self.fc_norm(tokens[:, self.cfg.prefix_tokens :].mean(dim=1))
+
+    def spatial(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, prefix + h*w, D) -> the patch tokens as a map (B, D, h, w)."""
+        patches = tokens[:, self.cfg.prefix_tokens :]
+        side = math.isqrt(patches.shape[1])
+        return patches.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.head_dist is None or pre_logits:

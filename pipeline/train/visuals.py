@@ -145,3 +145,32 @@ def curves_png(
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def sweep_png(sweeps: dict[str, dict], path, title: str = "") -> None:
+    """Linear probe accuracy against block depth (matplotlib, Agg): one panel per target, a
+    line per curve of `sweeps[target]["curves"]` ({label: [(block, value)]}), a dashed
+    horizontal line per raw-pixel baseline in `sweeps[target]["pixels"]` ({label: value})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(6.4 * len(sweeps), 4.0), squeeze=False)
+    for ax, (target, sweep) in zip(axes.flat, sorted(sweeps.items()), strict=True):
+        for label, points in sorted(sweep["curves"].items()):
+            blocks, values = zip(*sorted(points), strict=True)
+            ax.plot(blocks, [100 * v for v in values], marker="o", label=label)
+        for i, (label, value) in enumerate(sorted(sweep["pixels"].items())):
+            ax.axhline(100 * value, color="grey", linestyle=("--", ":", "-.")[i % 3], label=label)
+        ax.set_title(f"linear probe on {target}")
+        ax.set_xlabel("block")
+        ax.set_ylabel("top-1 or precision@1 (%)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
