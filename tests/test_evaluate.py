@@ -241,7 +241,7 @@ def test_a_final_report_chooses_the_block_and_pooling_on_val_and_reads_test_once
         f"raw pixels, {at_input}",
     }
     with Image.open(tmp_path / "run" / "layer_sweep.png") as picture:
-        assert picture.size == (640, 400)
+        assert picture.size == (840, 400)
     seen = tmp_path / "run" / "eval" / "features" / "pixels"
     (at_input,) = [np.load(f) for f in seen.glob("fmnist-test-8-*/pixels.npy")]
     assert at_input.shape == (100, 64) and len(np.unique(at_input)) <= 4  # 4 greys, 8x8

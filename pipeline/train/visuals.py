@@ -156,18 +156,25 @@ def sweep_png(sweeps: dict[str, dict], path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(6.4 * len(sweeps), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(8.4 * len(sweeps), 4.0), squeeze=False)
     for ax, (target, sweep) in zip(axes.flat, sorted(sweeps.items()), strict=True):
+        colours: dict[str, str] = {}  # one colour per pooling; untrained dashed, open markers
         for label, points in sorted(sweep["curves"].items()):
             blocks, values = zip(*sorted(points), strict=True)
-            ax.plot(blocks, [100 * v for v in values], marker="o", label=label)
+            untrained = "(untrained)" in label
+            key = label.replace(" (untrained)", "")
+            colour = colours.setdefault(key, f"C{len(colours)}")
+            ax.plot(
+                blocks, [100 * v for v in values], color=colour, marker="o", label=label,
+                linestyle="--" if untrained else "-", markerfacecolor="white" if untrained else colour,
+            )  # fmt: skip
         for i, (label, value) in enumerate(sorted(sweep["pixels"].items())):
-            ax.axhline(100 * value, color="grey", linestyle=("--", ":", "-.")[i % 3], label=label)
+            ax.axhline(100 * value, color="grey", linestyle=(":", "-.")[i % 2], label=label)
         ax.set_title(f"linear probe on {target}")
         ax.set_xlabel("block")
         ax.set_ylabel("top-1 or precision@1 (%)")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
