@@ -303,6 +303,7 @@ class EvalConfig:
     concat_layers: bool = False  # one more probe on all of them side by side (held in memory)
     # Poolings probed for each block: 0 the model's own ([class] token, average of tokens); k > 0
     # the block's map averaged over a k x k grid (D k^2 features). Choose among them on val.
+    # fewshot and knn read the first.
     grids: list[int] = field(default_factory=lambda: [0])
     shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])  # few-shot examples per class
     seeds: int = 3  # few-shot repetitions

@@ -147,15 +147,18 @@ def test_an_interrupted_feature_extraction_resumes_and_matches_one_that_was_not(
 # -- models and optimiser pieces -----------------------------------------------------------------
 
 
+def two_inputs(cfg) -> torch.Tensor:
+    """Two random inputs of a model: palette token ids for an ImageGPT, else images."""
+    if cfg.family == "igpt":
+        return torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
+    return torch.randn(2, cfg.channels, cfg.image_size, cfg.image_size)
+
+
 @pytest.mark.parametrize("name", ["vit-micro-p4", "igpt-micro"])
 def test_probe_features_of_the_last_block_are_what_the_head_sees(name):
     model = create_model(name).eval()
     cfg = model.cfg
-    x = (
-        torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
-        if cfg.family == "igpt"
-        else torch.randn(2, cfg.channels, cfg.image_size, cfg.image_size)
-    )
+    x = two_inputs(cfg)
     first, last = model.features(x, [0, -1])
     assert first.shape == last.shape == (2, cfg.width)
     pre_logits = model.forward_head(model.forward_features(x), pre_logits=True)
@@ -170,11 +173,7 @@ def test_grid_pooling_averages_each_blocks_map_over_a_k_by_k_grid(name):
     0 is the model's own pooling. Checked against the map's own cell averages for ImageGPT."""
     model = create_model(name).eval()
     cfg = model.cfg
-    x = (
-        torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
-        if cfg.family == "igpt"
-        else torch.randn(2, cfg.channels, cfg.image_size, cfg.image_size)
-    )
+    x = two_inputs(cfg)
     own, grid1, grid2 = model.features(x, [0], grids=[0, 1, 2])
     torch.testing.assert_close(own, model.features(x, [0])[0])
     assert grid2.shape == (2, 4 * grid1.shape[1])
@@ -187,6 +186,10 @@ def test_grid_pooling_averages_each_blocks_map_over_a_k_by_k_grid(name):
         top_right = pixels[:, :half, half:].mean(dim=(1, 2))  # cell (0, 1) of the 2x2 grid
         torch.testing.assert_close(grid2.reshape(2, -1, 4)[:, :, 1], top_right)
         torch.testing.assert_close(grid1, own.float())  # one cell: the average over pixels
+        with pytest.raises(
+            ValueError, match=r"eval.grids: a 17x17 grid .* block 0.s map has 16x16"
+        ):
+            model.features(x, [0], grids=[17])
 
 
 def test_a_final_report_chooses_the_block_and_pooling_on_val_and_reads_test_once(

@@ -202,11 +202,16 @@ def feature_name(layer: int, grid: int = 0) -> str:
     return f"layer{layer}" if grid == 0 else f"layer{layer}-grid{grid}"
 
 
+def feature_names(layers: list[int], grids: list[int]) -> list[str]:
+    """The arrays of `model_extractor(..., layers, ..., grids)`, in the order it returns them."""
+    return [feature_name(i, k) for i in layers for k in grids]
+
+
 def model_extractor(
     model: torch.nn.Module, layers: list[int], device: torch.device, grids: list[int] = (0,)
 ) -> Extractor:
     """Pooled features of each block in `layers` under each pooling in `grids`."""
-    names = [feature_name(i, k) for i in layers for k in grids]
+    names = feature_names(layers, grids)
 
     def fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if "tokens" in batch:

@@ -151,12 +151,14 @@ def layer_sweep(rows: list[Row]) -> dict[str, dict]:
     return {t: s for t, s in out.items() if any(len(c) > 1 for c in s["curves"].values())}
 
 
-def write_layer_sweep(run_url: str | Path, endpoint_url: str = "", title: str = "") -> str:
-    """layer_sweep.png in the run folder from its rows (see `layer_sweep`); "" if there is no
-    sweep to draw."""
+def write_layer_sweep(
+    rows: list[Row], run_url: str | Path, endpoint_url: str = "", title: str = ""
+) -> str:
+    """layer_sweep.png in the run folder from the run's rows (see `layer_sweep`); "" if there
+    is no sweep to draw."""
     import tempfile
 
-    sweeps = layer_sweep(read_rows(run_url, endpoint_url))
+    sweeps = layer_sweep(rows)
     if not sweeps:
         return ""
     from pipeline.train.visuals import sweep_png

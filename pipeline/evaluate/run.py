@@ -49,6 +49,7 @@ from pipeline.evaluate.features import (
     FeatureSet,
     extract,
     feature_name,
+    feature_names,
     model_extractor,
     palette_pixel_extractor,
     pixel_extractor,
@@ -229,11 +230,10 @@ class Context:
     def _split(self, split: str) -> FeatureSet:
         if split not in self._features:
             grids = self.run.eval.grids
-            names = [feature_name(i, k) for i in self.layers for k in grids]
             folder = self.cache / self.fingerprint / f"{self.target.name}-{split}"
             fn = model_extractor(self.model, self.layers, self.device, grids)
             self._features[split] = extract(
-                fn, names, self._stream(split), folder, self.fingerprint, self.log,
+                fn, feature_names(self.layers, grids), self._stream(split), folder, self.fingerprint, self.log,
                 self._limit(split), self.comm,
             )  # fmt: skip
         return self._features[split]
@@ -264,7 +264,7 @@ class Context:
         name = feature_name(layer, grid)
         return self._split(self.target.train_split)[name], self._split(self.target.test_split)[name]
 
-    @property
+    @functools.cached_property
     def input_pixels(self) -> str:
         """How the model sees pixels where that differs from the full-resolution baseline (an
         ImageGPT's palette colours at its own side), for a second baseline; "" otherwise."""
@@ -364,7 +364,9 @@ def linear_probe(ctx: Context) -> Iterator[Measurement]:
 
     def probe(on: Context, blocks: list[int], grid: int) -> tuple[dict, dict]:
         parts = [on.features(i, grid) for i in blocks]
-        train, test = (
+        if len(parts) == 1:  # memory-mapped, read in chunks by the probe
+            return on.probe(*parts[0])
+        train, test = (  # side by side: held in memory (eval.concat_layers)
             (np.concatenate([p[j][0] for p in parts], axis=1), parts[0][j][1]) for j in (0, 1)
         )
         return on.probe(train, test)
@@ -604,15 +606,15 @@ def _evaluate_target(ctx: Context) -> list[Row]:
                 raise EvalError(f"{name} on {target.url}: {e}") from None
             log(f"  ({name}: {time.perf_counter() - started:.0f}s)")
     finally:  # what finished is kept, even when a later evaluator fails
-        append_rows(run.train.output, rows, run.data.endpoint_url)
-        picture = write_layer_sweep(run.train.output, run.data.endpoint_url, title=run.name)
-        if picture:
-            log(f"  linear probe against depth: {picture}")
+        everything = append_rows(run.train.output, rows, run.data.endpoint_url)
         if writer:
             writer.close()
             if runs.is_remote(run.train.output):
                 board = runs.local_dir(run.train.output) / "tensorboard" / "eval"
                 runs.push_files(run.train.output, board, run.data.endpoint_url)
+    picture = write_layer_sweep(everything, run.train.output, run.data.endpoint_url, run.name)
+    if picture:
+        log(f"  linear probe against depth: {picture}")
     _prune_features(ctx)
     return rows
 

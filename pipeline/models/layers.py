@@ -304,7 +304,7 @@ class Backbone(nn.Module):
         for i, s in zip(wanted, states, strict=True):
             s = self.norm(s) if i == last else s
             for k in grids:
-                out.append(self.pool(s) if k == 0 else adaptive_avg_pool2d(self.spatial(s), k))
+                out.append(self.pool(s) if k == 0 else grid_pool(self.spatial(s), k, i))
         return out
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
@@ -332,10 +332,15 @@ class Backbone(nn.Module):
         return maps
 
 
-def adaptive_avg_pool2d(maps: torch.Tensor, k: int) -> torch.Tensor:
-    """Maps (B, C, h, w) -> their averages over a k x k grid, (B, C k^2), channel-major."""
-    if min(maps.shape[-2:]) < k:
-        raise ValueError(f"a {k}x{k} grid needs a map of at least that size; got {maps.shape[-2:]}")
+def grid_pool(maps: torch.Tensor, k: int, block: int) -> torch.Tensor:
+    """Maps (B, C, h, w) of `block` -> their averages over a k x k grid, (B, C k^2),
+    channel-major."""
+    h, w = maps.shape[-2:]
+    if min(h, w) < k:
+        raise ValueError(
+            f"eval.grids: a {k}x{k} grid needs at least {k}x{k} positions, and block {block}'s "
+            f"map has {h}x{w}"
+        )
     return torch.nn.functional.adaptive_avg_pool2d(maps.float(), k).flatten(1)
 
 
