@@ -41,10 +41,12 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# DeepSpeed compiles its ops on first use: once here, not inside a timed test.
+# DeepSpeed compiles its ops on first use: once here, not inside a timed test. Two pytest workers:
+# most tests leave a core idle (process start-up, waits on a peer rank); `ray`-marked tests share one.
+TEST_WORKERS ?= 2
 test: lint
 	$(BIN)/tessera build-ops
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 # The whole pipeline on Fashion-MNIST and digits, under 15 minutes on 2 cores (launch/quickstart.sh).
 quickstart:

@@ -20,6 +20,15 @@ TESSERA = str(BIN / "tessera")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+def pytest_collection_modifyitems(items):
+    """`make test` runs two pytest workers (pytest-xdist, --dist loadgroup). Tests marked `ray` go
+    to one worker, one after another: `ray stop` ends every Ray instance of the machine's user,
+    and some read Ray's shared session folder or look for its workers by name."""
+    for item in items:
+        if item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 def write_idx(path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
         int(d).to_bytes(4, "big") for d in array.shape

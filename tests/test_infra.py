@@ -17,6 +17,8 @@ import yaml
 from conftest import BIN, free_port
 from ports import exposed, listening, marked, process_tree, sockets_of
 
+pytestmark = pytest.mark.ray
+
 INFRA = Path(__file__).parent.parent / "infra"
 
 

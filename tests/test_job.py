@@ -25,6 +25,8 @@ from pipeline.data.shards import DatasetError
 from pipeline.errors import ConfigError
 from pipeline.orchestrate.job import absolute_paths
 
+pytestmark = pytest.mark.ray
+
 ROOT = Path(__file__).parent.parent
 TIMEOUT = 600
 # Keys a user might hold in their shell; they must reach S3 and nothing else.

@@ -33,6 +33,8 @@ import yaml
 from conftest import BIN, free_port
 from test_train import losses, wait
 
+pytestmark = pytest.mark.ray
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES, BATCH, STEPS, CORRUPT = 160, 16, 40, {"d-017", "d-090", "d-133"}  # 10 steps an epoch
 TIMEOUT = 600

@@ -189,6 +189,7 @@ def test_resuming_with_another_plan_is_refused(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_prepare_with_ray_tasks_matches_in_process(tmp_path):
     digits = open_source("digits")
     local = prepare(

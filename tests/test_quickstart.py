@@ -19,6 +19,8 @@ from test_train import finish
 from pipeline import runs
 from pipeline.evaluate.results import read_rows
 
+pytestmark = pytest.mark.ray
+
 # The same configs, smaller: what changes is the amount of work, not the code path.
 SHRINK = [
     "train.steps=100", "train.global_batch_size=32", "optim.warmup_steps=10", "checkpoint.every_steps=10",

@@ -532,6 +532,7 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert alive == []
 
 
+@pytest.mark.ray
 def test_ray_data_ingestion_reports_skipped_samples_and_enforces_the_budget(damaged_dataset):
     """Ray Data's decode tasks used to print what they skipped and nothing else: no count in
     the logs, no budget. The shard's first row now carries them to the trainer's input."""
