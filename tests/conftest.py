@@ -18,8 +18,13 @@ BIN = Path(sys.executable).parent
 # on PATH: `make test` calls .venv/bin/python directly).
 TESSERA = str(BIN / "tessera")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# A pytest worker of `make test` (pytest-xdist) has a core of its own: its tests and the ranks
+# they start compute on one thread each, instead of every process spinning up a thread per core.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
     """`make test` runs two pytest workers (pytest-xdist, --dist loadgroup). Tests marked `ray` go
     to one worker, one after another: `ray stop` ends every Ray instance of the machine's user,

@@ -140,6 +140,31 @@ def test_the_finetune_stage_measures_before_and_after_on_val_and_reads_test_once
         check_classes(asked)  # before any training
 
 
+def test_a_ray_cluster_without_room_beside_the_ranks_evaluates_checkpoints_after_training(
+    digits_url, monkeypatch
+):
+    """A checkpoint's task queued behind the ranks' resources would wait for the end of training
+    anyway, holding what a restarted rank needs: the watcher says so and waits for the end."""
+    import ray
+
+    from pipeline.orchestrate.job import CheckpointWatcher
+
+    def config(**job):
+        return parse_config({"model": {"name": "vit-micro-p4", "image_size": 16, "channels": 1},
+                             "data": {"url": digits_url}, "job": {"workers": 2, **job},
+                             "eval": {"evaluators": ["linear_probe"]}}, "a.yaml")  # fmt: skip
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    watcher = CheckpointWatcher(config(), "ray")
+    assert watcher.after == (
+        "the cluster has 2 CPUs and 0 GPUs; the ranks and the watcher need 3 and 0"
+    )
+    assert watcher.thread is None and watcher.proc is None  # nothing submitted yet
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 2.0})
+    watcher = CheckpointWatcher(config(gpus_per_worker=1, eval_cpus=0.5), "ray")  # no GPU left
+    assert watcher.after.endswith("the ranks and the watcher need 2.5 and 3")
+
+
 # -- local executor -------------------------------------------------------------------------
 
 
@@ -245,15 +270,21 @@ def test_ray_job_runs_every_stage_on_s3_data_and_no_key_leaks(ray_cluster, tmp_p
         client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]},
     )  # fmt: skip
     s3.mkdir(bucket)
-    config = job_config(tmp_path, f"s3://{bucket}/digits", job={"eval_every_checkpoint": True})
+    # Half a CPU per rank leaves one for the checkpoints' evaluations beside training.
+    config = job_config(tmp_path, f"s3://{bucket}/digits", job={
+        "eval_every_checkpoint": True, "cpus_per_worker": 0.5, "eval_cpus": 1})  # fmt: skip
     out = wait(submit(env, config, tmp_path))
     assert "succeeded" in out, out[-5000:]
     notes = stage_notes(out)
-    # Two CPUs, both the ranks': a watcher task would hold one while the ranks waited for it,
-    # so the checkpoints that are left are evaluated after training, and the note says why.
-    assert re.search(r"checkpoints of steps (\d+, )*12 evaluated after training \(the cluster "
-                     r"has 2 CPUs and 0 GPUs; the ranks and the watcher need 3 and 0\)",
-                     notes["pretrain"]), notes  # fmt: skip
+    # Each checkpoint a Ray task of its own, scored on val (S3's images) while the ranks trained
+    # on (keep_last 2 may prune step 4's before its turn); the final one always.
+    watched = re.search(r"checkpoints of steps ((\d+, )*12) evaluated while training$",
+                        notes["pretrain"])  # fmt: skip
+    assert watched, notes
+    tasks = re.findall(r"\(_evaluate_checkpoint pid=\d+[^)]*\)\S* evaluating \S+/step-\d+ "
+                       r"\(vit-micro-p4, step (\d+)\) on s3://", out)  # fmt: skip
+    seen = [line for line in out.splitlines() if "_evaluate_checkpoint" in line]
+    assert ", ".join(tasks) == watched.group(1), seen[:10] or out[-5000:]
     assert notes["prepare"] == f"s3://{bucket}/digits written (train 1438, val 359)"
     assert notes["finetune"] == f"done: {tmp_path}/run/finetune"
     assert "(ray, 2 workers)" in out

@@ -672,16 +672,42 @@ def _prune_features(ctx: Context) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def watch(run: RunConfig, poll: float = 10.0, idle_timeout: float = 3600.0, log=print) -> list[Row]:
-    """Evaluate each new complete checkpoint of the run as it appears, oldest first, in this
-    process (training is not blocked: it only writes checkpoints). The run may be on a
-    filesystem or in object storage: a remote checkpoint is downloaded into a folder of the
-    watcher's own and removed once evaluated (the trainer's local copies are left alone).
-    Returns once the final step has been evaluated, or after `idle_timeout` seconds without a
-    new checkpoint."""
+def evaluate_checkpoint(
+    run: RunConfig, name: str, log=print
+) -> tuple[list[Row], dict[str, Any] | None]:
+    """Evaluate the run's complete checkpoint `name` (a watcher's report: on val); returns its
+    rows and its training state, or no state when keep_last pruning removed it while it was being
+    read. The run may be on a filesystem or in object storage: a remote checkpoint is downloaded
+    into a folder of the evaluator's own and removed once evaluated (the trainer's local copies
+    are left alone). Every rank's optimizer states come with it: they hold the fp32 weights."""
     url, endpoint = run.train.output, run.data.endpoint_url
     remote = runs.is_remote(url)
     staging = runs.local_dir(url) / "watch"
+    try:
+        ckpt = runs.pull_checkpoint(url, name, endpoint, into=staging if remote else None)
+        state = checkpoint.read_state(ckpt)
+        return evaluate(run, str(ckpt), log), state
+    except (FileNotFoundError, OSError, RuntimeError) as e:
+        if name in runs.complete_checkpoints(url, endpoint):
+            raise
+        log(f"{name} was removed while being read (keep_last pruning); skipped: {e}")
+        return [], None
+    finally:
+        if remote:
+            shutil.rmtree(staging / name, ignore_errors=True)
+
+
+def is_final(state: dict[str, Any] | None) -> bool:
+    """Whether a checkpoint's training state is its run's last step."""
+    return state is not None and state["step"] >= state["config"]["train"]["steps"]
+
+
+def watch(run: RunConfig, poll: float = 10.0, idle_timeout: float = 3600.0, log=print) -> list[Row]:
+    """Evaluate each new complete checkpoint of the run as it appears, oldest first, in this
+    process (training is not blocked: it only writes checkpoints), by evaluate_checkpoint.
+    Returns once the final step has been evaluated, or after `idle_timeout` seconds without a
+    new checkpoint."""
+    url, endpoint = run.train.output, run.data.endpoint_url
     done = {basename(r.source) for r in read_rows(url, endpoint)}  # step-NNNNNNN
     rows: list[Row] = []
     last_new = time.monotonic()
@@ -690,21 +716,11 @@ def watch(run: RunConfig, poll: float = 10.0, idle_timeout: float = 3600.0, log=
         for name in runs.complete_checkpoints(url, endpoint):
             if name in done:
                 continue
-            try:
-                ckpt = runs.pull_checkpoint(url, name, endpoint, into=staging if remote else None)
-                state = checkpoint.read_state(ckpt)
-                rows += evaluate(run, str(ckpt), log)
-            except (FileNotFoundError, OSError, RuntimeError) as e:
-                if name in runs.complete_checkpoints(url, endpoint):
-                    raise
-                log(f"{name} was removed while being read (keep_last pruning); skipped: {e}")
-                continue
-            finally:
-                done.add(name)
-                if remote:
-                    shutil.rmtree(staging / name, ignore_errors=True)
+            done.add(name)
+            new, state = evaluate_checkpoint(run, name, log)
+            rows += new
             last_new = time.monotonic()
-            if state["step"] >= state["config"]["train"]["steps"]:
+            if is_final(state):
                 log(f"evaluated the final checkpoint {name}; done watching")
                 return rows
         if time.monotonic() - last_new > idle_timeout:

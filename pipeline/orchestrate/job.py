@@ -345,33 +345,46 @@ def _watch_in_process(raw: dict[str, Any]) -> None:
     watch(parse_config(raw, source="job.eval_every_checkpoint"), WATCH_POLL_S, WATCH_IDLE_S)
 
 
+def _evaluate_checkpoint(raw: dict[str, Any], name: str) -> None:
+    """One checkpoint's evaluation (a Ray task)."""
+    from pipeline.evaluate.run import evaluate_checkpoint
+
+    evaluate_checkpoint(parse_config(raw, source="job.eval_every_checkpoint"), name)
+
+
 WATCH_POLL_S = 5.0  # how often the watcher lists the run's checkpoints
 WATCH_IDLE_S = 6 * 3600.0  # a watcher left without new checkpoints this long gives up
 
 
 class CheckpointWatcher:
-    """`job.eval_every_checkpoint`: `evaluate --watch` beside pretraining, as a local process or
-    a Ray task with job.eval_cpus, started only where the cluster has those beside the training
-    ranks' (else after training, `after` saying why). It reports on val; training never waits
-    for it."""
+    """`job.eval_every_checkpoint`: each complete checkpoint evaluated on val while pretraining
+    goes on; training never waits for it. On Ray, each checkpoint is a task of its own with
+    job.eval_cpus (retried on another node if its node dies), submitted one after another by a
+    thread of the job's driver, and only where the cluster has room beside the training ranks
+    (else the checkpoints left are evaluated after training, `after` saying why); elsewhere,
+    `evaluate --watch` in a process beside the ranks."""
 
     def __init__(self, run: RunConfig, executor: str) -> None:
         from pipeline.evaluate.run import resolve_targets
 
         raw = config_to_raw(run)
         self.raw = {**raw, "eval": {**raw["eval"], "final": False}}
+        self.run = parse_config(self.raw, source="job.eval_every_checkpoint")
         # A target without val stops the job now, not once training has ended.
-        resolve_targets(parse_config(self.raw, source="job.eval_every_checkpoint"))
-        self.ref = self.proc = self.task = None
+        resolve_targets(self.run)
+        self.proc = self.task = self.ref = self.thread = self.error = None
+        self.stopping = threading.Event()
         self.after = ""  # why the checkpoints are evaluated after training instead
         if executor == "ray":
             import ray
 
             job = run.job
             cpus, gpus = job.eval_cpus or job.cpus_per_worker, job.gpus_per_worker
-            self.task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_watch_in_process)
-            # A task waiting for checkpoints must not hold what the training ranks need: Ray
-            # would then wait for the ranks' resources while the task waits for their work.
+            self.task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=job.max_failures)(
+                _evaluate_checkpoint
+            )
+            # A task waiting for its resources must not hold what the training ranks need, nor
+            # wait for theirs: Ray would queue it behind the ranks until training ended.
             have = ray.cluster_resources()
             cpu_need = job.workers * job.cpus_per_worker + cpus
             gpu_need = job.workers * gpus + gpus
@@ -381,7 +394,10 @@ class CheckpointWatcher:
                     f"GPUs; the ranks and the watcher need {cpu_need:g} and {gpu_need:g}"
                 )
             else:
-                self.ref = self.task.remote(self.raw)
+                self.thread = threading.Thread(
+                    target=self._submit_each, name="tessera-eval-submit", daemon=True
+                )
+                self.thread.start()
         else:
             import multiprocessing
 
@@ -391,22 +407,55 @@ class CheckpointWatcher:
             )
             self.proc.start()
 
+    def _submit_each(self) -> None:
+        """A Ray task for each new complete checkpoint, oldest first, one at a time (their rows
+        and the feature cache are appended to and pruned by one evaluation at a time), until the
+        final step's is evaluated (or found evaluated)."""
+        import ray
+
+        from pipeline.evaluate.results import read_rows
+        from pipeline.train.checkpoint import tag
+
+        url, endpoint = self.run.train.output, self.run.data.endpoint_url
+        final = tag(self.run.train.steps)
+        try:
+            done = {basename(r.source) for r in read_rows(url, endpoint)}  # step-NNNNNNN
+            while final not in done and not self.stopping.is_set():
+                for name in runs.complete_checkpoints(url, endpoint):
+                    if name in done or self.stopping.is_set():
+                        continue
+                    done.add(name)
+                    self.ref = self.task.remote(self.raw, name)
+                    ray.get(self.ref)
+                    self.ref = None
+                self.stopping.wait(WATCH_POLL_S)
+        except BaseException as e:  # handed to wait(); stop() cancelling a task lands here too
+            self.error = e
+
     def wait(self) -> None:
         """After training: until the final checkpoint is evaluated."""
         if self.task is not None:
-            import ray
-
-            ray.get(self.ref if self.ref is not None else self.task.remote(self.raw))
+            if self.thread is None:  # no room while training: now, each checkpoint left
+                self._submit_each()
+            else:
+                self.thread.join()
+            if self.error is not None:
+                raise StageError(f"eval_every_checkpoint: {self.error}") from self.error
             return
         self.proc.join()
         if self.proc.exitcode != 0:
             raise StageError(f"eval_every_checkpoint: the watcher exited {self.proc.exitcode}")
 
     def stop(self) -> None:
-        if self.ref is not None:
+        self.stopping.set()
+        if self.task is not None:
             import ray
 
-            ray.cancel(self.ref, force=True)
+            ref = self.ref
+            if ref is not None:
+                ray.cancel(ref, force=True)
+            if self.thread is not None:
+                self.thread.join(30)
         elif self.proc is not None and self.proc.is_alive():
             self.proc.terminate()
             self.proc.join(30)
