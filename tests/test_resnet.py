@@ -132,7 +132,9 @@ def _sync_rank(rank, world, port, x, grad, queue):
     bn.sync = lambda t: comm.sum_differentiable(t, "BatchNorm's batch statistics")
     mine = x.chunk(world)[rank].clone().requires_grad_()
     (bn(mine) * grad.chunk(world)[rank]).sum().backward()
-    queue.put((rank, mine.grad, bn.weight.grad, bn.running_mean, bn.running_var))
+    # By value: a tensor sent as is is fetched from this process's listener, gone once it exits.
+    sent = (mine.grad, bn.weight.grad, bn.running_mean, bn.running_var)
+    queue.put((rank, *(t.detach().numpy() for t in sent)))
     dist.destroy_process_group()
 
 
@@ -148,7 +150,9 @@ def test_synchronised_batchnorm_on_two_ranks_equals_batchnorm_on_the_whole_batch
     procs = [ctx.Process(target=_sync_rank, args=(r, 2, port, x, grad, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    got = dict((r[0], r[1:]) for r in (queue.get(timeout=120) for _ in procs))
+    got = {
+        r[0]: [torch.from_numpy(a) for a in r[1:]] for r in (queue.get(timeout=120) for _ in procs)
+    }
     for p in procs:
         p.join(60)
     torch.manual_seed(0)
