@@ -105,6 +105,8 @@ def test_quickstart_interrupted_resumed_and_reused(quickstart):
     assert not dashboard_answers(env), "the quickstart left its Ray head running"
 
     # Again: prepare is reused, pretraining resumes at the checkpoint, everything else runs.
+    # On new ports: the kernel may have lent the old ones to another test's connections since.
+    env = {**env, "RAY_PORT": str(free_port()), "DASHBOARD_PORT": str(free_port())}
     out = finish(start(args, env))
     parts = by_config(out)
     notes = stage_notes(parts["quickstart-vit"])
