@@ -697,11 +697,6 @@ def evaluate_checkpoint(
             shutil.rmtree(staging / name, ignore_errors=True)
 
 
-def is_final(state: dict[str, Any] | None) -> bool:
-    """Whether a checkpoint's training state is its run's last step."""
-    return state is not None and state["step"] >= state["config"]["train"]["steps"]
-
-
 def watch(run: RunConfig, poll: float = 10.0, idle_timeout: float = 3600.0, log=print) -> list[Row]:
     """Evaluate each new complete checkpoint of the run as it appears, oldest first, in this
     process (training is not blocked: it only writes checkpoints), by evaluate_checkpoint.
@@ -720,7 +715,7 @@ def watch(run: RunConfig, poll: float = 10.0, idle_timeout: float = 3600.0, log=
             new, state = evaluate_checkpoint(run, name, log)
             rows += new
             last_new = time.monotonic()
-            if is_final(state):
+            if state is not None and state["step"] >= state["config"]["train"]["steps"]:
                 log(f"evaluated the final checkpoint {name}; done watching")
                 return rows
         if time.monotonic() - last_new > idle_timeout:
