@@ -293,6 +293,38 @@ def test_raw_pixels_stream_the_same_batches_as_their_pngs(fmnist_subset, tmp_pat
         np.testing.assert_array_equal(image[0].numpy(), full.arrays["test"][int(key)])
 
 
+def test_large_raw_pixels_stream_the_same_batches_as_their_pngs(tmp_path):
+    """Raw images above transforms.SMALL (here 120x100) are cropped and resized one at a time, as
+    a decoded crop is: batches (random crops of colour images, flips, grey, palette tokens) are
+    byte for byte those of the same images stored as PNG."""
+    from pipeline.data.palette import Palette
+    from pipeline.data.transforms import SMALL
+
+    rng = np.random.default_rng(5)
+    for c in ("cat", "dog"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(10):  # smooth noise: PNG keeps it exactly, and a resize has work to do
+            small = rng.integers(0, 256, (25, 30, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((120, 100)).save(tmp_path / "imgs" / c / f"{i}.png")
+    assert SMALL < 120 * 100
+    raw_opts = PrepareOptions(**{**LOCAL.__dict__, "pixels": "raw"})
+    raw = prepare(open_source(str(tmp_path / "imgs")), str(tmp_path / "raw"), raw_opts)
+    prepare(open_source(str(tmp_path / "imgs")), str(tmp_path / "png"), LOCAL)
+    assert (raw.image_size, raw.channels) == ([100, 120], 3)
+    for kwargs in (
+        dict(batch_size=8, image_size=48, channels=3, seed=3),  # crops up and down, flips
+        dict(batch_size=8, image_size=48, channels=1, seed=1),
+        dict(batch_size=8, image_size=32, channels=3, train=False),
+        dict(batch_size=8, image_size=16, channels=1, palette=Palette.grey(8)),
+    ):
+        a = list(Stream(StreamConfig(str(tmp_path / "png"), **kwargs)).iter_epoch())
+        b = list(Stream(StreamConfig(str(tmp_path / "raw"), **kwargs)).iter_epoch())
+        assert len(a) == len(b) > 0
+        name = "tokens" if "palette" in kwargs else "image"
+        for x, y in zip(a, b, strict=True):
+            assert x["key"] == y["key"] and torch.equal(x[name], y[name])
+
+
 def test_raw_pixels_of_a_folder_take_its_size_and_refuse_mixed_sizes(tmp_path):
     make_folder(tmp_path / "imgs")  # 12x12 RGB, and one corrupt file
     raw = PrepareOptions(**{**LOCAL.__dict__, "pixels": "raw"})

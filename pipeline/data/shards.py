@@ -111,15 +111,18 @@ def _check_header(header: bytes, at: int) -> None:
         raise TarFormatError(f"bad tar header checksum at byte {at}")
 
 
-def iter_tar(data: bytes, base: int = 0) -> Iterator[tuple[str, bytes]]:
-    """Regular-file members (name, bytes) of a run of tar bytes that starts at a header.
+def iter_tar(
+    data: bytes, base: int = 0, begin: int = 0, stop: int | None = None
+) -> Iterator[tuple[str, bytes]]:
+    """Regular-file members (name, bytes) of a run of tar bytes, data[begin:stop], that starts
+    at a header (taken in place: a member's bytes are the one copy made).
 
     Handles ustar prefixes, GNU long names and pax path records. Stops at the end-of-archive
-    block or the end of `data`; raises TarFormatError if a member is cut short (a truncated
-    shard) or a header is corrupt. `base` is data's offset in its file, for messages.
+    block or at `stop`; raises TarFormatError if a member is cut short (a truncated shard) or a
+    header is corrupt. `base` is data's offset in its file, for messages.
     """
-    pos, long_name = 0, None
-    while pos + BLOCK <= len(data):
+    pos, long_name, stop = begin, None, len(data) if stop is None else min(stop, len(data))
+    while pos + BLOCK <= stop:
         header = data[pos : pos + BLOCK]
         if header.count(0) == BLOCK:
             return
@@ -127,7 +130,7 @@ def iter_tar(data: bytes, base: int = 0) -> Iterator[tuple[str, bytes]]:
         size = _octal(header[124:136], base + pos)
         kind = header[156:157]
         start, end = pos + BLOCK, pos + BLOCK + size
-        if end > len(data):
+        if end > stop:
             raise TarFormatError(f"member at byte {base + pos} ends past the data (truncated)")
         body = data[start:end]
         if kind == b"L":
@@ -145,7 +148,7 @@ def iter_tar(data: bytes, base: int = 0) -> Iterator[tuple[str, bytes]]:
                 yield (long_name or name), body
             long_name = None
         pos = start + -(-size // BLOCK) * BLOCK
-    if pos < len(data):
+    if pos < stop:
         raise TarFormatError(f"data ends inside a tar header at byte {base + pos} (truncated)")
 
 
@@ -355,7 +358,7 @@ def read_samples(
             yield i, None, None, "truncated shard"
             continue
         try:
-            grouped = list(group_samples(iter_tar(data[a:b], base=start + a)))
+            grouped = list(group_samples(iter_tar(data, start, a, b)))
         except (TarFormatError, UnicodeDecodeError) as e:
             yield i, None, None, f"bad tar data: {e}"
             continue

@@ -65,7 +65,7 @@ from pipeline.data.shards import (
     read_index,
     read_samples,
 )
-from pipeline.data.transforms import ImageTransform, empty
+from pipeline.data.transforms import SMALL, ImageTransform, empty
 from pipeline.errors import StorageUnavailable
 from pipeline.storage import filesystem, join, with_retries
 
@@ -476,10 +476,12 @@ class _ReaderDataset(IterableDataset):
                     if not isinstance(image, np.ndarray):  # a small image comes decoded
                         pixels = self.transform.small(image)
                         image = image if pixels is None else pixels
-                    if isinstance(image, np.ndarray):
-                        raw.append((len(keys), image, rng))
-                    else:
+                    if not isinstance(image, np.ndarray):
                         self.transform.crop_into(image, rng, out[len(keys)])
+                    elif image.shape[0] * image.shape[1] <= SMALL:
+                        raw.append((len(keys), image, rng))
+                    else:  # large raw pixels: cropped where they lie, not stacked with others
+                        self.transform.raw_into(image[None], [rng], out[len(keys)][None])
                     labels.append(lab)
                     keys.append(key)
                     index.append(int(g))

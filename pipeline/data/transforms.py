@@ -8,11 +8,13 @@ reduced DCT scale when the crop is at least twice the output size. Resizing uses
 vectorised uint8 antialiased bilinear kernel (profiling showed PIL's resize costing more than
 the JPEG decode). Both decoders give the same pixels (tests/test_transforms.py).
 
-Raw pixels (`tessera prepare --pixels raw`, for small images of one size) skip the decoder, and
-a batch of them is cropped, resized and flipped together (`raw_into`): the same antialiased
+Raw pixels (`tessera prepare --pixels raw`, for images of one size) skip the decoder. A batch
+of small ones is cropped, resized and flipped together (`raw_into`): the same antialiased
 bilinear filter, written as two per-sample weight matrices and applied with two batched matrix
 products. Per sample, a 28 px image spent 25 us in one call of the resize kernel and 40 us in
-PIL; a whole batch of 256 now takes about as long as one such call.
+PIL; a whole batch of 256 now takes about as long as one such call. Larger raw images (a 256 px
+image is 192 KB against its JPEG's tens) are cropped and resized one at a time, as decoded crops
+are: for storage that holds them, the decode is gone.
 
 Randomness comes from a `random.Random` seeded per sample by the stream from (seed, epoch,
 sample), so an augmentation does not depend on which rank or worker reads the sample.
@@ -241,10 +243,18 @@ class ImageTransform:
     ) -> torch.Tensor:
         """Raw pixels (n, h, w, C) uint8 -> `out` (n rows of `batch(...)`), all at once: each
         sample's crop box and flip drawn from its own rng as `into` draws them, then one
-        resize of the whole batch. Returns `out`."""
+        resize of the whole batch. Images above SMALL pixels are cropped and resized one at a
+        time by torch's kernel, as decoded crops are (as matrices, a 256 px image's resize
+        would take 165 MFLOP). Returns `out`."""
         n, h, w, c = images.shape
         if c != self.channels:
             images = grey(images) if self.channels == 1 else np.repeat(images, 3, axis=-1)
+        if h * w > SMALL:
+            for image, rng, row in zip(images, rngs, out, strict=True):
+                left, top, right, bottom = self.crop_box(w, h, rng)
+                crop = image[top:bottom, left:right]  # a view; torch reads its strides
+                self._resize_into(crop if crop.flags.writeable else crop.copy(), rng, row)
+            return out
         boxes = np.array([self.crop_box(w, h, rng) for rng in rngs], dtype=np.float64)
         flips = np.array([self.augment and self.hflip and rng.random() < 0.5 for rng in rngs])
         rows = torch.from_numpy(
@@ -283,6 +293,10 @@ class ImageTransform:
         if crop is None:  # PIL decides whether the image is readable; a box drawn is kept
             mode = "L" if self.channels == 1 else "RGB"
             crop = _decode_pil(data, mode, lambda w, h: box or self.crop_box(w, h, rng), self.size)
+        return self._resize_into(crop, rng, out)
+
+    def _resize_into(self, crop: np.ndarray, rng: random.Random, out: torch.Tensor) -> torch.Tensor:
+        """A crop's pixels (h, w, C) -> `out`: resized, flipped, finished (or made tokens)."""
         x = torch.from_numpy(crop).permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w)
         if self.palette is None:
             pixels = out.unsqueeze(0)
