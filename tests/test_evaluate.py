@@ -650,26 +650,59 @@ def test_watch_evaluates_checkpoints_of_an_s3_run_as_training_writes_them(
 
 
 @pytest.mark.slow
-def test_two_ranks_extract_features_together_as_one_process_does(pretrained, tmp_path):
+def test_two_ranks_extract_features_together_as_one_process_does_and_resume_after_kills(
+    pretrained, tmp_path
+):
     """`tessera evaluate` under the deepspeed launcher: each rank extracts its share of the
     stream, rank 0 gathers and writes each image's features at its place, fits and reports;
-    the features and the table's numbers are those of one process."""
+    the features and the table's numbers are those of one process. Untidy: rank 1 killed in
+    the middle of an extraction, then rank 0 while it records the progress; the next launch
+    resumes, and every feature array is byte for byte the uninterrupted one."""
+    import random
+
+    from test_train import ranks_with_a_kill
+
+    from pipeline.evaluate import features
+
     config, _, export = pretrained
     rows, arrays = {}, {}
-    for ranks in (1, 2):
-        out = tmp_path / f"ranks{ranks}"
+
+    def args(out):
         sets = [f"train.output={out}", "eval.evaluators=[linear_probe, knn]", "eval.layers=[1]",
                 "eval.batch_size=96"]  # fmt: skip
-        args = ["--model", export, *[a for x in sets for a in ("--set", x)]]
-        log = finish(pretrain(config, *args, ranks=ranks, command="evaluate"))
+        return ["--model", export, *[a for x in sets for a in ("--set", x)]]
+
+    def read(name, out):
+        rows[name] = {(r.evaluator, r.metric): r.value for r in read_rows(out)}
+        arrays[name] = {p.relative_to(out): np.load(p) for p in sorted(out.rglob("*.npy"))}
+
+    for ranks in (1, 2):
+        out = tmp_path / f"ranks{ranks}"
+        log = finish(pretrain(config, *args(out), ranks=ranks, command="evaluate"))
         assert log.count("linear_probe layer 1 top1") == 1, log[-3000:]  # rank 0 reports
-        rows[ranks] = {(r.evaluator, r.metric): r.value for r in read_rows(out)}
-        arrays[ranks] = {p.relative_to(out): np.load(p) for p in sorted(out.rglob("*.npy"))}
+        read(ranks, out)
     assert set(rows[2]) == {("linear_probe", "top1"), ("knn", "top1"), ("pixels", "top1")}
     assert rows[2] == rows[1]
     assert arrays[2].keys() == arrays[1].keys() and len(arrays[1]) >= 4  # layer1 and labels
     for name, a in arrays[1].items():
         np.testing.assert_array_equal(arrays[2][name], a, err_msg=str(name))
+
+    out, rng = tmp_path / "killed", random.Random(20261207)
+    for point, rank, nth in (("extract", 1, rng.randint(3, 6)), ("commit", 0, rng.randint(2, 4))):
+        proc, log = ranks_with_a_kill(config, point, rank, nth, *args(out))
+        print(f"kill {point} rank {rank} #{nth}:", *re.findall(r"KILL .*|.*resuming at.*", log))
+        assert proc.returncode != 0 and f"KILL {point} rank {rank}" in log, log[-3000:]
+        assert "linear_probe layer 1 top1" not in log
+        if point == "commit":  # the record of the kill before was resumed from
+            assert re.search(r"features \w+: resuming at [1-9]\d*/", log), log[-3000:]
+    log = finish(pretrain(config, *args(out), ranks=2, command="evaluate"))
+    assert "resuming at" in log, log[-3000:]
+    read("killed", out)
+    assert rows["killed"] == rows[1]
+    assert arrays["killed"].keys() == arrays[1].keys()  # no progress array left behind
+    assert not list(out.rglob(features.PROGRESS)) and not list(out.rglob(f".{features.PROGRESS}*"))
+    for name, a in arrays[1].items():
+        assert arrays["killed"][name].tobytes() == a.tobytes(), name
 
 
 @pytest.mark.slow

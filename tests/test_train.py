@@ -689,10 +689,11 @@ def test_a_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_pat
     assert checkpoint.is_complete(root / "step-0000008")  # rewritten, complete this time
 
 
-def _ranks_with_a_kill(config, point, rank, nth):
+def ranks_with_a_kill(config, point, rank, nth, *args):
+    """tests/kill_one_rank.py on 2 ranks: (the process, its output)."""
     launcher = [BIN / "deepspeed", "--num_gpus", 2, "--no_local_rank", "--master_port", _port()]
     script = Path(__file__).with_name("kill_one_rank.py")
-    proc = launch([*launcher, script, config, point, rank, nth])
+    proc = launch([*launcher, script, config, point, rank, nth, *args])
     return proc, wait(proc)
 
 
@@ -719,7 +720,7 @@ def test_three_untidy_kills_of_one_rank_resume_to_the_uninterrupted_weights_byte
     kills = [("step", 1, rng.randint(4, 8)), ("shards", rng.randint(0, 1), 1), ("marker", 0, 2)]
     ckpts = tmp_path / "killed" / "run" / "checkpoints"
     for point, rank, nth in kills:
-        proc, out = _ranks_with_a_kill(config, point, rank, nth)
+        proc, out = ranks_with_a_kill(config, point, rank, nth)
         print(f"kill {point} rank {rank} #{nth}:", *re.findall(r"KILL .*", out))  # the log
         assert proc.returncode != 0 and f"KILL {point} rank {rank}" in out, out[-3000:]
         if point == "step":  # what had completed behind training before the kill

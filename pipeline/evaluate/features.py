@@ -184,8 +184,8 @@ def extract(
     meta = {"fingerprint": fingerprint, "names": names, "samples": int(written.sum()),
             "skipped": total - int(written.sum()), "limit": limit}  # fmt: skip
     (folder / META).write_text(json.dumps(meta))
-    (folder / PROGRESS).unlink(missing_ok=True)
-    (folder / "written.npy").unlink(missing_ok=True)
+    for name in (PROGRESS, f".{PROGRESS}.tmp", "written.npy"):  # the tmp: a kill mid-record
+        (folder / name).unlink(missing_ok=True)
     return _load(folder, names, fingerprint, limit)
 
 
