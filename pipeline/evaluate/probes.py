@@ -112,15 +112,34 @@ def accuracy(data: Design, w: torch.Tensor, b: torch.Tensor) -> float:
     return correct / max(data.n, 1)
 
 
-def _fit_on_holdout(
-    train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], classes: int,
-    holdout: float, seed: int, grid: tuple[float, ...], score,
-) -> tuple[Design, tuple[torch.Tensor, torch.Tensor], float, float]:  # fmt: skip
+@dataclass
+class LinearProbe:
+    """A fitted linear probe: train's standardisation, the weights, the L2 strength chosen on
+    train's holdout (and its score there); scores any number of test sets."""
+
+    scale: Standardizer
+    w: torch.Tensor
+    b: torch.Tensor
+    multi_label: bool
+    info: dict
+
+    def score(self, test: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+        """{"top1"}, or (multi-label) {"precision_at_1", "mAP"}, on (x, y) of another split."""
+        x, y = test
+        data = Design(x, y, np.arange(len(y)), self.scale)
+        if self.multi_label:
+            return ranking_metrics(data, self.w, self.b)
+        return {"top1": accuracy(data, self.w, self.b)}
+
+
+def fit_probe(
+    train: tuple[np.ndarray, np.ndarray], classes: int, multi_label: bool = False,
+    holdout: float = 0.1, seed: int = 0, grid: tuple[float, ...] = LOGISTIC_L2,
+) -> LinearProbe:  # fmt: skip
     """Fit on train less `holdout` for each L2 strength in `grid` (warm starts), keep the one
-    `score` (a Design and weights -> higher is better) ranks best on the held-out part, refit it
-    on all of train. (the test rows, standardised as train; the weights; the L2 kept; its
-    holdout score)."""
-    (xtr, ytr), (xte, yte) = train, test
+    ranked best on the held-out part (top-1, or mAP for multi-hot labels), refit it on all of
+    train."""
+    (xtr, ytr), metric = train, ("mAP" if multi_label else "top1")
     scale = Standardizer.fit(xtr)
     perm = np.random.default_rng(seed).permutation(len(ytr))
     n_hold = max(1, int(holdout * len(ytr)))
@@ -128,10 +147,11 @@ def _fit_on_holdout(
     scores, params = {}, None
     for l2 in grid:
         params = fit_logistic(fit, classes, l2, init=params)
-        scores[l2] = score(held, *params)
+        w, b = params
+        scores[l2] = ranking_metrics(held, w, b)["mAP"] if multi_label else accuracy(held, w, b)
     best = max(grid, key=lambda l2: (scores[l2], l2))  # ties: the stronger regulariser
-    weights = fit_logistic(Design(xtr, ytr, perm, scale), classes, best)
-    return Design(xte, yte, np.arange(len(yte)), scale), weights, best, scores[best]
+    w, b = fit_logistic(Design(xtr, ytr, perm, scale), classes, best)
+    return LinearProbe(scale, w, b, multi_label, {"l2": best, f"holdout_{metric}": scores[best]})
 
 
 def logistic_probe(
@@ -143,8 +163,8 @@ def logistic_probe(
     grid: tuple[float, ...] = LOGISTIC_L2,
 ) -> tuple[float, dict]:
     """Test top-1 of a logistic regression whose L2 strength was chosen on `holdout` of train."""
-    tests, weights, l2, held = _fit_on_holdout(train, test, classes, holdout, seed, grid, accuracy)
-    return accuracy(tests, *weights), {"l2": l2, "holdout_top1": held}
+    probe = fit_probe(train, classes, False, holdout, seed, grid)
+    return probe.score(test)["top1"], probe.info
 
 
 def ranking_metrics(data: Design, w: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -175,12 +195,8 @@ def multilabel_probe(
 ) -> tuple[dict[str, float], dict]:
     """Test precision@1 and mAP of per-class logistic regressions on multi-hot labels (N, K),
     the L2 strength chosen by mAP on `holdout` of train."""
-
-    def mean_ap(data: Design, w: torch.Tensor, b: torch.Tensor) -> float:
-        return ranking_metrics(data, w, b)["mAP"]
-
-    tests, weights, l2, held = _fit_on_holdout(train, test, classes, holdout, seed, grid, mean_ap)
-    return ranking_metrics(tests, *weights), {"l2": l2, "holdout_mAP": held}
+    probe = fit_probe(train, classes, True, holdout, seed, grid)
+    return probe.score(test), probe.info
 
 
 def _ridge(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -331,13 +331,16 @@ class Context:
 
         return self.baseline("linear_probe" + ("@input" if at_input else ""), metric, compute)
 
+    def fit_probe(self, train: tuple) -> probes.LinearProbe:
+        """This target's linear probe fitted on train: it scores {"top1"}, or (multi-label)
+        {"precision_at_1", "mAP"}."""
+        target = self.target
+        return probes.fit_probe(train, target.classes, target.multi_label, self.run.eval.holdout)
+
     def probe(self, train: tuple, test: tuple) -> tuple[dict[str, float], dict]:
-        """The linear probe of this target: {"top1"} or {"precision_at_1", "mAP"}, and its info."""
-        classes, holdout = self.target.classes, self.run.eval.holdout
-        if self.target.multi_label:
-            return probes.multilabel_probe(train, test, classes, holdout)
-        top1, info = probes.logistic_probe(train, test, classes, holdout)
-        return {"top1": top1}, info
+        """The linear probe fitted on train: its scores on test, and its info."""
+        fitted = self.fit_probe(train)
+        return fitted.score(test), fitted.info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,36 +365,37 @@ def linear_probe(ctx: Context) -> Iterator[Measurement]:
         joined = "+".join(map(str, ctx.layers))
         candidates += [(joined, ctx.layers, k) for k in cfg.grids]
 
-    def probe(on: Context, blocks: list[int], grid: int) -> tuple[dict, dict]:
-        parts = [on.features(i, grid) for i in blocks]
-        if len(parts) == 1:  # memory-mapped, read in chunks by the probe
-            return on.probe(*parts[0])
-        train, test = (  # side by side: held in memory (eval.concat_layers)
-            (np.concatenate([p[j][0] for p in parts], axis=1), parts[0][j][1]) for j in (0, 1)
+    def features(on: Context, blocks: list[int], grid: int, j: int) -> tuple:
+        """(x, y) of train (j=0) or the reported split (j=1): one block memory-mapped (read in
+        chunks by the probe), or several side by side in memory (eval.concat_layers)."""
+        parts = [on.features(i, grid)[j] for i in blocks]
+        return (
+            parts[0] if len(parts) == 1 else (np.concatenate([x for x, _ in parts], 1), parts[0][1])
         )
-        return on.probe(train, test)
 
     choose = ctx.target.choose_split
     if not choose or len(candidates) == 1:
         for name, blocks, grid in candidates:
-            scores, info = probe(ctx, blocks, grid)
+            scores, info = ctx.probe(features(ctx, blocks, grid, 0), features(ctx, blocks, grid, 1))
             for metric, value in scores.items():
                 label = layer_label(name, grid)
                 yield Measurement(
                     "linear_probe", label, metric, value, ctx.pixel_probe(metric), info
                 )
         return
-    on_val, best, chosen = ctx.on_split(choose), -1.0, candidates[0]
+    # Each candidate fitted once, on train, and scored on val; the chosen one's fit on test.
+    on_val, best, chosen, kept = ctx.on_split(choose), -1.0, candidates[0], None
     for name, blocks, grid in candidates:
-        scores, info = probe(on_val, blocks, grid)
+        fitted = ctx.fit_probe(features(on_val, blocks, grid, 0))
+        scores = fitted.score(features(on_val, blocks, grid, 1))
         for metric, value in scores.items():
             label, base = layer_label(name, grid), on_val.pixel_probe(metric)
-            yield Measurement("linear_probe", label, metric, value, base, info, split=choose)
+            yield Measurement("linear_probe", label, metric, value, base, fitted.info, split=choose)
         if scores[ctx.choice_metric] > best:
-            best, chosen = scores[ctx.choice_metric], (name, blocks, grid)
+            best, chosen, kept = scores[ctx.choice_metric], (name, blocks, grid), fitted
     name, blocks, grid = chosen
-    scores, info = probe(ctx, blocks, grid)
-    info = {**info, f"{choose}_{ctx.choice_metric}": best}
+    scores = kept.score(features(ctx, blocks, grid, 1))
+    info = {**kept.info, f"{choose}_{ctx.choice_metric}": best}
     for metric, value in scores.items():
         label = layer_label(name, grid)
         yield Measurement(
