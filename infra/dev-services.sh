@@ -7,7 +7,10 @@
 #   infra/dev-services.sh env      # the exports that point tessera and ray at them
 #   infra/dev-services.sh stop
 #
-# DEV_S3=0 starts the Ray head only. Ports: S3_PORT, RAY_PORT, DASHBOARD_PORT; RAY_CPUS.
+# DEV_S3=0 starts the Ray head only. Ports: S3_PORT, RAY_PORT, DASHBOARD_PORT, RAY_AGENT_PORT
+# (the job agent's, Ray's fixed 52365 unless set: an agent left behind by a crashed head holds
+# it, and every later head on the machine then answers "No available agent to submit job");
+# RAY_CPUS.
 #
 # The S3 credentials are moto's fixed test values, good for this endpoint only. Ray's token
 # authentication is on (RAY_AUTH_MODE=token): the dashboard and job API answer 401 without the
@@ -20,6 +23,7 @@ STATE=${TESSERA_DEV_STATE:-.dev-services}
 S3_PORT=${S3_PORT:-9000}
 RAY_PORT=${RAY_PORT:-6379}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
+RAY_AGENT_PORT=${RAY_AGENT_PORT:-52365}
 RAY_CPUS=${RAY_CPUS:-2}
 DEV_S3=${DEV_S3:-1}  # 0: start the Ray head only
 mkdir -p "$STATE"
@@ -138,6 +142,7 @@ case "${1:-}" in
     TESSERA_DEV_SERVICES="$MARK" RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
       PATH="$(cd "$BIN" && pwd):$PATH" "$BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
       --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --num-cpus "$RAY_CPUS" \
+      --dashboard-agent-listen-port "$RAY_AGENT_PORT" \
       --disable-usage-stats >"$STATE/ray.log" 2>&1 \
       || { echo "dev-services: ray start failed, see $STATE/ray.log" >&2; exit 1; }
     [ "$DEV_S3" = 0 ] || wait_http "http://127.0.0.1:$S3_PORT" 30

@@ -382,6 +382,9 @@ class JobConfig:
     # Evaluate each checkpoint on val while pretraining goes on (`tessera evaluate --watch` as its
     # own Ray task or process, job.eval_cpus); TensorBoard's eval/ plots it against the step.
     eval_every_checkpoint: bool = False
+    # On Ray, how long the job waits for one checkpoint's evaluation task before it cancels it
+    # and fails the pretrain stage (a task hung on another node would otherwise hold the end).
+    eval_checkpoint_timeout_s: float = 4 * 3600.0
 
     def __post_init__(self) -> None:
         require(len(self.stages) > 0, "stages", self.stages, f"name at least one of {STAGES}")
@@ -393,6 +396,12 @@ class JobConfig:
         require(self.eval_cpus >= 0, "eval_cpus", self.eval_cpus, "must be >= 0")
         require(self.max_failures >= 0, "max_failures", self.max_failures, "must be >= 0")
         require(self.finetune_steps >= 0, "finetune_steps", self.finetune_steps, "must be >= 0")
+        require(
+            self.eval_checkpoint_timeout_s > 0,
+            "eval_checkpoint_timeout_s",
+            self.eval_checkpoint_timeout_s,
+            "must be > 0 seconds",
+        )
 
 
 @dataclass(frozen=True)

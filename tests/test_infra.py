@@ -87,7 +87,8 @@ def listening_addresses(port: int) -> set:
 
 @pytest.mark.slow
 def test_dev_services_start_on_loopback_only_and_stop(tmp_path):
-    ports = {"S3_PORT": free_port(), "RAY_PORT": free_port(), "DASHBOARD_PORT": free_port()}
+    ports = {"S3_PORT": free_port(), "RAY_PORT": free_port(), "DASHBOARD_PORT": free_port(),
+             "RAY_AGENT_PORT": free_port()}  # fmt: skip
     env = {**os.environ, **{k: str(v) for k, v in ports.items()},
            "BIN": str(BIN), "TESSERA_DEV_STATE": str(tmp_path), "RAY_CPUS": "1"}  # fmt: skip
     script = str(INFRA / "dev-services.sh")
@@ -99,7 +100,7 @@ def test_dev_services_start_on_loopback_only_and_stop(tmp_path):
                                  timeout=300)  # fmt: skip
         assert started.returncode == 0, started.stdout + started.stderr
         assert f"export AWS_ENDPOINT_URL=http://127.0.0.1:{ports['S3_PORT']}" in started.stdout
-        for port in (ports["S3_PORT"], ports["DASHBOARD_PORT"], ports["RAY_PORT"]):
+        for port in ports.values():  # the job agent's too, on the port asked for
             bound = listening_addresses(port)
             assert bound and all(a.is_loopback for a in bound), (port, bound)
         # Every port of every process they started (Ray's GCS, raylet, agents, client server,
@@ -124,6 +125,7 @@ def test_dev_services_start_on_loopback_only_and_stop(tmp_path):
     assert not listening_addresses(ports["S3_PORT"])
     assert not listening_addresses(ports["DASHBOARD_PORT"])
     assert not listening_addresses(ports["RAY_PORT"])
+    assert not listening_addresses(ports["RAY_AGENT_PORT"])
     assert other_survived, "dev-services.sh stop ended a Ray process it had not started"
     # The head's address is forgotten, as `ray stop` does: a plain ray.init() would wait on it.
     from ray._common.utils import get_ray_address_file

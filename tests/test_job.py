@@ -165,6 +165,43 @@ def test_a_ray_cluster_without_room_beside_the_ranks_evaluates_checkpoints_after
     assert watcher.after.endswith("the ranks and the watcher need 2.5 and 3")
 
 
+def test_a_checkpoints_evaluation_task_past_its_deadline_is_cancelled_and_named(
+    digits_url, monkeypatch
+):
+    """The driver's wait on a checkpoint's task has a deadline: past it the task is cancelled
+    and the stage fails naming the checkpoint and the setting (Ray's calls stood in for: the
+    wait, not Ray, is under test)."""
+    import ray
+
+    from pipeline.orchestrate import job
+
+    run = parse_config({"model": {"name": "vit-micro-p4", "image_size": 16, "channels": 1},
+                        "data": {"url": digits_url}, "train": {"steps": 8},
+                        "job": {"workers": 1, "eval_checkpoint_timeout_s": 90},
+                        "eval": {"evaluators": ["linear_probe"]}}, "a.yaml")  # fmt: skip
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})  # no room: no thread
+    watcher = job.CheckpointWatcher(run, "ray")
+    waited, cancelled = [], []
+
+    class Task:
+        def remote(self, raw, name):
+            return f"ref-{name}"
+
+    def get(ref, timeout=None):
+        waited.append((ref, timeout))
+        raise ray.exceptions.GetTimeoutError("hung")
+
+    watcher.task = Task()
+    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(ray, "cancel", lambda ref, force=False: cancelled.append((ref, force)))
+    monkeypatch.setattr(job.runs, "complete_checkpoints", lambda url, endpoint: ["step-0000004"])
+    with pytest.raises(job.StageError, match=r"eval_every_checkpoint: the evaluation of "
+                       r"step-0000004 ran past job.eval_checkpoint_timeout_s=90s"):  # fmt: skip
+        watcher.wait()
+    assert waited == [("ref-step-0000004", 90.0)]
+    assert cancelled == [("ref-step-0000004", True)]
+
+
 # -- local executor -------------------------------------------------------------------------
 
 
@@ -215,7 +252,8 @@ def ray_cluster(tmp_path_factory):
     """A Ray head (2 CPUs, token auth) and moto, both on loopback; started without any AWS keys
     in their environment, so a job can only reach S3 with the keys its submitter passes."""
     state = tmp_path_factory.mktemp("dev-services")
-    ports = {"S3_PORT": free_port(), "RAY_PORT": free_port(), "DASHBOARD_PORT": free_port()}
+    ports = {"S3_PORT": free_port(), "RAY_PORT": free_port(), "DASHBOARD_PORT": free_port(),
+             "RAY_AGENT_PORT": free_port()}  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
     env.update({k: str(v) for k, v in ports.items()}, BIN=str(BIN), RAY_CPUS="2",
                TESSERA_DEV_STATE=str(state))  # fmt: skip

@@ -39,6 +39,7 @@ def quickstart(tmp_path_factory):
     env.update(
         FASHION_MNIST=str(images), QUICKSTART_ROOT=str(tmp), TESSERA_DEV_STATE=str(tmp / "dev"),
         RAY_PORT=str(free_port()), DASHBOARD_PORT=str(free_port()), RAY_CPUS="2",
+        RAY_AGENT_PORT=str(free_port()),
     )  # fmt: skip
     args = [ROOT / "launch" / "quickstart.sh"] + [a for s in SHRINK for a in ("--set", s)]
     return tmp, env, args
@@ -106,7 +107,8 @@ def test_quickstart_interrupted_resumed_and_reused(quickstart):
 
     # Again: prepare is reused, pretraining resumes at the checkpoint, everything else runs.
     # On new ports: the kernel may have lent the old ones to another test's connections since.
-    env = {**env, "RAY_PORT": str(free_port()), "DASHBOARD_PORT": str(free_port())}
+    env = {**env, "RAY_PORT": str(free_port()), "DASHBOARD_PORT": str(free_port()),
+           "RAY_AGENT_PORT": str(free_port())}  # fmt: skip
     out = finish(start(args, env))
     parts = by_config(out)
     notes = stage_notes(parts["quickstart-vit"])

@@ -417,7 +417,7 @@ class CheckpointWatcher:
         from pipeline.train.checkpoint import tag
 
         url, endpoint = self.run.train.output, self.run.data.endpoint_url
-        final = tag(self.run.train.steps)
+        final, limit = tag(self.run.train.steps), self.run.job.eval_checkpoint_timeout_s
         try:
             done = {basename(r.source) for r in read_rows(url, endpoint)}  # step-NNNNNNN
             while final not in done and not self.stopping.is_set():
@@ -426,7 +426,14 @@ class CheckpointWatcher:
                         continue
                     done.add(name)
                     self.ref = self.task.remote(self.raw, name)
-                    ray.get(self.ref)
+                    try:
+                        ray.get(self.ref, timeout=limit)
+                    except ray.exceptions.GetTimeoutError:
+                        ray.cancel(self.ref, force=True)
+                        raise TimeoutError(
+                            f"the evaluation of {name} ran past job.eval_checkpoint_timeout_s="
+                            f"{limit:g}s and was cancelled"
+                        ) from None
                     self.ref = None
                 self.stopping.wait(WATCH_POLL_S)
         except BaseException as e:  # handed to wait(); stop() cancelling a task lands here too
