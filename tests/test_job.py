@@ -443,11 +443,22 @@ def test_ray_job_trains_from_ray_data_across_epochs(ray_cluster, tmp_path):
     config = job_config(
         tmp_path, "data/digits", data={"ingest": "ray-data", "shuffle_buffer": 64},
         train={"steps": 120}, checkpoint={"every_steps": 60}, logging={"every_steps": 20},
-        # Half a CPU per trainer leaves one of the cluster's two for Ray Data's decode tasks.
-        job={"workers": 2, "cpus_per_worker": 0.5, "stages": ["prepare", "pretrain"]},
+        # Half a CPU per trainer leaves one of the cluster's two for Ray Data's decode tasks;
+        # no room for a checkpoint's evaluation (1.5 CPUs) beside them: evaluated afterwards.
+        job={"workers": 2, "cpus_per_worker": 0.5, "stages": ["prepare", "pretrain"],
+             "eval_every_checkpoint": True, "eval_cpus": 1.5},
+        eval={"evaluators": ["linear_probe"]},
     )  # fmt: skip
     out = wait(submit(env, config, tmp_path))
     assert "succeeded" in out, out[-5000:]
+    assert stage_notes(out)["pretrain"].endswith(
+        "checkpoints of steps 60, 120 evaluated after training (the cluster has 2 CPUs and 0 "
+        "GPUs; the ranks and the watcher need 2.5 and 0)"
+    ), out[-3000:]
+    tasks = re.findall(r"\(_evaluate_checkpoint pid=\d+[^)]*\)\S* evaluating \S+/step-\d+ "
+                       r"\(vit-micro-p4, step (\d+)\)", out)  # fmt: skip
+    assert tasks == ["60", "120"], out[-3000:]  # each a Ray task, after the last step
+    assert out.index("step 120/120 loss") < out.index("_evaluate_checkpoint pid=")
     steps = [int(s) for s in re.findall(r"step (\d+)/120 loss", out)]
     assert steps == [20, 40, 60, 80, 100, 120], out[-3000:]
     state = json.loads((tmp_path / "run/checkpoints/step-0000120/trainer.json").read_text())
