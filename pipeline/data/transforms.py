@@ -13,8 +13,8 @@ of small ones is cropped, resized and flipped together (`raw_into`): the same an
 bilinear filter, written as two per-sample weight matrices and applied with two batched matrix
 products. Per sample, a 28 px image spent 25 us in one call of the resize kernel and 40 us in
 PIL; a whole batch of 256 now takes about as long as one such call. Larger raw images (a 256 px
-image is 192 KB against its JPEG's tens) are cropped and resized one at a time, as decoded crops
-are: for storage that holds them, the decode is gone.
+colour image is 192 KB, a JPEG of it a few to tens of KB) are cropped and resized one at a time,
+as decoded crops are: where storage holds them, the decode is gone.
 
 Randomness comes from a `random.Random` seeded per sample by the stream from (seed, epoch,
 sample), so an augmentation does not depend on which rank or worker reads the sample.
