@@ -154,7 +154,7 @@ def test_checkpoints_upload_behind_training_and_a_kill_mid_upload_resumes_exactl
     # Training went on while step 4 was published (hashed, then uploaded): at the save of step 4
     # a rank has made 4 objective calls, and a synchronous publish would end there. (Not "during
     # the upload itself": under load steps 5-8 can all run before the upload begins, and step
-    # 8's save then waits for it, as it should; began == ended == 8 was seen once in CI.)
+    # 8's save then waits for it, as it should; ended == began was seen once in CI.)
     assert ended["step-0000004"] > 4 and began["step-0000004"] >= 4, out[-3000:]
     s3 = fsspec.filesystem("s3", skip_instance_cache=True)
     remote = f"{run_url}/checkpoints"
