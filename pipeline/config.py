@@ -239,6 +239,11 @@ class CheckpointConfig:
     # Training waits only for DeepSpeed's write of the shards; hashing, the COMPLETE marker and
     # the upload of a remote run happen behind it (false: all before training goes on).
     background: bool = True
+    # A run on object storage: where each node's DeepSpeed writes the checkpoint it then
+    # uploads. memory: a folder in RAM (/dev/shm, or $TESSERA_MEMORY_STAGING), so training
+    # stands still for a copy into memory instead of a disk write; disk: the staging folder;
+    # auto: memory when it has room for two of this node's checkpoints (the newest and the next).
+    staging: Literal["auto", "memory", "disk"] = "auto"
     # After SIGTERM, how long the checkpoint may take to complete before the process exits
     # anyway (the one before it then stands): keep it below the launcher's grace period.
     grace_s: float = 90.0

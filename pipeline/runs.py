@@ -12,6 +12,7 @@ finds no COMPLETE ignores the folder, as it does locally.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -203,6 +204,88 @@ def unpublish_checkpoint(url: str, name: str, endpoint_url: str = "") -> None:
     it is a half-written folder, which the next published checkpoint prunes."""
     fs, path = filesystem(url, endpoint_url)
     with_retries(f"unpublishing {name}", lambda: fs.rm(join(path, CHECKPOINTS, name, COMPLETE)))
+
+
+def memory_root() -> Path:
+    """Where checkpoints staged in memory live: a RAM-backed filesystem of this machine."""
+    return Path(os.environ.get("TESSERA_MEMORY_STAGING") or "/dev/shm") / "tessera"
+
+
+def memory_folder(url: str) -> Path:
+    """The memory folder of a run's staging folder (named after the staging folder's path:
+    two staging roots of one URL on a machine do not share it)."""
+    staging = local_dir(url).absolute()
+    digest = hashlib.sha1(str(staging).encode()).hexdigest()[:10]
+    return memory_root() / f"{staging.name}-{digest}" / CHECKPOINTS
+
+
+def stage_checkpoints(url: str, mode: str, need_bytes: float) -> str:
+    """Put a remote run's local checkpoint folder on disk or in memory (`checkpoint.staging`),
+    on a node's first rank. In memory, local_dir(url)/checkpoints is a link to a folder under
+    memory_root(), so every path that names it (writes, hashing, uploads, resumes) reads and
+    writes memory without knowing. auto takes memory when it can hold `need_bytes` (what is
+    there already counts as room). What is moved across is a cache of published checkpoints:
+    moved, not lost. Returns a line saying where and why."""
+    folder = local_dir(url) / CHECKPOINTS
+    memory = memory_folder(url)
+    room, why = 0.0, f"no {memory_root().parent}"
+    if mode != "disk" and memory_root().parent.is_dir():
+        held = sum(f.stat().st_size for f in memory.rglob("*") if f.is_file())
+        room = shutil.disk_usage(memory_root().parent).free + held
+        why = f"{room / 1e9:.1f} GB free in memory for {need_bytes / 1e9:.1f} GB"
+    if mode == "memory" and room < need_bytes:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(
+            f"checkpoint.staging: memory, but {why} (two of this node's checkpoints); "
+            "use auto or disk"
+        )
+    in_memory = mode == "memory" or (mode == "auto" and room >= need_bytes)
+    old = folder.resolve() if folder.is_symlink() else None  # (after a reboot, maybe gone)
+    if in_memory:
+        memory.mkdir(parents=True, exist_ok=True)
+        if old is not None and old != memory.resolve():  # the memory root has moved
+            folder.unlink()
+            _move_memory(old, memory)
+        elif old is None and folder.is_dir():
+            _move_contents(folder, memory)
+            folder.rmdir()
+        if not folder.is_symlink():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder.symlink_to(memory, target_is_directory=True)
+    elif old is not None:
+        folder.unlink()
+        folder.mkdir()
+        _move_memory(old, folder)
+    where = f"in memory ({memory})" if in_memory else f"on disk ({folder})"
+    return f"checkpoints staged {where}: {why}" if mode == "auto" else f"checkpoints staged {where}"
+
+
+def unstage_memory(url: str) -> None:
+    """At the end of a run whose checkpoints are published: the memory they held is given
+    back (the remote has them; a later resume downloads), and the folder is on disk again."""
+    folder = local_dir(url) / CHECKPOINTS
+    if folder.is_symlink():
+        target = folder.resolve()
+        folder.unlink()
+        folder.mkdir()
+        _move_memory(target, None)
+
+
+def _move_memory(source: Path, target: Path | None) -> None:
+    """A memory folder's checkpoints moved to `target` (None: dropped), then the folder and
+    its run's folder in memory_root() removed."""
+    if target is not None and source.is_dir():
+        _move_contents(source, target)
+    shutil.rmtree(source, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        source.parent.rmdir()  # once empty
+
+
+def _move_contents(source: Path, target: Path) -> None:
+    for child in source.iterdir():
+        shutil.rmtree(target / child.name, ignore_errors=True)
+        shutil.move(str(child), str(target / child.name))
 
 
 def prune_local(url: str, keep: str) -> None:

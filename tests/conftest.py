@@ -2,9 +2,11 @@
 
 import gzip
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -22,6 +24,16 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # they start compute on one thread each, instead of every process spinning up a thread per core.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Remote runs stage checkpoints in memory (checkpoint.staging: auto): the tests' go to a folder
+# of this session in /dev/shm, removed at its end, so ranks killed on purpose leave nothing there.
+MEMORY_STAGING = tempfile.mkdtemp(
+    prefix="tessera-tests-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+)
+os.environ["TESSERA_MEMORY_STAGING"] = MEMORY_STAGING
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(MEMORY_STAGING, ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups

@@ -13,6 +13,7 @@ from test_job import stage_notes
 from test_train import finish, launch, losses, pretrain, wait, write_config
 
 from pipeline import runs
+from pipeline.errors import ConfigError
 from pipeline.train.checkpoint import COMPLETE, LATEST, STATE
 
 
@@ -76,6 +77,50 @@ def test_publishing_writes_the_marker_after_the_shards_and_prunes_old_ones(tmp_p
     assert [p.name for p in (runs.local_dir(url) / "checkpoints").iterdir()] == ["step-0000012"]
 
 
+def test_checkpoints_staged_in_memory_are_published_through_the_link_and_given_back(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TESSERA_STAGING", str(tmp_path / "staging"))
+    monkeypatch.setenv("TESSERA_MEMORY_STAGING", str(tmp_path / "shm"))
+    assert "on disk (" in runs.stage_checkpoints(remote_run({}), "auto", 1e6)  # no such memory
+    (tmp_path / "shm").mkdir()
+    url = remote_run({})
+    folder = runs.local_dir(url) / "checkpoints"
+    (folder / "step-0000004").mkdir(parents=True)  # a checkpoint cached on disk by a run before
+    (folder / "step-0000004" / "shard.pt").write_text("four")
+
+    said = runs.stage_checkpoints(url, "auto", need_bytes=1e6)
+    memory = runs.memory_folder(url)
+    assert said.startswith(f"checkpoints staged in memory ({memory}): ") and "GB free" in said
+    assert folder.is_symlink() and folder.resolve() == memory.resolve()
+    assert (memory / "step-0000004" / "shard.pt").read_text() == "four"  # moved, not lost
+    name = "step-0000008"
+    (folder / name).mkdir()  # as DeepSpeed writes it, through the link
+    for f, text in (("shard.pt", "eight"), (STATE, "{}"), (COMPLETE, "{}")):
+        (folder / name / f).write_text(text)
+    runs.push_files(url, folder / name, skip=runs.WRITTEN_LAST)
+    runs.publish_checkpoint(url, name, keep_last=2)
+    fs = fsspec.filesystem("memory")
+    assert fs.cat_file(f"{url}/checkpoints/{name}/shard.pt") == b"eight"  # the run's own keys
+    runs.prune_local(url, keep=name)
+    assert [p.name for p in memory.iterdir()] == [name]
+
+    # Not enough room: auto goes back to disk with what memory held; memory refuses.
+    with pytest.raises(ConfigError, match="checkpoint.staging: memory, but .* GB free in memory"):
+        runs.stage_checkpoints(url, "memory", need_bytes=1e18)
+    assert "on disk" in runs.stage_checkpoints(url, "auto", need_bytes=1e18)
+    assert not folder.is_symlink() and (folder / name / "shard.pt").read_text() == "eight"
+    assert not memory.exists() and not memory.parent.exists()
+    runs.stage_checkpoints(url, "memory", need_bytes=1e6)  # and into memory again
+    assert (folder / name / "shard.pt").read_text() == "eight" and folder.is_symlink()
+
+    runs.unstage_memory(url)  # the end of the run: the remote holds it
+    assert folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir())
+    assert not (tmp_path / "shm" / "tessera").exists() or not any(
+        (tmp_path / "shm" / "tessera").iterdir()
+    )
+
+
 @pytest.mark.slow
 def test_two_ranks_checkpoint_to_s3_and_resume_there_on_a_fresh_machine(
     tmp_path, digits_url, s3_bucket
@@ -102,10 +147,11 @@ def test_two_ranks_checkpoint_to_s3_and_resume_there_on_a_fresh_machine(
     state = json.loads(s3.cat_file(f"{run_url}/checkpoints/step-0000012/{STATE}"))
     assert state["step"] == 12 and state["world"] == 2
     assert s3.glob(f"{run_url}/tensorboard/events.out.tfevents.*")
+    # Staged in memory, given back at the end: the remote holds every checkpoint.
+    assert "checkpoints staged in memory" in out, out[-3000:]
     staged = runs.local_dir(run_url).name
-    assert [p.name for p in (tmp_path / "machine-b" / staged / "checkpoints").glob("step-*")] == [
-        "step-0000012"
-    ]
+    local = tmp_path / "machine-b" / staged / "checkpoints"
+    assert local.is_dir() and not local.is_symlink() and not list(local.glob("step-*"))
 
     # The rest of the job, on a third machine: export and evaluate from and to the remote run.
     job = [TESSERA, "run", config, "--set", "job.stages=[export,evaluate]",

@@ -162,9 +162,11 @@ class Trainer:
         self.init_provenance: dict[str, Any] = {}  # where finetune.init's weights came from
         self.behind = checkpoint.Behind()  # the checkpoint finishing behind training
         self.blocked_s = 0.0  # training thread's time in checkpoints (save and final wait)
+        self.blocked_at: dict[int, float] = {}  # the same, by the step it stood at
         self._setup_output()
         self._take_lease()
         try:
+            self._place_checkpoints()
             start = self._checkpoint_to_resume(resume, restart)
             self.stream = self._build_input()
             universal = start is not None and self._prepare_universal(start)
@@ -202,6 +204,25 @@ class Trainer:
         if not self.remote and self.world > 1:
             self._check_output_is_shared()
         self.comm.group_by_folder(self.output)
+
+    def _place_checkpoints(self) -> None:
+        """A remote run's checkpoints, on each node, in memory or on disk (checkpoint.staging;
+        after the lease: a second run of the URL must not move the first one's folder). Room is
+        asked for two of this node's checkpoints, each its ranks' optimizer shares (fp32
+        master weights and Adam's two moments, with room for the fp32 kind of every one) and
+        the module's weights (at most 4 bytes each)."""
+        if not self.remote:
+            return
+        from pipeline.plan import parameter_count
+
+        params = parameter_count(self.run)
+        ranks_here = len(self.comm.folder_peers or [self.rank])
+        need = 2 * params * (4 + 16 * ranks_here / self.world)
+        staging = self.run.checkpoint.staging
+        self.comm.on_each_node(
+            "placing the checkpoint folder",
+            lambda: self.log(runs.stage_checkpoints(self.url, staging, need)),
+        )
 
     def _take_lease(self) -> None:
         """Rank 0 takes the run's lease (pipeline.train.lease) before anything is read or
@@ -796,9 +817,10 @@ class Trainer:
         return means
 
     def _note_blocked(self, seconds: float) -> None:
-        """Time the training thread stood still for checkpoints: in total (`blocked_s`, read by
-        benchmarks/train_step.py) and per checkpoint in TensorBoard."""
+        """Time the training thread stood still for checkpoints: in total (`blocked_s`), by step
+        (`blocked_at`, read by benchmarks/train_step.py) and per checkpoint in TensorBoard."""
         self.blocked_s += seconds
+        self.blocked_at[self.step] = self.blocked_at.get(self.step, 0.0) + seconds
         if self.writer:
             self.writer.add_scalar("checkpoint/blocked_s", seconds, self.step)
 
@@ -888,6 +910,11 @@ class Trainer:
         if not idle:  # its collectives would meet a destroyed group; the exit ends it
             self.log(f"warning: {self.behind.name} still finishing at exit; not complete")
             return
+        if clean and self.remote and self.run.checkpoint.staging != "disk":
+            self.comm.on_each_node(
+                "giving back the memory of staged checkpoints",
+                lambda: runs.unstage_memory(self.url),
+            )
         self.comm.close(clean)
 
     def _log(self, window: dict[str, float], n: int, elapsed: float, start_step: int) -> None:
