@@ -106,7 +106,7 @@ def test_checkpoints_staged_in_memory_are_published_through_the_link_and_given_b
     assert [p.name for p in memory.iterdir()] == [name]
 
     # Not enough room: auto goes back to disk with what memory held; memory refuses.
-    with pytest.raises(ConfigError, match="checkpoint.staging: memory, but .* GB free in memory"):
+    with pytest.raises(ConfigError, match=r"checkpoint.staging: memory, but .* GB free in memory"):
         runs.stage_checkpoints(url, "memory", need_bytes=1e18)
     assert "on disk" in runs.stage_checkpoints(url, "auto", need_bytes=1e18)
     assert not folder.is_symlink() and (folder / name / "shard.pt").read_text() == "eight"

@@ -1,5 +1,6 @@
 """Image transforms: crops, reduced-scale JPEG decoding, pixels for the model."""
 
+import ctypes
 import io
 import random
 
@@ -116,6 +117,31 @@ def test_crop_decode_gives_exactly_the_pixels_of_a_full_pil_decode(mode, save):
         for left, top, right, bottom in boxes:
             crop = jpeg.decode_crop(data, (left, top, right, bottom), full.shape[2], denom)
             np.testing.assert_array_equal(crop, full[top:bottom, left:right])
+            flipped = jpeg.decode_crop(
+                data, (left, top, right, bottom), full.shape[2], denom, flip=True
+            )
+            np.testing.assert_array_equal(flipped, full[top:bottom, left:right][:, ::-1])
+    assert jpeg.info(data) == (203, 151, 1 if mode == "L" else 3)  # the frame header's
+
+
+def test_the_frame_header_is_found_past_large_segments_and_a_bad_walk_asks_libjpeg():
+    """jpeg.info walks the segments to the frame header; an EXIF and an ICC profile (APP1,
+    APP2) lie before it in camera files. Where the walk fails, libjpeg reads the header."""
+    with Image.open(io.BytesIO(photo(40, 30))) as im:
+        exif = im.getexif()
+        exif[0x010E] = "x" * 3000  # ImageDescription: an APP1 segment of 3 KB
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", exif=exif, icc_profile=b"\xff\xc0" * 2000)
+    data = buf.getvalue()
+    # A frame marker's bytes inside the ICC segment, before the tables and the real one.
+    assert data.index(b"\xff\xc0") < data.index(b"\xff\xdb")
+    assert jpeg.info(data) == (40, 30, 3)
+    found = (ctypes.c_int * 3)()
+    assert jpeg._library().tessera_jpeg_frame(data, len(data), found) == 0  # by the walk
+    assert tuple(found) == (40, 30, 3)
+    # A header whose walk stops (a scan before any frame): libjpeg's error, as before.
+    with pytest.raises(jpeg.JpegError):
+        jpeg.info(b"\xff\xd8\xff\xda\x00\x08" + b"\0" * 20)
 
 
 @pytest.mark.parametrize("augment", [True, False])
@@ -178,6 +204,25 @@ def test_samples_are_resized_by_torch_antialiased_bilinear(w, h):
         np.testing.assert_array_equal(out, expected[0].numpy())
     else:
         assert np.abs(out.astype(int) - expected[0].numpy().astype(int)).max() <= 1
+
+
+def test_a_crop_flipped_before_its_resize_and_upsampled_without_antialias_is_unchanged():
+    """_resize_into flips the (smaller) crop before resizing and upsamples a crop smaller than
+    the output on both sides with plain bilinear: the pixels are those of the antialiased
+    resize followed by the flip, for crops smaller, larger and mixed."""
+    t = ImageTransform(64, 3, augment=True)
+    rng = np.random.default_rng(0)
+    for h, w in [(30, 41), (64, 20), (64, 64), (80, 50), (20, 90), (150, 101), (7, 7)]:
+        crop = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        x = torch.from_numpy(crop).permute(2, 0, 1)[None]
+        expected = torch.nn.functional.interpolate(
+            x, size=(64, 64), mode="bilinear", antialias=True
+        )
+        for flip in (False, True):
+            out = t.batch(torch.zeros(1, 64, 64, 3, dtype=torch.uint8))[0]
+            t._resize_into(crop, flip, random.Random(0), out)
+            want = expected[0].flip(-1) if flip else expected[0]
+            np.testing.assert_array_equal(out.numpy(), want.numpy(), err_msg=f"{h}x{w} {flip}")
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -65,15 +65,60 @@ int tessera_jpeg_info(const unsigned char *data, unsigned long size, int *info, 
   return 0;
 }
 
+/* The frame header's info = (width, height, components), found by walking the segments before
+ * it, without setting up a decompressor (which also parses every table: a third of a small
+ * image's crop decode). -1 where the walk does not reach a frame header with a height; the
+ * caller then asks libjpeg (tessera_jpeg_info), which says what is wrong. */
+int tessera_jpeg_frame(const unsigned char *data, unsigned long size, int *info) {
+  unsigned long i = 2; /* after SOI */
+  while (i + 4 <= size) {
+    if (data[i] != 0xFF) return -1;
+    unsigned char marker = data[i + 1];
+    if (marker == 0xFF) { /* a fill byte */
+      i += 1;
+      continue;
+    }
+    if (marker == 0x01 || (marker >= 0xD0 && marker <= 0xD8)) { /* no length: TEM, RSTn, SOI */
+      i += 2;
+      continue;
+    }
+    unsigned long length = ((unsigned long)data[i + 2] << 8) | data[i + 3];
+    if (length < 2 || marker == 0xDA || marker == 0xD9) return -1; /* a scan before a frame */
+    /* SOF0-SOF15, except DHT (C4), JPG (C8) and DAC (CC) */
+    if (marker >= 0xC0 && marker <= 0xCF && marker != 0xC4 && marker != 0xC8 && marker != 0xCC) {
+      if (length < 8 || i + 10 > size) return -1;
+      info[1] = (data[i + 5] << 8) | data[i + 6];
+      info[0] = (data[i + 7] << 8) | data[i + 8];
+      info[2] = data[i + 9];
+      return info[0] > 0 && info[1] > 0 && info[2] > 0 ? 0 : -1;
+    }
+    i += 2 + length;
+  }
+  return -1;
+}
+
 /* Decode rows [top, bottom) and at least columns [left, right) of the image scaled by
  * 1/denom (1, 2, 4 or 8) as 1 (grey) or 3 (RGB) channels. Row r of the crop is written to
  * out + r * out_width * channels, each pixel at its own column, so out holds
  * (bottom - top, out_width, channels) bytes and out_width must be the scaled image's width.
  * One column more on each side is decoded than asked for: chroma upsampling treats the edge of
  * a cropped scanline as the image's edge, and the neighbour makes the asked-for columns equal
- * to a full decode's. */
+ * to a full decode's. With `flip`, columns [left, right) of each row are mirrored as it is
+ * decoded, while the row is in cache: a horizontal flip before the resize, which the resize's
+ * symmetric filter makes the same as one after it. */
+static void mirror(unsigned char *row, int pixels, int channels) {
+  unsigned char *a = row, *b = row + (pixels - 1) * channels;
+  for (; a < b; a += channels, b -= channels) {
+    for (int c = 0; c < channels; c++) {
+      unsigned char t = a[c];
+      a[c] = b[c];
+      b[c] = t;
+    }
+  }
+}
+
 int tessera_jpeg_decode_crop(const unsigned char *data, unsigned long size, int denom,
-                             int channels, int left, int top, int right, int bottom,
+                             int channels, int left, int top, int right, int bottom, int flip,
                              unsigned char *out, int out_width, char *message) {
   struct jpeg_decompress_struct cinfo;
   struct error_manager err;
@@ -103,6 +148,7 @@ int tessera_jpeg_decode_crop(const unsigned char *data, unsigned long size, int 
   while ((int)cinfo.output_scanline < bottom) {
     JSAMPROW row = out + (cinfo.output_scanline - (JDIMENSION)top) * stride + x * channels;
     jpeg_read_scanlines(&cinfo, &row, 1);
+    if (flip) mirror(row + (left - (int)x) * channels, right - left, channels);
   }
   jpeg_abort_decompress(&cinfo);
   jpeg_destroy_decompress(&cinfo);

@@ -73,9 +73,10 @@ def _library() -> ctypes.CDLL | None:
         log.warning("JPEG crops decode with PIL (slower): %s", e)
         return None
     lib.tessera_jpeg_info.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_char_p]  # fmt: skip
+    lib.tessera_jpeg_frame.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
     lib.tessera_jpeg_decode_crop.argtypes = [
         ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-        ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p,
     ]  # fmt: skip
     return lib
 
@@ -89,12 +90,15 @@ def is_jpeg(data: bytes) -> bool:
 
 
 def info(data: bytes) -> tuple[int, int, int]:
-    """(width, height, components) from the header."""
+    """(width, height, components) from the header: its frame header, found by a walk over the
+    segments before it, or where that fails, libjpeg's reading of the header (whose error is
+    the one raised)."""
     data = data if isinstance(data, bytes) else bytes(data)  # ctypes passes bytes without a copy
     out = (ctypes.c_int * 3)()
-    message = ctypes.create_string_buffer(_MESSAGE)
-    if _library().tessera_jpeg_info(data, len(data), out, message) != 0:
-        raise JpegError(message.value.decode(errors="replace"))
+    if _library().tessera_jpeg_frame(data, len(data), out) != 0:
+        message = ctypes.create_string_buffer(_MESSAGE)
+        if _library().tessera_jpeg_info(data, len(data), out, message) != 0:
+            raise JpegError(message.value.decode(errors="replace"))
     check_pixels(out[0], out[1])
     return out[0], out[1], out[2]
 
@@ -120,10 +124,11 @@ def scaled_size(width: int, height: int, denom: int) -> tuple[int, int]:
 
 def decode_crop(
     data: bytes, box: tuple[int, int, int, int], channels: int, denom: int = 1,
-    size: tuple[int, int] | None = None,
+    size: tuple[int, int] | None = None, flip: bool = False,
 ) -> np.ndarray:  # fmt: skip
     """Pixels (bottom - top, right - left, channels) uint8 of `box` (left, top, right, bottom)
-    in the image decoded at 1/denom. `size`: the (width, height) of the image, if known."""
+    in the image decoded at 1/denom, mirrored left to right with `flip`. `size`: the (width,
+    height) of the image, if known."""
     data = data if isinstance(data, bytes) else bytes(data)
     width, height = size or info(data)[:2]
     check_pixels(width, height)
@@ -132,7 +137,18 @@ def decode_crop(
     out = np.empty((bottom - top, out_w, channels), dtype=np.uint8)
     message = ctypes.create_string_buffer(_MESSAGE)
     status = _library().tessera_jpeg_decode_crop(
-        data, len(data), denom, channels, left, top, right, bottom, out.ctypes.data, out_w, message
+        data,
+        len(data),
+        denom,
+        channels,
+        left,
+        top,
+        right,
+        bottom,
+        int(flip),
+        out.ctypes.data,
+        out_w,
+        message,
     )
     if status != 0:
         raise JpegError(message.value.decode(errors="replace"))
