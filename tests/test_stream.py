@@ -429,6 +429,18 @@ def test_missing_shard_and_missing_dataset_fail_before_any_work(digits_url, tmp_
         Stream(cfg(digits_url, split="test"))
 
 
+def test_a_training_split_smaller_than_a_batch_per_reader_is_refused_not_waited_on(digits_url):
+    """The 359 val images at a batch of 100 fill 3 readers but not 4 (2 ranks x 2 workers):
+    a training stream drops the ragged tail, so it would yield nothing, epoch after epoch."""
+    Stream(cfg(digits_url, split="val", batch_size=100, workers=3))
+    with pytest.raises(
+        DatasetError,
+        match=r"split 'val' has 359 samples, fewer than one batch of 100 for each of its 4 readers",
+    ):
+        Stream(cfg(digits_url, split="val", batch_size=100, workers=2), rank=1, world=2)
+    assert Stream(cfg(digits_url, split="val", batch_size=1000, train=False)).batches_per_epoch == 1
+
+
 # -- object storage ----------------------------------------------------------------------------
 
 

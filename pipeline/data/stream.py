@@ -595,6 +595,14 @@ class Stream:
         self.fingerprint = dataset_fingerprint(self.manifest, cfg.split)
         self.cursor = Cursor(self._epoch_phase(0))
         self._batch_slots: _BatchSlots | None = None
+        if self.cursor.phase.used == 0:  # a training stream drops the tail: nothing would come
+            n = self.cursor.phase.total
+            raise DatasetError(
+                f"{cfg.url}: split {cfg.split!r} has {n} samples{' (data.limit)' * bool(cfg.limit)}, "
+                f"fewer than one batch of {cfg.batch_size} for each of its {self.readers} readers "
+                f"(ranks x data.workers, at least one a rank); training would wait for a first "
+                "batch forever. Use a smaller batch, fewer ranks or workers, or more data"
+            )
 
     @property
     def workers_per_rank(self) -> int:
