@@ -773,7 +773,10 @@ def test_every_zero_stage_and_offload_trains_at_two_ranks(tmp_path, digits_url, 
         tmp_path, digits_url, deepspeed=deepspeed, train={"steps": 6},
         checkpoint={"every_steps": 6}, optim={"schedule": "constant", "lr": 3e-3},
     )  # fmt: skip
-    out = finish(pretrain(config, ranks=2))
+    # Without OMP_NUM_THREADS, as a plain launcher leaves it: the ranks split the cores.
+    out = finish(pretrain(config, ranks=2, env={"OMP_NUM_THREADS": ""}))
+    cores = len(os.sched_getaffinity(0))
+    assert f"cpu: 2 ranks share this machine's {cores} cores: {max(1, cores // 2)} threads" in out
     logged = losses(out)
     assert sorted(logged) == list(range(1, 7)) and all(map(math.isfinite, logged.values()))
     state = json.loads((tmp_path / "run/checkpoints/step-0000006/trainer.json").read_text())
