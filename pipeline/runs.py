@@ -261,15 +261,17 @@ def stage_checkpoints(url: str, mode: str, need_bytes: float) -> str:
     return f"checkpoints staged {where}: {why}" if mode == "auto" else f"checkpoints staged {where}"
 
 
-def unstage_memory(url: str) -> None:
+def unstage_memory(url: str, keep: bool = True) -> None:
     """At the end of a run whose checkpoints are published: the memory they held is given
-    back (the remote has them; a later resume downloads), and the folder is on disk again."""
+    back and the folder is on disk again, holding what memory held (the newest checkpoint, for
+    the job's next stage on this node), or with `keep` False nothing (after SIGTERM, whose
+    grace period is spent; the remote has them)."""
     folder = local_dir(url) / CHECKPOINTS
     if folder.is_symlink():
         target = folder.resolve()
         folder.unlink()
         folder.mkdir()
-        _move_memory(target, None)
+        _move_memory(target, folder if keep else None)
 
 
 def _move_memory(source: Path, target: Path | None) -> None:

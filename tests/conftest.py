@@ -22,8 +22,9 @@ TESSERA = str(BIN / "tessera")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # A pytest worker of `make test` (pytest-xdist) has a core of its own: its tests and the ranks
 # they start compute on one thread each, instead of every process spinning up a thread per core.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The same without workers: tests that compare weights across runs at 1 and 2 ranks need the
+# same threads in both (ranks without OMP_NUM_THREADS split the cores, pipeline.train.engine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Remote runs stage checkpoints in memory (checkpoint.staging: auto): the tests' go to a folder
 # of this session in /dev/shm, removed at its end, so ranks killed on purpose leave nothing there.
 MEMORY_STAGING = tempfile.mkdtemp(

@@ -114,11 +114,13 @@ def test_checkpoints_staged_in_memory_are_published_through_the_link_and_given_b
     runs.stage_checkpoints(url, "memory", need_bytes=1e6)  # and into memory again
     assert (folder / name / "shard.pt").read_text() == "eight" and folder.is_symlink()
 
-    runs.unstage_memory(url)  # the end of the run: the remote holds it
+    runs.unstage_memory(url)  # the end of the run: to disk, for the job's next stage here
+    assert not folder.is_symlink() and (folder / name / "shard.pt").read_text() == "eight"
+    assert not any((tmp_path / "shm" / "tessera").iterdir())  # the memory given back
+    runs.stage_checkpoints(url, "memory", need_bytes=1e6)
+    runs.unstage_memory(url, keep=False)  # after SIGTERM: dropped, the remote holds it
     assert folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir())
-    assert not (tmp_path / "shm" / "tessera").exists() or not any(
-        (tmp_path / "shm" / "tessera").iterdir()
-    )
+    assert not any((tmp_path / "shm" / "tessera").iterdir())
 
 
 @pytest.mark.slow
@@ -147,11 +149,11 @@ def test_two_ranks_checkpoint_to_s3_and_resume_there_on_a_fresh_machine(
     state = json.loads(s3.cat_file(f"{run_url}/checkpoints/step-0000012/{STATE}"))
     assert state["step"] == 12 and state["world"] == 2
     assert s3.glob(f"{run_url}/tensorboard/events.out.tfevents.*")
-    # Staged in memory, given back at the end: the remote holds every checkpoint.
+    # Staged in memory, moved to disk at the end: the staging folder keeps the newest.
     assert "checkpoints staged in memory" in out, out[-3000:]
     staged = runs.local_dir(run_url).name
     local = tmp_path / "machine-b" / staged / "checkpoints"
-    assert local.is_dir() and not local.is_symlink() and not list(local.glob("step-*"))
+    assert not local.is_symlink() and [p.name for p in local.glob("step-*")] == ["step-0000012"]
 
     # The rest of the job, on a third machine: export and evaluate from and to the remote run.
     job = [TESSERA, "run", config, "--set", "job.stages=[export,evaluate]",

@@ -912,8 +912,8 @@ class Trainer:
             return
         if clean and self.remote and self.run.checkpoint.staging != "disk":
             self.comm.on_each_node(
-                "giving back the memory of staged checkpoints",
-                lambda: runs.unstage_memory(self.url),
+                "moving the staged checkpoints out of memory",
+                lambda: runs.unstage_memory(self.url, keep=not self._stop),
             )
         self.comm.close(clean)
 
