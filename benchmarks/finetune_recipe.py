@@ -49,7 +49,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 TESSERA = str(Path(sys.executable).parent / "tessera")
 sys.path.insert(0, str(Path(__file__).parent))
-from vit_recipe import job_folder  # noqa: E402
+from vit_recipe import job_folder, report  # noqa: E402
 
 
 def stage_config(config: str, root: str, overrides: list[str]) -> dict:
@@ -159,30 +159,9 @@ def main() -> None:
         n: statistics.mean(results[v, s]["seconds"] for s in args.seeds)
         for n, v in zip(names, variants, strict=True)
     }
-    seeds = " ".join(map(str, args.seeds))
-    print(f"{args.config}'s finetune stage from {root}: val top-1, seeds {seeds}, one core per run")
-    print(f"{'variant':<52} {'val %':>6} {'± sd':>5} {'vs base':>8} {'seconds':>8}")
-    base = mean["baseline"]
-    for n in names:
-        print(
-            f"{n:<52} {mean[n]:>6.2f} {spread[n]:>5.2f} {mean[n] - base:>+8.2f} {seconds[n]:>8.0f}"
-        )
-    print(f"chosen on val: {chosen}")
-    if test:
-        each = ", ".join(f"{t:.2f}" for t in test.values())
-        print(f"test top-1 of the chosen variant, read once: {statistics.mean(test.values()):.2f} "
-              f"(seeds {seeds}: {each})")  # fmt: skip
-    figures = {
-        "val_top1_mean": {n: round(mean[n], 2) for n in names},
-        "val_top1_std": {n: round(spread[n], 2) for n in names},
-        "val_top1_vs_baseline": {n: round(mean[n] - base, 2) for n in names[1:]},
-        "seconds": {n: round(seconds[n]) for n in names},
-        "chosen": chosen,
-    }
-    if test:
-        figures["test_top1_chosen"] = {str(s): round(t, 2) for s, t in test.items()}
-        figures["test_top1_chosen_mean"] = round(statistics.mean(test.values()), 2)
-    print(json.dumps(figures))
+    title = (f"{args.config}'s finetune stage from {root}: val top-1, seeds "
+             f"{' '.join(map(str, args.seeds))}, one core per run")  # fmt: skip
+    report(title, args.seeds, names, mean, spread, chosen, [("seconds", seconds, "seconds")], test)
 
 
 if __name__ == "__main__":

@@ -242,26 +242,36 @@ def main() -> None:
         n: statistics.mean(results[v, s]["seconds"] for s in args.seeds)
         for n, v in zip(names, variants, strict=True)
     }
-    seeds = " ".join(map(str, args.seeds))
-    print(f"{args.config}: Fashion-MNIST val top-1 (5,000 carved from train), seeds {seeds}, "
-          "one core per run")  # fmt: skip
-    print(f"{'variant':<52} {'val %':>6} {'± sd':>5} {'vs base':>8} {'seconds':>8} {'images/s':>9}")
+    title = (f"{args.config}: Fashion-MNIST val top-1 (5,000 carved from train), seeds "
+             f"{' '.join(map(str, args.seeds))}, one core per run")  # fmt: skip
+    columns = [("seconds", seconds, None), ("images/s", speed, "images_per_s")]
+    report(title, args.seeds, names, mean, spread, chosen, columns, test)
+
+
+def report(
+    title: str, seeds: list[int], names: list[str], mean: dict, spread: dict, chosen: str,
+    columns: list[tuple[str, dict, str | None]], test: dict,
+) -> None:  # fmt: skip
+    """A study's table (a row per variant: val mean, spread, difference to the baseline, then
+    `columns`: (header, value by variant, JSON key or None)), its choice on val, the chosen
+    variant's test top-1 if it was read, and the JSON line. benchmarks/finetune_recipe.py too."""
+    print(title)
+    print(f"{'variant':<52} {'val %':>6} {'± sd':>5} {'vs base':>8}"
+          + "".join(f" {header:>9}" for header, _, _ in columns))  # fmt: skip
     base = mean["baseline"]
     for n in names:
-        print(
-            f"{n:<52} {mean[n]:>6.2f} {spread[n]:>5.2f} {mean[n] - base:>+8.2f} "
-            f"{seconds[n]:>8.0f} {speed[n]:>9.0f}"
-        )
+        print(f"{n:<52} {mean[n]:>6.2f} {spread[n]:>5.2f} {mean[n] - base:>+8.2f}"
+              + "".join(f" {values[n]:>9.0f}" for _, values, _ in columns))  # fmt: skip
     print(f"chosen on val: {chosen}")
     if test:
         each = ", ".join(f"{t:.2f}" for t in test.values())
         print(f"test top-1 of the chosen variant, read once: {statistics.mean(test.values()):.2f} "
-              f"(seeds {seeds}: {each})")  # fmt: skip
+              f"(seeds {' '.join(map(str, seeds))}: {each})")  # fmt: skip
     figures = {
         "val_top1_mean": {n: round(mean[n], 2) for n in names},
         "val_top1_std": {n: round(spread[n], 2) for n in names},
         "val_top1_vs_baseline": {n: round(mean[n] - base, 2) for n in names[1:]},
-        "images_per_s": {n: round(speed[n]) for n in names},
+        **{key: {n: round(values[n]) for n in names} for _, values, key in columns if key},
         "chosen": chosen,
     }
     if test:
