@@ -110,6 +110,9 @@ def test_crop_decode_gives_exactly_the_pixels_of_a_full_pil_decode(mode, save):
         height, width = full.shape[:2]
         assert (width, height) == jpeg.scaled_size(203, 151, denom)
         boxes = [(0, 0, width, height), (width - 1, height - 1, width, height)]
+        # widths about the flip's blocks of 16 RGB pixels from each end (32 or more left)
+        blocks = [(3, 5, 3 + w, 40) for w in (15, 16, 31, 32, 33, 47, 48, 64, 96, 97, 199)]
+        boxes += [box for box in blocks if box[2] <= width and box[3] <= height]
         for _ in range(40):
             left, right = sorted(rng.sample(range(width + 1), 2))
             top, bottom = sorted(rng.sample(range(height + 1), 2))
