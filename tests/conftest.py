@@ -20,21 +20,28 @@ BIN = Path(sys.executable).parent
 # on PATH: `make test` calls .venv/bin/python directly).
 TESSERA = str(BIN / "tessera")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_STAGING = pytest.StashKey[str]()
 # A pytest worker of `make test` (pytest-xdist) has a core of its own: its tests and the ranks
 # they start compute on one thread each, instead of every process spinning up a thread per core.
 # The same without workers: tests that compare weights across runs at 1 and 2 ranks need the
 # same threads in both (ranks without OMP_NUM_THREADS split the cores, pipeline.train.engine).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Remote runs stage checkpoints in memory (checkpoint.staging: auto): the tests' go to a folder
-# of this session in /dev/shm, removed at its end, so ranks killed on purpose leave nothing there.
-MEMORY_STAGING = tempfile.mkdtemp(
-    prefix="tessera-tests-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
-)
-os.environ["TESSERA_MEMORY_STAGING"] = MEMORY_STAGING
 
 
-def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(MEMORY_STAGING, ignore_errors=True)
+def pytest_configure(config):
+    """Remote runs stage checkpoints in memory (checkpoint.staging: auto): the tests' go to a
+    folder of this session (each pytest worker's own) in /dev/shm, removed at its end, so ranks
+    killed on purpose leave nothing there. Made here, not at import: processes that import this
+    module for its helpers are not sessions and would leave an empty folder behind."""
+    folder = tempfile.mkdtemp(
+        prefix="tessera-tests-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+    )
+    config.stash[_STAGING] = os.environ["TESSERA_MEMORY_STAGING"] = folder
+
+
+def pytest_unconfigure(config):
+    if folder := config.stash.get(_STAGING, None):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
