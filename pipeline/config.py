@@ -243,6 +243,7 @@ class CheckpointConfig:
     # uploads. memory: a folder in RAM (/dev/shm, or $TESSERA_MEMORY_STAGING), so training
     # stands still for a copy into memory instead of a disk write; disk: the staging folder;
     # auto: memory when it has room for two of this node's checkpoints (the newest and the next).
+    # A save that finds memory without room for it moves the staging to disk for the rest.
     staging: Literal["auto", "memory", "disk"] = "auto"
     # After SIGTERM, how long the checkpoint may take to complete before the process exits
     # anyway (the one before it then stands): keep it below the launcher's grace period.

@@ -261,6 +261,22 @@ def stage_checkpoints(url: str, mode: str, need_bytes: float) -> str:
     return f"checkpoints staged {where}: {why}" if mode == "auto" else f"checkpoints staged {where}"
 
 
+def memory_short(url: str, need_bytes: float) -> str:
+    """Why a run's checkpoints staged in memory have no room for the next one (`need_bytes`,
+    this node's share of one checkpoint), or "" when they have it or are on disk. The room was
+    asked for two at the start; other processes may have filled the memory since."""
+    folder = local_dir(url) / CHECKPOINTS
+    if not folder.is_symlink():
+        return ""
+    free = shutil.disk_usage(memory_root().parent).free
+    if free >= need_bytes:
+        return ""
+    return (
+        f"{free / 1e9:.2f} GB free in memory ({memory_root().parent}) for the next checkpoint's "
+        f"{need_bytes / 1e9:.2f} GB"
+    )
+
+
 def unstage_memory(url: str, keep: bool = True) -> None:
     """At the end of a run whose checkpoints are published: the memory they held is given
     back and the folder is on disk again, holding what memory held (the newest checkpoint, for

@@ -3,7 +3,11 @@ machine, and the rest of the job (export, evaluate, results) reading and writing
 
 import json
 import os
+import re
+import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import fsspec
@@ -121,6 +125,69 @@ def test_checkpoints_staged_in_memory_are_published_through_the_link_and_given_b
     runs.unstage_memory(url, keep=False)  # after SIGTERM: dropped, the remote holds it
     assert folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir())
     assert not any((tmp_path / "shm" / "tessera").iterdir())
+
+
+def test_memory_staging_reports_when_it_has_no_room_for_the_next_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("TESSERA_STAGING", str(tmp_path / "staging"))
+    monkeypatch.setenv("TESSERA_MEMORY_STAGING", str(tmp_path / "shm"))
+    (tmp_path / "shm").mkdir()
+    url = remote_run({})
+    runs.stage_checkpoints(url, "disk", 0.0)
+    assert runs.memory_short(url, 1e18) == ""  # on disk: nothing to say
+    runs.stage_checkpoints(url, "memory", 1e6)
+    assert runs.memory_short(url, 1e6) == ""
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(9, 0, 2e9))
+    assert runs.memory_short(url, 2e9) == ""
+    assert runs.memory_short(url, 3e9) == (
+        f"2.00 GB free in memory ({tmp_path / 'shm'}) for the next checkpoint's 3.00 GB"
+    )
+
+
+@pytest.mark.slow
+def test_a_run_whose_memory_staging_fills_up_goes_on_with_its_checkpoints_on_disk(
+    tmp_path, digits_url
+):
+    """Memory is filled by someone else after the first checkpoint: the next save moves the
+    staging folder to disk (with the checkpoint memory held) instead of failing the run, and
+    every checkpoint is published."""
+    url = f"memory://runs/{tmp_path.name}"  # remote: staged, published to this process's memory
+    config = write_config(tmp_path, digits_url, train={"output": url})
+    script = f"""
+import shutil
+from pipeline import runs
+from pipeline.config import load_config
+from pipeline.train.trainer import pretrain
+
+real, url = shutil.disk_usage, {url!r}
+def disk_usage(path):  # memory full once it holds a checkpoint
+    full = str(path) == str(runs.memory_root().parent)
+    full = full and any(runs.memory_folder(url).glob("step-*"))
+    return real(path)._replace(free=0) if full else real(path)
+shutil.disk_usage = disk_usage
+pretrain(load_config({str(config)!r}))
+staged = runs.local_dir(url) / "checkpoints"
+print("staged", "link" if staged.is_symlink() else "folder", sorted(p.name for p in staged.iterdir()))
+print("latest", runs.latest_checkpoint(url))
+"""
+    env = {**os.environ, "TESSERA_STAGING": str(tmp_path / "staging"),
+           "TESSERA_MEMORY_STAGING": str(tmp_path / "shm")}  # fmt: skip
+    (tmp_path / "shm").mkdir()
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
+    )
+    said = out.stdout + out.stderr
+    assert out.returncode == 0, said[-3000:]
+    assert "checkpoints staged in memory" in said
+    assert re.search(
+        r"warning: step 8: memory staging is short: 0.00 GB free in memory \(.*\) for the next "
+        r"checkpoint's [0-9.]+ GB; checkpoints staged on disk \(.*\) from here",
+        said,
+    ), said[-3000:]
+    staged = re.search(r"staged (\w+) \[(.*)\]", said)
+    assert staged and staged[1] == "folder", said[-2000:]  # on disk to the end
+    assert [n for n in staged[2].split(", ") if "step-" in n] == ["'step-0000012'"]  # pruned
+    assert "latest step-0000012" in said
+    assert not any((tmp_path / "shm" / "tessera").iterdir())  # memory given back at the move
 
 
 @pytest.mark.slow

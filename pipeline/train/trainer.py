@@ -218,6 +218,7 @@ class Trainer:
         params = parameter_count(self.run)
         ranks_here = len(self.comm.folder_peers or [self.rank])
         need = 2 * params * (4 + 16 * ranks_here / self.world)
+        self._checkpoint_bytes = need / 2
         staging = self.run.checkpoint.staging
         self.comm.on_each_node(
             "placing the checkpoint folder",
@@ -570,6 +571,7 @@ class Trainer:
         }
         if self.writer:
             self.writer.flush()  # on this thread: what the upload behind training sends
+        self._keep_staging_room()
         pending = checkpoint.write(
             self.engine, self.ckpt_root, self.step, state, self.comm, self.run.checkpoint.keep_last
         )
@@ -581,6 +583,24 @@ class Trainer:
             behind = self.comm.background()
             self.behind.start(pending.name, lambda: self._finish(pending, behind))
         return pending.path
+
+    def _keep_staging_room(self) -> None:
+        """Before a save: if memory staging has no room left for it on some node (other
+        processes filled it since the start), every node's checkpoints go to disk staging for
+        the rest of the run, with what memory held; a save into full memory would fail the
+        run. Nothing reads the folder now: the checkpoint before is complete."""
+        if not self.remote:
+            return
+        short = runs.memory_short(self.url, self._checkpoint_bytes)
+        if not self.comm.any(bool(short), "whether memory staging has room for a checkpoint"):
+            return
+
+        def to_disk() -> None:  # on each node's first rank
+            why = f"memory staging is short: {short}" if short else "another node's is short"
+            moved = runs.stage_checkpoints(self.url, "disk", 0.0)
+            self.log(f"warning: step {self.step}: {why}; {moved} from here")
+
+        self.comm.on_each_node(f"moving checkpoint staging to disk at step {self.step}", to_disk)
 
     def _average_running_stats(self) -> None:
         """BatchNorm's running statistics, which each rank updated on its own batches, replaced
