@@ -98,6 +98,11 @@ try:
             time.sleep(8)
     elif case == "io":
         comm.on_rank_0("uploading step-0000004", lambda: time.sleep(30))
+    elif case == "config":
+        from pipeline.errors import ConfigError
+        def refuse():
+            raise ConfigError("checkpoint.staging: memory, but no room")
+        comm.on_rank_0("placing the checkpoint folder", refuse)
     elif case.startswith("folders"):  # folders-same / folders-own: each rank's staging folder
         from pathlib import Path
         own = case == "folders-own"
@@ -162,6 +167,17 @@ def test_a_rank_doing_slow_io_and_the_ranks_waiting_for_it_both_stop_at_the_io_d
         assert "uploading step-0000004 on rank 0: not finished after" in text, (rank, out)
         assert "checkpoint.io_timeout_s=3s" in text
         assert int(text.split(" after ")[1].split("s:")[0]) < 20, out
+
+
+@pytest.mark.slow
+def test_a_config_error_in_one_ranks_io_stops_every_rank_as_a_config_error(tmp_path):
+    """A node's I/O that finds the config impossible (checkpoint.staging: memory without room)
+    stops every rank with a ConfigError (the CLI's exit 2), not a bare OSError."""
+    for text in two_ranks(tmp_path, 60, 60, "config"):
+        assert (
+            "ConfigError: placing the checkpoint folder on rank 0: checkpoint.staging: memory, "
+            "but no room" in text
+        ), text
 
 
 @pytest.mark.parametrize(

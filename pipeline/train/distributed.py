@@ -30,6 +30,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import ConfigError
+
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 600.0  # train.collective_timeout_s
@@ -249,21 +251,22 @@ class Comm:
         """Both sides have the deadline `io_timeout_s`. A failure or timeout anywhere stops
         every rank with the same error, naming the rank and what it was doing, instead of
         leaving the others in a collective."""
-        error = self._within_deadline(what, fn) if mine else ""
-        errors = [""] * self.world
+        error = self._within_deadline(what, fn) if mine else ("", False)
+        errors = [error] * self.world
         self._call(
             what,
             lambda: dist.all_gather_object(errors, error, group=self.io),
             timeout_s=self.io_wait_s,
         )
-        failed = [e for e in errors if e]
-        if failed:
-            raise OSError("; ".join(failed))
+        failed = [message for message, _ in errors if message]
+        if failed:  # a ConfigError stays one (the CLI's exit 2): the config asked the impossible
+            config = any(is_config for _, is_config in errors)
+            raise (ConfigError if config else OSError)("; ".join(failed))
 
-    def _within_deadline(self, what: str, fn: Callable[[], Any]) -> str:
-        """fn() in a thread, given io_timeout_s: "" if it succeeded, else what went wrong.
-        A call past its deadline is left running (a blocked read cannot be interrupted); the
-        error ends the job, and with it the thread."""
+    def _within_deadline(self, what: str, fn: Callable[[], Any]) -> tuple[str, bool]:
+        """fn() in a thread, given io_timeout_s: ("", False) if it succeeded, else what went
+        wrong and whether it was a ConfigError. A call past its deadline is left running (a
+        blocked read cannot be interrupted); the error ends the job, and with it the thread."""
         outcome: list[BaseException | None] = []
 
         def target() -> None:
@@ -279,11 +282,14 @@ class Comm:
         if not outcome:
             return (
                 f"{what} on rank {self.rank}: not finished after checkpoint.io_timeout_s="
-                f"{self.io_timeout_s:g}s"
+                f"{self.io_timeout_s:g}s",
+                False,
             )
+        if isinstance(outcome[0], ConfigError):
+            return f"{what} on rank {self.rank}: {outcome[0]}", True
         if outcome[0] is not None:
-            return f"{what} failed on rank {self.rank}: {outcome[0]!r}"
-        return ""
+            return f"{what} failed on rank {self.rank}: {outcome[0]!r}", False
+        return "", False
 
     def _call(self, what: str, fn: Callable[[], Any], timeout_s: float | None = None) -> None:
         if self.world == 1:
