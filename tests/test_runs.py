@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import fsspec
 import pytest
@@ -136,7 +137,7 @@ def test_memory_staging_reports_when_it_has_no_room_for_the_next_checkpoint(tmp_
     assert runs.memory_short(url, 1e18) == ""  # on disk: nothing to say
     runs.stage_checkpoints(url, "memory", 1e6)
     assert runs.memory_short(url, 1e6) == ""
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(9, 0, 2e9))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=2e9))
     assert runs.memory_short(url, 2e9) == ""
     assert runs.memory_short(url, 3e9) == (
         f"2.00 GB free in memory ({tmp_path / 'shm'}) for the next checkpoint's 3.00 GB"

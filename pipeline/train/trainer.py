@@ -589,7 +589,7 @@ class Trainer:
         processes filled it since the start), every node's checkpoints go to disk staging for
         the rest of the run, with what memory held; a save into full memory would fail the
         run. Nothing reads the folder now: the checkpoint before is complete."""
-        if not self.remote:
+        if not self.remote or self.run.checkpoint.staging == "disk":  # on disk on every node
             return
         short = runs.memory_short(self.url, self._checkpoint_bytes)
         if not self.comm.any(bool(short), "whether memory staging has room for a checkpoint"):
